@@ -1,0 +1,115 @@
+"""The FastAPI application, built from settings by :func:`create_app`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import radq
+from api.metrics import Metrics
+from api.routes import health, jobs, studies
+from api.state import AppState
+from db.session import make_engine, make_sessionmaker
+from radq.blobs import BlobStore
+from radq.errors import LimitExceeded, PathNotAllowed, SubmissionError, TransientError
+from radq.queue import make_celery
+from radq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LimitExceeded)
+    async def _limit(_: Request, exc: LimitExceeded) -> JSONResponse:
+        return _error(413, str(exc))
+
+    @app.exception_handler(PathNotAllowed)
+    async def _forbidden(_: Request, exc: PathNotAllowed) -> JSONResponse:
+        return _error(403, str(exc))
+
+    @app.exception_handler(SubmissionError)
+    async def _bad_submission(_: Request, exc: SubmissionError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(TransientError)
+    async def _transient(_: Request, exc: TransientError) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": "30"})
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unreachable: %s", exc.orig)
+        return _error(503, "the database is unreachable; try again shortly", {"Retry-After": "30"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        return _error(422, f"invalid {where}: {first.get('msg', 'invalid value')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the API. Engines and the broker producer are created here, not at import."""
+    settings.ensure_dirs()
+    engine = make_engine(settings.resolved_database_url)
+    state = AppState(
+        settings=settings,
+        engine=engine,
+        sessions=make_sessionmaker(engine),
+        celery=make_celery(settings),
+        blobs=BlobStore(settings.resolved_blob_dir),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="radq",
+        version=radq.__version__,
+        description="Bulk CNN inference over DICOM archives.",
+        lifespan=lifespan,
+    )
+    app.state.radq = state
+    app.state.metrics = metrics = Metrics(state)
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def _limits_and_metrics(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_upload_bytes:
+            return _error(
+                413,
+                f"request body of {length} bytes is over the limit of {settings.max_upload_bytes} "
+                "bytes (RADQ_MAX_UPLOAD_BYTES)",
+            )
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
+        return response
+
+    app.include_router(jobs.router)
+    app.include_router(studies.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,79 @@
+"""Results by StudyInstanceUID."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from fastapi import APIRouter, HTTPException
+
+from api.deps import SessionDep, StateDep
+from api.schemas import (
+    ErrorOut,
+    ResultOut,
+    SeriesOut,
+    StudyInstanceOut,
+    StudyResultsOut,
+    SummaryOut,
+)
+from db.jobs import as_utc
+from db.studies import study_instances, summarise
+from radq.model_card import discover_cards
+
+router = APIRouter(prefix="/v1/studies", tags=["studies"])
+
+
+@router.get(
+    "/{study_instance_uid}/results",
+    response_model=StudyResultsOut,
+    responses={404: {"model": ErrorOut}},
+)
+def read_study_results(study_instance_uid: str, session: SessionDep, state: StateDep) -> StudyResultsOut:
+    entries = study_instances(session, study_instance_uid)
+    if not entries:
+        raise HTTPException(
+            404,
+            f"no study with StudyInstanceUID {study_instance_uid}: it was never submitted, "
+            "or its files have not been read yet",
+        )
+    series: dict[str | None, SeriesOut] = {}
+    by_series: dict[str | None, list[StudyInstanceOut]] = defaultdict(list)
+    for entry in entries:
+        inst = entry.instance
+        if inst.series_instance_uid not in series:
+            series[inst.series_instance_uid] = SeriesOut(
+                series_instance_uid=inst.series_instance_uid,
+                modality=inst.modality,
+                series_description=inst.series_description,
+                instances=[],
+            )
+        by_series[inst.series_instance_uid].append(
+            StudyInstanceOut(
+                id=inst.id,
+                job_id=inst.job_id,
+                sop_instance_uid=inst.sop_instance_uid,
+                file_name=inst.file_name,
+                status=inst.status,
+                reason=inst.reason,
+                results=[
+                    ResultOut(
+                        model=r.model,
+                        model_version=r.model_version,
+                        weights_sha256=r.weights_sha256,
+                        radq_version=r.radq_version,
+                        outputs=r.outputs,
+                        created_at=as_utc(r.created_at),  # type: ignore[arg-type]
+                    )
+                    for r in entry.results
+                ],
+            )
+        )
+    for uid, items in by_series.items():
+        series[uid].instances = items
+    aggregations = {
+        name: card.study_summary for name, (_, card) in discover_cards(state.settings.model_dir).items()
+    }
+    return StudyResultsOut(
+        study_instance_uid=study_instance_uid,
+        series=list(series.values()),
+        summary=[SummaryOut.model_validate(s) for s in summarise(entries, aggregations)],
+    )

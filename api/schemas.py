@@ -1,0 +1,102 @@
+"""Response and request bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+
+class Counts(BaseModel):
+    total: int
+    pending: int
+    queued: int
+    processing: int
+    done: int
+    failed: int
+    skipped: int
+
+
+class StudyRef(BaseModel):
+    study_instance_uid: str
+    instances: int
+
+
+class JobOut(BaseModel):
+    id: str
+    status: str = Field(description="queued, running, done or cancelled")
+    created_at: datetime
+    finished_at: datetime | None
+    models: list[str]
+    counts: Counts
+    studies: list[StudyRef]
+
+
+class PathsRequest(BaseModel):
+    paths: list[str] = Field(min_length=1, description="Absolute files or folders under RADQ_ALLOWED_ROOTS")
+    models: list[str] = Field(default_factory=list, description="Model names; empty means the defaults")
+
+
+class InstanceOut(BaseModel):
+    id: int
+    file_name: str
+    status: str
+    reason: str | None
+    notes: str | None
+    attempts: int
+    sop_instance_uid: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    modality: str | None
+
+
+class InstancesPage(BaseModel):
+    job_id: str
+    status: str | None
+    limit: int
+    offset: int
+    items: list[InstanceOut]
+
+
+class ResultOut(BaseModel):
+    model: str
+    model_version: str
+    weights_sha256: str
+    radq_version: str
+    outputs: dict[str, float]
+    created_at: datetime
+
+
+class StudyInstanceOut(BaseModel):
+    id: int
+    job_id: str
+    sop_instance_uid: str | None
+    file_name: str
+    status: str
+    reason: str | None
+    results: list[ResultOut]
+
+
+class SeriesOut(BaseModel):
+    series_instance_uid: str | None
+    modality: str | None
+    series_description: str | None
+    instances: list[StudyInstanceOut]
+
+
+class SummaryOut(BaseModel):
+    model: str
+    model_version: str
+    aggregation: str
+    instances: int
+    outputs: dict[str, float]
+
+
+class StudyResultsOut(BaseModel):
+    study_instance_uid: str
+    series: list[SeriesOut]
+    summary: list[SummaryOut]
+
+
+class ErrorOut(BaseModel):
+    detail: str

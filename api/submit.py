@@ -1,0 +1,62 @@
+"""Accepting a submission: check models, collect files, record the job, publish chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from api.ingest import Ingest
+from api.state import AppState
+from db.jobs import add_instances, create_job, mark_queued
+from db.session import transaction
+from radq.errors import BrokerUnavailable, SubmissionError
+from radq.model_card import discover_cards
+from radq.queue import publish_chunks
+
+
+def resolve_models(state: AppState, requested: Sequence[str] | None) -> list[str]:
+    """The job's model names: those requested, or the configured defaults.
+
+    Raises:
+        SubmissionError: a name is not a model in ``RADQ_MODEL_DIR``.
+    """
+    names = [n for n in (requested or []) if n] or list(state.settings.default_models)
+    available = discover_cards(state.settings.model_dir)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise SubmissionError(
+            f"unknown model(s) {', '.join(unknown)}; available: {', '.join(sorted(available)) or 'none'}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def submit(state: AppState, collect: Callable[[Ingest], None], models: Sequence[str] | None) -> str:
+    """Create a job from whatever ``collect`` adds to an :class:`Ingest`; return its id.
+
+    Raises:
+        SubmissionError: no files, unknown model, or a file/limit problem from ``collect``.
+        BrokerUnavailable: the job is recorded but its messages could not be published.
+    """
+    settings = state.settings
+    names = resolve_models(state, models)
+    ingest = Ingest(
+        state.blobs, max_bytes=settings.max_upload_bytes, max_members=settings.max_archive_members
+    )
+    collect(ingest)
+    if not ingest.files:
+        raise SubmissionError("the submission contains no files")
+    with transaction(state.sessions) as session:
+        job = create_job(session, models=names)
+        ids = add_instances(session, job_id=job.id, files=ingest.files)
+    try:
+        publish_chunks(
+            state.celery, job_id=job.id, instance_ids=ids, chunk_size=settings.chunk_size, queue=settings.queue
+        )
+    except (KombuOperationalError, OSError) as exc:
+        raise BrokerUnavailable(
+            f"job {job.id} is recorded but could not be queued: the broker is unreachable ({exc})"
+        ) from None
+    with transaction(state.sessions) as session:
+        mark_queued(session, ids)
+    return job.id

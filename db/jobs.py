@@ -1,0 +1,124 @@
+"""Creating jobs, registering their instances, and reading job state."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from db.models import Instance, Job
+from db.status import InstanceStatus, JobStatus
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """A file to register: where it is and what to call it."""
+
+    file_name: str
+    storage: str
+    location: str
+    size_bytes: int | None = None
+
+
+def create_job(session: Session, *, models: Sequence[str]) -> Job:
+    job = Job(id=str(uuid.uuid4()), status=JobStatus.QUEUED, models=list(models))
+    session.add(job)
+    session.flush()
+    return job
+
+
+def add_instances(
+    session: Session, *, job_id: str, files: Sequence[NewInstance], batch: int = 1000
+) -> list[int]:
+    """Insert instances in bulk and return their ids, in the order given."""
+    ids: list[int] = []
+    for start in range(0, len(files), batch):
+        rows = [
+            {
+                "job_id": job_id,
+                "file_name": f.file_name,
+                "storage": f.storage,
+                "location": f.location,
+                "size_bytes": f.size_bytes,
+                "status": InstanceStatus.PENDING,
+                "attempts": 0,
+            }
+            for f in files[start : start + batch]
+        ]
+        result = session.execute(insert(Instance).returning(Instance.id, sort_by_parameter_order=True), rows)
+        ids.extend(result.scalars().all())
+    return ids
+
+
+def mark_queued(session: Session, instance_ids: Sequence[int]) -> None:
+    """Move instances from pending to queued once their message is published.
+
+    Conditional, so a worker that already claimed one is never set back.
+    """
+    for start in range(0, len(instance_ids), 1000):
+        session.execute(
+            update(Instance)
+            .where(
+                Instance.id.in_(instance_ids[start : start + 1000]),
+                Instance.status == InstanceStatus.PENDING,
+            )
+            .values(status=InstanceStatus.QUEUED)
+        )
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def job_counts(session: Session, job_id: str) -> dict[str, int]:
+    """Instance counts per status, plus ``total``; every status is present."""
+    rows = session.execute(
+        select(Instance.status, func.count())
+        .where(Instance.job_id == job_id)
+        .group_by(Instance.status)
+    ).all()
+    counts = {s.value: 0 for s in InstanceStatus}
+    for status, n in rows:
+        counts[status] = n
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def job_studies(session: Session, job_id: str) -> list[dict[str, object]]:
+    """Studies seen so far in a job, with instance counts."""
+    rows = session.execute(
+        select(Instance.study_instance_uid, func.count())
+        .where(Instance.job_id == job_id, Instance.study_instance_uid.is_not(None))
+        .group_by(Instance.study_instance_uid)
+        .order_by(Instance.study_instance_uid)
+    ).all()
+    return [{"study_instance_uid": uid, "instances": n} for uid, n in rows]
+
+
+def list_instances(
+    session: Session,
+    job_id: str,
+    *,
+    status: str | None = None,
+    limit: int = 1000,
+    offset: int = 0,
+) -> Sequence[Instance]:
+    query = select(Instance).where(Instance.job_id == job_id)
+    if status:
+        query = query.where(Instance.status == status)
+    return session.scalars(query.order_by(Instance.id).limit(limit).offset(offset)).all()
+
+
+def list_jobs(session: Session, *, limit: int = 50) -> Sequence[Job]:
+    return session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)).all()
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; radq stores UTC, so label them so."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)

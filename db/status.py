@@ -1,0 +1,30 @@
+"""Status values, stored as strings."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class InstanceStatus(StrEnum):
+    PENDING = "pending"  # recorded, no message published yet
+    QUEUED = "queued"  # a message carrying it is in the broker
+    PROCESSING = "processing"  # claimed by a worker (holds a lease)
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # nothing to infer (no image, no model applies)
+
+
+FINAL_STATUSES = (InstanceStatus.DONE, InstanceStatus.FAILED, InstanceStatus.SKIPPED)
+WAITING_STATUSES = (InstanceStatus.PENDING, InstanceStatus.QUEUED)
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+class StorageKind(StrEnum):
+    BLOB = "blob"  # uploaded; ``location`` is the sha256 in the blob store
+    PATH = "path"  # submitted by path; ``location`` is the resolved absolute path

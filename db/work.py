@@ -1,0 +1,159 @@
+"""What workers do to the database: claim instances, record outcomes, close jobs.
+
+Every write here is idempotent, so a re-delivered message never duplicates a row or
+moves an instance backwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import Instance, Job, Result, utcnow
+from db.status import FINAL_STATUSES, WAITING_STATUSES, InstanceStatus, JobStatus
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    job_id: str
+    file_name: str
+    storage: str
+    location: str
+    attempts: int
+
+
+def claim(
+    session: Session, job_id: str, instance_ids: Sequence[int], *, lease_seconds: int
+) -> list[Claimed]:
+    """Take the instances that are waiting (or whose lease expired) for this worker.
+
+    Instances already final, held under a live lease, or in a cancelled job are left
+    alone: that is what makes a re-delivered message harmless.
+    """
+    now = utcnow()
+    live_jobs = select(Job.id).where(Job.status != JobStatus.CANCELLED)
+    rows = session.execute(
+        update(Instance)
+        .where(
+            Instance.id.in_(instance_ids),
+            Instance.job_id == job_id,
+            Instance.job_id.in_(live_jobs),
+            or_(
+                Instance.status.in_(WAITING_STATUSES),
+                and_(
+                    Instance.status == InstanceStatus.PROCESSING,
+                    Instance.lease_expires_at < now,
+                ),
+            ),
+        )
+        .values(
+            status=InstanceStatus.PROCESSING,
+            attempts=Instance.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            updated_at=now,
+        )
+        .returning(
+            Instance.id,
+            Instance.job_id,
+            Instance.file_name,
+            Instance.storage,
+            Instance.location,
+            Instance.attempts,
+        )
+        .execution_options(synchronize_session=False)
+    ).all()
+    claimed = [Claimed(*row) for row in rows]
+    job_ids = {c.job_id for c in claimed}
+    if job_ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED)
+            .values(status=JobStatus.RUNNING)
+        )
+    return sorted(claimed, key=lambda c: c.id)
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    instance_id: int
+    model: str
+    model_version: str
+    weights_sha256: str
+    radq_version: str
+    preprocessing: str
+    outputs: Mapping[str, float]
+
+
+def record_metadata(session: Session, metadata: Sequence[Mapping[str, Any]]) -> None:
+    """Bulk-update header fields (each mapping has ``id`` plus column values)."""
+    if metadata:
+        session.execute(update(Instance), list(metadata))
+
+
+def write_results(session: Session, results: Sequence[ResultRow]) -> None:
+    """Insert results; a row that already exists for (instance, model, version) is replaced."""
+    if not results:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    now = utcnow()
+    stmt = insert(Result).values(
+        [
+            {
+                "instance_id": r.instance_id,
+                "model": r.model,
+                "model_version": r.model_version,
+                "weights_sha256": r.weights_sha256,
+                "radq_version": r.radq_version,
+                "preprocessing": r.preprocessing,
+                "outputs": dict(r.outputs),
+                "created_at": now,
+            }
+            for r in results
+        ]
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["instance_id", "model", "model_version"],
+        set_={"outputs": stmt.excluded.outputs, "created_at": stmt.excluded.created_at},
+    )
+    session.execute(stmt)
+
+
+def finish(session: Session, outcomes: Sequence[tuple[int, str, str | None]]) -> None:
+    """Set final statuses: ``(instance_id, status, reason)``. Only processing rows move."""
+    for status in {s for _, s, _ in outcomes}:
+        group = [(i, r) for i, s, r in outcomes if s == status]
+        by_reason: dict[str | None, list[int]] = {}
+        for instance_id, reason in group:
+            by_reason.setdefault(reason, []).append(instance_id)
+        for reason, ids in by_reason.items():
+            session.execute(
+                update(Instance)
+                .where(Instance.id.in_(ids), Instance.status == InstanceStatus.PROCESSING)
+                .values(status=status, reason=reason, lease_expires_at=None, updated_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+
+
+def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> None:
+    """Mark jobs done whose every instance is final (failed and skipped count as final)."""
+    unfinished = exists().where(
+        Instance.job_id == Job.id, Instance.status.not_in(FINAL_STATUSES)
+    )
+    session.execute(
+        update(Job)
+        .where(
+            Job.id.in_(list(job_ids)),
+            Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
+            ~unfinished,
+        )
+        .values(status=JobStatus.DONE, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,253 @@
+"""The ``radq`` command line: run the services, submit work, read results."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from radq.client import ApiError, Client
+from radq.errors import RadqError
+from radq.settings import Settings
+
+EXIT_FAILED = 1
+"""A command could not do what was asked (API error, bad input)."""
+EXIT_TIMEOUT = 3
+"""``--wait`` gave up before the job ended."""
+
+app = typer.Typer(help="radq: bulk CNN inference over DICOM archives.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+models_app = typer.Typer(help="Model directories.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    settings = Settings()
+    return settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run the HTTP API (FastAPI under uvicorn; OpenAPI at /docs)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    _logging(log_level)
+    uvicorn.run(create_app(_settings()), host=host, port=port, log_level=log_level.lower())
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default: RADQ_QUEUE).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: RADQ_DEVICE).")] = None,
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo.")] = "prefork",
+    hostname: Annotated[str | None, typer.Option(help="Worker name (default radq@<host>).")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run a Celery worker that decodes, infers and writes results."""
+    from workers.app import create_worker_app
+
+    settings = _settings(device=device)
+    _logging(log_level)
+    celery_app = create_worker_app(settings)
+    argv = [
+        "worker",
+        f"--concurrency={concurrency}",
+        f"--queues={queues or settings.queue}",
+        f"--pool={pool}",
+        f"--loglevel={log_level.upper()}",
+        "--task-events",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="TCP port of the Flower UI.")] = 5555,
+    address: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    basic_auth: Annotated[str | None, typer.Option(help="user:password for the UI.")] = None,
+) -> None:
+    """Run Flower, the Celery monitoring UI, against radq's broker."""
+    from radq.queue import make_celery
+
+    argv = ["flower", f"--port={port}", f"--address={address}"]
+    if basic_auth:
+        argv.append(f"--basic-auth={basic_auth}")
+    make_celery(_settings()).start(argv=argv)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Create or migrate the schema (Alembic)."""
+    from db.migrate import current, upgrade
+
+    settings = _settings()
+    settings.ensure_dirs()
+    url = settings.resolved_database_url
+    upgrade(url, revision)
+    console.print(f"database at revision {current(url)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the schema revision."""
+    from db.migrate import current
+
+    console.print(current(_settings().resolved_database_url) or "empty (run `radq db upgrade`)")
+
+
+def _client() -> Client:
+    return Client(_settings().api_url)
+
+
+def _report(client: Client, job: dict[str, object]) -> None:
+    from radq.render import job_table, problems_table
+
+    console.print(job_table(job))  # type: ignore[arg-type]
+    job_id = str(job["id"])
+    problems = client.instances(job_id, "failed") + client.instances(job_id, "skipped")
+    if problems:
+        console.print(problems_table(problems))
+
+
+@app.command()
+def submit(
+    paths: Annotated[list[Path], typer.Argument(help="Files, folders (recursive) and .zip/.tar(.gz) archives.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
+    model: Annotated[list[str] | None, typer.Option("--model", help="Model name (repeatable).")] = None,
+    server_paths: Annotated[
+        bool, typer.Option("--server-paths", help="Have the server read the paths in place instead of uploading.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 24 * 3600,
+) -> None:
+    """Submit DICOM for inference; prints the job id."""
+    from radq.render import wait_for_job
+
+    client = _client()
+    try:
+        if server_paths:
+            job = client.submit_paths([str(p.resolve()) for p in paths], model or [])
+        else:
+            job = client.upload(paths, model or [])
+        console.print(job["id"])
+        if wait:
+            job = wait_for_job(client, job["id"], console, timeout=timeout)
+            _report(client, job)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    except TimeoutError as exc:
+        raise _fail(str(exc), EXIT_TIMEOUT) from None
+
+
+@app.command()
+def status(
+    job_id: str,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
+) -> None:
+    """Show a job's state and its files without a result."""
+    from radq.render import wait_for_job
+
+    client = _client()
+    try:
+        job = wait_for_job(client, job_id, console, timeout=24 * 3600) if wait else client.job(job_id)
+        _report(client, job)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def results(
+    study_uid: Annotated[str, typer.Argument(help="StudyInstanceUID.")],
+    format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+) -> None:
+    """Show a study's results per instance and model, with the study summary."""
+    from radq.render import format_results
+
+    if format not in ("table", "json", "csv"):
+        raise _fail(f"--format must be table, json or csv, not {format!r}", 2)
+    try:
+        study = _client().study_results(study_uid)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    out = format_results(study, format)
+    if isinstance(out, str):
+        typer.echo(out, nl=not out.endswith("\n"))
+    else:
+        console.print(out)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the models in RADQ_MODEL_DIR."""
+    from rich.table import Table
+
+    from radq.model_card import discover_cards
+
+    settings = _settings()
+    table = Table(title=f"models in {settings.model_dir}")
+    for col in ("name", "version", "task", "labels", "intended use"):
+        table.add_column(col, overflow="fold")
+    for name, (_, card) in sorted(discover_cards(settings.model_dir).items()):
+        table.add_row(name, card.version, card.task, ", ".join(card.labels), card.intended_use)
+    console.print(table)
+
+
+@models_app.command("validate")
+def models_validate(path: Annotated[Path, typer.Argument(help="A model directory.")]) -> None:
+    """Check a model directory: card, weights checksum, and that the weights load."""
+    import torch
+
+    from workers.models.loader import load_model
+
+    try:
+        loaded = load_model(path, torch.device("cpu"))
+    except RadqError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"ok: {loaded.key} ({loaded.card.architecture}, {len(loaded.card.labels)} labels)")
+
+
+@app.command()
+def demo(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the job.")] = 600,
+) -> None:
+    """Run the whole pipeline on the bundled sample DICOM (embedded mode)."""
+    from radq.demo import run_demo
+
+    try:
+        code = run_demo(_settings(), console, timeout=timeout)
+    except RadqError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

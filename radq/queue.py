@@ -1,0 +1,50 @@
+"""The Celery app both sides share: configured from settings, no tasks attached.
+
+The API uses it only to publish by task name (:mod:`radq.tasks`); workers attach
+their task bodies to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from celery import Celery
+
+from radq.settings import Settings
+from radq.tasks import INFER_CHUNK
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("radq", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        # The database is the source of truth: Celery keeps no results anywhere.
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=settings.queue,
+        # A chunk is acknowledged only after its outcomes are in SQL; a worker that
+        # dies mid-chunk leaves the message to be redelivered, and claims make the
+        # redelivery harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Flower reads these events.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 3600},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def publish_chunks(
+    app: Celery, *, job_id: str, instance_ids: Sequence[int], chunk_size: int, queue: str
+) -> list[list[int]]:
+    """Send one message per chunk of instance ids; returns the chunks sent."""
+    chunks = [list(instance_ids[i : i + chunk_size]) for i in range(0, len(instance_ids), chunk_size)]
+    with app.producer_or_acquire() as producer:
+        for chunk in chunks:
+            app.send_task(INFER_CHUNK, args=[job_id, chunk], queue=queue, producer=producer)
+    return chunks

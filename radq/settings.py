@@ -1,0 +1,87 @@
+"""The one settings object, read from ``RADQ_*`` environment variables.
+
+Build it at an entry point (CLI command, test fixture) and pass it down; nothing in
+radq reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "workers" / "bundled_models"
+"""Models shipped inside the package; the default ``RADQ_MODEL_DIR``."""
+
+
+def _split_paths(value: object) -> object:
+    if isinstance(value, str):
+        return [Path(p) for p in value.split(os.pathsep) if p.strip()]
+    return value
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything an operator can configure. Env var names are ``RADQ_`` + field name."""
+
+    model_config = SettingsConfigDict(env_prefix="RADQ_", extra="ignore")
+
+    home: Path = Field(Path(".radq"), description="State directory for the embedded mode.")
+    database_url: str = Field("", description="SQLAlchemy URL; default: SQLite under home.")
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    blob_dir: Path | None = Field(None, description="Content-addressed store for uploads.")
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories path submissions may read from (os.pathsep-separated).",
+    )
+    model_dir: Path = BUNDLED_MODEL_DIR
+    default_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["radq-smoke"])
+    chunk_size: int = Field(64, ge=1, le=4096, description="Instances per Celery message.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Images per model forward pass.")
+    decode_threads: int = Field(2, ge=1, le=64, description="Decode/preprocess threads.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    queue: str = Field("radq", description="Celery queue the API publishes to.")
+    api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
+    max_upload_bytes: int = Field(2 * 1024**3, ge=1)
+    max_archive_members: int = Field(100_000, ge=1)
+    max_image_pixels: int = Field(
+        256 * 1024 * 1024, ge=1, description="Largest rows*cols*frames*samples decoded."
+    )
+    lease_seconds: int = Field(
+        900, ge=10, description="How long a claimed instance is held before re-delivery may retake it."
+    )
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _parse_roots(cls, value: object) -> object:
+        return _split_paths(value)
+
+    @field_validator("default_models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file and preferring psycopg 3 for PostgreSQL."""
+        url = self.database_url or f"sqlite:///{(self.home / 'radq.db').resolve()}"
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return (self.blob_dir or self.home / "blobs").resolve()
+
+    def ensure_dirs(self) -> None:
+        """Create the state directories the embedded mode writes to."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.resolved_blob_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,7 @@
+"""Celery task names: the contract between the API (producer) and workers (consumers).
+
+The API publishes by name so it never imports worker code.
+"""
+
+INFER_CHUNK = "radq.infer_chunk"
+"""Args: ``job_id: str``, ``instance_ids: list[int]``. Runs every model of the job."""

@@ -1,0 +1,255 @@
+"""workers.decode against the packaged real, tolerant and broken DICOM files."""
+
+from __future__ import annotations
+
+import csv
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, JPEG2000Lossless
+
+import radq
+from radq.errors import (
+    ImageTooLarge,
+    InstanceError,
+    NoImage,
+    NotDicom,
+    TruncatedPixelData,
+    UndecodablePixels,
+    UnsupportedTransferSyntax,
+)
+from workers.decode import read_header, read_instance, unsupported_syntax_reason
+
+SAMPLES = Path(radq.__file__).resolve().parent / "samples"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+MAX_PIXELS = 256 * 1024 * 1024  # the RADQ_MAX_IMAGE_PIXELS default
+
+
+def _manifest(root: Path) -> dict[str, dict[str, str]]:
+    with (root / "MANIFEST.tsv").open(newline="", encoding="utf-8") as fh:
+        return {row["file"]: row for row in csv.DictReader(fh, delimiter="\t")}
+
+
+MANIFEST = _manifest(SAMPLES)
+FILES = sorted(p.relative_to(SAMPLES).as_posix() for p in SAMPLES.glob("*/*") if p.is_file())
+READABLE = [f for f in FILES if f.startswith(("real/", "tolerant/"))]
+BROKEN = [f for f in FILES if f.startswith("broken/")]
+
+# The manifest leaves the tolerant file's geometry blank: pydicom alone cannot read it.
+TOLERANT_SHAPES = {"tolerant/no_meta_no_preamble.dcm": ((128, 128), "int16", "MONOCHROME2")}
+
+EXPECTED_FAILURES: dict[str, tuple[type[InstanceError], str]] = {
+    "broken/CT_declares_4096_carries_10_bytes.dcm": (
+        TruncatedPixelData,
+        "truncated pixel data: expected 33554432 bytes, found 10",
+    ),
+    "broken/MR_small_cut_in_pixels.dcm": (
+        TruncatedPixelData,
+        "truncated pixel data: expected 8192 bytes, found 5330",
+    ),
+    "broken/gzipped_MR.dcm.gz": (
+        NotDicom,
+        "gzip-compressed file, not DICOM: decompress it before submitting",
+    ),
+    "broken/random_bytes.bin": (
+        NotDicom,
+        "not a DICOM file: no DICM preamble and no valid dataset",
+    ),
+    "broken/readme_named_dcm.dcm": (
+        NotDicom,
+        "not a DICOM file: no DICM preamble and no valid dataset (starts with text",
+    ),
+    "broken/structured_report_no_image.dcm": (
+        NoImage,
+        "no image: SR (Comprehensive SR Storage) has no Pixel Data",
+    ),
+    "broken/waveform_no_image.dcm": (
+        NoImage,
+        "no image: ECG (12-lead ECG Waveform Storage) has no Pixel Data",
+    ),
+    "broken/zero_bytes.dcm": (NotDicom, "empty file (0 bytes)"),
+}
+
+
+def _expected(name: str) -> tuple[tuple[int, ...], np.dtype, str]:
+    if name in TOLERANT_SHAPES:
+        size, dtype, photometric = TOLERANT_SHAPES[name]
+        return size, np.dtype(dtype), photometric
+    row = MANIFEST[name]
+    rows, cols = int(row["rows"]), int(row["cols"])
+    colour = not row["photometric"].startswith("MONOCHROME")
+    decoded_dtype = np.dtype(row["pydicom_3_with_pylibjpeg_libjpeg_openjpeg"].split()[-1])
+    photometric = "RGB" if colour else row["photometric"]
+    shape = (rows, cols, 3) if colour else (rows, cols)
+    return shape, decoded_dtype.newbyteorder("="), photometric
+
+
+def test_every_sample_is_in_the_manifest() -> None:
+    assert set(FILES) == set(MANIFEST)
+    assert set(BROKEN) == set(EXPECTED_FAILURES)
+
+
+def test_packaged_samples_match_shared_data() -> None:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} not present")
+    shared = _manifest(SHARED)
+    assert (SAMPLES / "MANIFEST.tsv").read_bytes() == (SHARED / "MANIFEST.tsv").read_bytes()
+    for name in shared:
+        assert (SAMPLES / name).read_bytes() == (SHARED / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("name", READABLE)
+def test_readable_files_decode_one_frame(name: str) -> None:
+    shape, dtype, photometric = _expected(name)
+    image = read_instance(SAMPLES / name, max_pixels=MAX_PIXELS)
+    assert image.pixels.shape == shape
+    assert image.pixels.dtype == dtype and image.pixels.dtype.isnative
+    assert image.photometric == photometric
+    assert image.meta.sop_instance_uid
+    assert image.meta.transfer_syntax_uid
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_broken_files_fail_with_a_precise_reason(name: str) -> None:
+    error, reason = EXPECTED_FAILURES[name]
+    with pytest.raises(InstanceError) as info:
+        read_instance(SAMPLES / name, max_pixels=MAX_PIXELS)
+    assert type(info.value) is error
+    assert reason in info.value.reason
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n for n, (error, _) in EXPECTED_FAILURES.items() if error is not NotDicom],
+)
+def test_metadata_survives_a_failed_decode(name: str) -> None:
+    ds, meta, notes = read_header(SAMPLES / name)
+    assert meta.sop_instance_uid == ds.SOPInstanceUID
+    assert meta.study_instance_uid and meta.modality
+
+
+def test_tolerant_read_records_what_it_tolerated() -> None:
+    _, meta, notes = read_header(SAMPLES / "tolerant/no_meta_no_preamble.dcm")
+    assert meta.modality == "CT"
+    assert meta.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+    assert "read without DICM preamble/file meta (tolerated)" in notes
+    assert "skipped 1 stray byte(s) before the dataset (tolerated)" in notes
+    assert any("assumed Explicit VR Little Endian" in note for note in notes)
+
+
+@pytest.mark.parametrize("name", ["ExplVR_LitEndNoMeta.dcm", "ExplVR_BigEndNoMeta.dcm"])
+def test_bare_datasets_without_preamble_are_read(name: str) -> None:
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} not bundled with this pydicom")
+    ds, meta, notes = read_header(Path(path))
+    assert meta.sop_instance_uid == ds.SOPInstanceUID
+    assert notes[0] == "read without DICM preamble/file meta (tolerated)"
+    with pytest.raises(NoImage, match="no image: RTPLAN"):
+        read_instance(Path(path), max_pixels=MAX_PIXELS)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm"])
+def test_pydicom_bundled_files_match_pixel_array(name: str) -> None:
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} not bundled with this pydicom")
+    image = read_instance(Path(path), max_pixels=MAX_PIXELS)
+    np.testing.assert_array_equal(image.pixels, pydicom.dcmread(path).pixel_array)
+
+
+@pytest.mark.parametrize(("frame", "index"), [("middle", 7), ("first", 0)])
+def test_multiframe_yields_the_chosen_frame(frame: str, index: int) -> None:
+    path = SAMPLES / "real/rtdose.dcm"
+    image = read_instance(path, max_pixels=MAX_PIXELS, frame=frame)  # type: ignore[arg-type]
+    assert image.pixels.shape == (10, 10)
+    assert (image.frame_index, image.frames) == (index, 15)
+    np.testing.assert_array_equal(image.pixels, pydicom.dcmread(path).pixel_array[index])
+
+
+def test_pixel_limit_names_dimensions_and_setting() -> None:
+    with pytest.raises(ImageTooLarge) as info:
+        read_instance(SAMPLES / "real/CT_small.dcm", max_pixels=1000)
+    assert "128 rows x 128 columns" in info.value.reason
+    assert "limit of 1000 (RADQ_MAX_IMAGE_PIXELS)" in info.value.reason
+
+
+def test_huge_declared_compressed_image_is_refused_before_decoding(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(SAMPLES / "real/JPEG2000.dcm")
+    ds.Rows, ds.Columns = 60000, 60000
+    ds.save_as(tmp_path / "huge.dcm")
+    with pytest.raises(ImageTooLarge, match="60000 rows x 60000 columns x 1 frame"):
+        read_instance(tmp_path / "huge.dcm", max_pixels=MAX_PIXELS)
+
+
+def test_transfer_syntax_without_decoder(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(SAMPLES / "real/JPEG2000.dcm")
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")
+    ds.save_as(tmp_path / "video.dcm")
+    with pytest.raises(UnsupportedTransferSyntax) as info:
+        read_instance(tmp_path / "video.dcm", max_pixels=MAX_PIXELS)
+    assert info.value.reason.startswith(
+        "unsupported transfer syntax 1.2.840.10008.1.2.4.100 (MPEG2 Main Profile / Main Level)"
+    )
+
+
+def test_missing_codec_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(get_decoder(JPEG2000Lossless), "_available", {})
+    with pytest.raises(UnsupportedTransferSyntax) as info:
+        read_instance(SAMPLES / "real/examples_jpeg2k.dcm", max_pixels=MAX_PIXELS)
+    assert info.value.reason == (
+        "unsupported transfer syntax 1.2.840.10008.1.2.4.90 (JPEG 2000 Image Compression "
+        "(Lossless Only)): install pylibjpeg and pylibjpeg-openjpeg"
+    )
+
+
+@pytest.mark.parametrize(
+    ("uid", "package"),
+    [
+        ("1.2.840.10008.1.2.4.50", "pylibjpeg-libjpeg"),
+        ("1.2.840.10008.1.2.4.70", "pylibjpeg-libjpeg"),
+        ("1.2.840.10008.1.2.4.80", "pyjpegls"),
+        ("1.2.840.10008.1.2.4.91", "pylibjpeg-openjpeg"),
+        ("1.2.840.10008.1.2.4.201", "pylibjpeg-openjpeg"),
+        ("1.2.840.10008.1.2.5", "pylibjpeg-rle"),
+        ("1.2.3.4", "unknown or private transfer syntax"),
+    ],
+)
+def test_unsupported_reason_per_family(uid: str, package: str) -> None:
+    reason = unsupported_syntax_reason(uid)
+    assert reason.startswith(f"unsupported transfer syntax {uid} (")
+    assert package in reason
+
+
+def test_codec_failure_is_undecodable(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(SAMPLES / "real/SC_rgb_jpeg_gdcm.dcm")
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(range(256)) * 4 + b"\xff\xd9"])
+    ds.save_as(tmp_path / "corrupt.dcm")
+    with pytest.raises(UndecodablePixels) as info:
+        read_instance(tmp_path / "corrupt.dcm", max_pixels=MAX_PIXELS)
+    assert info.value.reason.startswith("could not decode pixel data (JPEG Lossless, ")
+    assert "\n" not in info.value.reason
+
+
+def test_palette_colour_becomes_rgb() -> None:
+    path = get_testdata_file("examples_palette.dcm", download=False)
+    if path is None:
+        pytest.skip("examples_palette.dcm not bundled with this pydicom")
+    image = read_instance(Path(path), max_pixels=MAX_PIXELS)
+    assert image.pixels.shape == (350, 800, 3)
+    assert image.photometric == "RGB" and image.bits_stored == 16
+
+
+def test_pydicom_warnings_become_notes_per_thread() -> None:
+    names = ["real/MR_small_padded.dcm", "real/MR_small.dcm"] * 8
+    with ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(lambda n: read_instance(SAMPLES / n, max_pixels=MAX_PIXELS), names))
+    for name, image in zip(names, images, strict=True):
+        padded = any("excess padding" in note for note in image.notes)
+        assert padded == name.endswith("padded.dcm"), (name, image.notes)

@@ -1,0 +1,1 @@
+"""radq workers: Celery app, tasks, decoding, preprocessing, models and inference."""

@@ -1,0 +1,1 @@
+"""Model architectures, loading from local model directories, and the per-process cache."""

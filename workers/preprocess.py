@@ -1,0 +1,161 @@
+"""Turning one decoded frame into a model input, as the model card prescribes.
+
+Order: modality LUT, VOI (card window, else the file's VOI LUT, else its window,
+else min-max) to [0, 1], MONOCHROME1 inversion, colour handling, resize, then
+normalisation. Everything stays float32; a float64 copy of a 2500x2048 CR would
+double the memory of every decode thread.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi
+
+from radq.errors import ModelError, UndecodablePixels
+from radq.model_card import InputSpec, Preprocessing
+from workers.decode import DecodedImage
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+"""ITU-R BT.601 weights for RGB to grayscale."""
+
+
+def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1 linear window, output scaled to [0, 1] (float32)."""
+    if width <= 1:  # the standard's formula divides by width - 1: a threshold here
+        return (values > center - 0.5).astype(np.float32)
+    out = values - np.float32(center - 0.5)
+    out /= np.float32(width - 1)
+    out += np.float32(0.5)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    if function == "LINEAR_EXACT":  # PS3.3 C.11.2.1.3.2
+        out = values - np.float32(center)
+        out /= np.float32(width)
+        out += np.float32(0.5)
+        return np.clip(out, 0.0, 1.0, out=out)
+    if function == "SIGMOID":  # PS3.3 C.11.2.1.3.1
+        out = values - np.float32(center)
+        out *= np.float32(-4.0 / width)
+        np.exp(out, out=out)
+        out += np.float32(1.0)
+        return np.reciprocal(out, out=out)
+    return linear_window(values, center, width)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:  # a constant frame carries no contrast: zeros rather than NaN
+        return np.zeros(values.shape, dtype=np.float32)
+    values -= np.float32(low)  # ours to change: _modality_values always copies
+    values /= np.float32(high - low)
+    return values
+
+
+def _modality_values(image: DecodedImage) -> np.ndarray:
+    """Stored values to modality units (Hounsfield units for CT), float32."""
+    pixels = image.pixels
+    if image.modality_lut is not None:
+        try:
+            mapped = apply_modality_lut(pixels, image.modality_lut)
+        except Exception as exc:  # the file's table is malformed: a per-file failure
+            raise UndecodablePixels(f"unusable Modality LUT Sequence: {exc}") from None
+        return mapped.astype(np.float32, copy=False)
+    values = pixels.astype(np.float32)  # always a copy: safe to scale in place
+    if pixels.dtype.kind == "f" and not np.isfinite(values).all():
+        np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    if image.rescale_slope != 1.0:
+        values *= np.float32(image.rescale_slope)
+    if image.rescale_intercept != 0.0:
+        values += np.float32(image.rescale_intercept)
+    return values
+
+
+def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The file's first VOI LUT, its output range scaled to [0, 1]."""
+    item = ds.VOILUTSequence[0]
+    entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+    # Scale by the LUT's own extremes: vendors often declare 16 bits and fill 12.
+    table = apply_voi(np.arange(first, first + entries, dtype=np.int32), ds).astype(np.float32)
+    low, high = float(table.min()), float(table.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float32)
+    table -= np.float32(low)
+    table /= np.float32(high - low)
+    # A LUT maps integer inputs; clipping to the table also covers out-of-range values.
+    index = np.clip(np.floor(values), first, first + entries - 1).astype(np.int32)
+    index -= np.int32(first)
+    return table[index]
+
+
+def _grayscale(image: DecodedImage, recipe: Preprocessing) -> np.ndarray:
+    values = _modality_values(image)
+    card = recipe.windows.get(image.meta.modality or "")
+    if card is not None:
+        out = linear_window(values, card.center, card.width)
+    elif image.voi_lut is not None:
+        try:
+            out = _voi_lut(values, image.voi_lut)
+        except Exception as exc:
+            raise UndecodablePixels(f"unusable VOI LUT Sequence: {exc}") from None
+    elif image.window is not None:
+        out = _window(values, *image.window, image.window_function)
+    else:
+        out = _min_max(values)
+    if image.photometric == "MONOCHROME1":  # low values display bright
+        np.subtract(np.float32(1.0), out, out=out)
+    return out[np.newaxis]
+
+
+def _colour(image: DecodedImage, channels: int) -> np.ndarray:
+    pixels = image.pixels
+    bits = image.bits_stored or 8 * pixels.dtype.itemsize
+    scale = 1.0 if pixels.dtype.kind == "f" else float(2**bits - 1)
+    out = np.moveaxis(pixels, -1, 0).astype(np.float32)  # (3, H, W)
+    out /= np.float32(scale)
+    if channels == 1:
+        return np.tensordot(LUMA, out, axes=1)[np.newaxis].astype(np.float32, copy=False)
+    return out
+
+
+def _per_channel(values: list[float], channels: int, name: str) -> np.ndarray:
+    if len(values) not in (1, channels):
+        raise ModelError(f"preprocessing.{name} has {len(values)} values; expected 1 or {channels}")
+    return np.broadcast_to(np.asarray(values, dtype=np.float32), (channels,)).copy()
+
+
+def preprocess(image: DecodedImage, spec: InputSpec, recipe: Preprocessing) -> np.ndarray:
+    """Turn one decoded frame into a ``(channels, height, width)`` float32 model input.
+
+    Args:
+        image: a frame from :func:`workers.decode.decode`.
+        spec: the model's input shape.
+        recipe: the model's windows and normalisation.
+
+    Returns:
+        A contiguous float32 array of shape ``(spec.channels, spec.height, spec.width)``.
+
+    Raises:
+        ModelError: ``mean``/``std`` do not fit ``spec.channels`` or ``std`` has a zero.
+        UndecodablePixels: the file's Modality or VOI LUT Sequence cannot be applied.
+    """
+    import torch  # the API and CLI import this package without paying for torch
+
+    mean = _per_channel(recipe.mean, spec.channels, "mean")
+    std = _per_channel(recipe.std, spec.channels, "std")
+    if not np.all(std != 0):
+        raise ModelError("preprocessing.std must not contain 0")
+    colour = image.pixels.ndim == 3
+    planes = _colour(image, spec.channels) if colour else _grayscale(image, recipe)
+    tensor = torch.from_numpy(np.ascontiguousarray(planes))[None]  # (1, C, H, W)
+    if tuple(tensor.shape[-2:]) != (spec.height, spec.width):
+        tensor = torch.nn.functional.interpolate(
+            tensor, size=(spec.height, spec.width), mode="bilinear",
+            antialias=True, align_corners=False,
+        )  # fmt: skip
+    if tensor.shape[1] != spec.channels:  # grayscale into a 3-channel model
+        tensor = tensor.expand(-1, spec.channels, -1, -1)
+    tensor = (tensor - torch.from_numpy(mean)[:, None, None]) / torch.from_numpy(std)[:, None, None]
+    return np.ascontiguousarray(tensor[0].numpy(), dtype=np.float32)
