@@ -51,7 +51,11 @@ def submit(state: AppState, collect: Callable[[Ingest], None], models: Sequence[
         ids = add_instances(session, job_id=job.id, files=ingest.files)
     try:
         publish_chunks(
-            state.celery, job_id=job.id, instance_ids=ids, chunk_size=settings.chunk_size, queue=settings.queue
+            state.celery,
+            job_id=job.id,
+            instance_ids=ids,
+            chunk_size=settings.chunk_size,
+            queue=settings.queue,
         )
     except (KombuOperationalError, OSError) as exc:
         raise BrokerUnavailable(

@@ -60,7 +60,7 @@ def api(
 def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default: RADQ_QUEUE).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: RADQ_DEVICE).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (default: RADQ_DEVICE).")] = None,
     pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo.")] = "prefork",
     hostname: Annotated[str | None, typer.Option(help="Worker name (default radq@<host>).")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
@@ -137,11 +137,11 @@ def _report(client: Client, job: dict[str, object]) -> None:
 
 @app.command()
 def submit(
-    paths: Annotated[list[Path], typer.Argument(help="Files, folders (recursive) and .zip/.tar(.gz) archives.")],
+    paths: Annotated[list[Path], typer.Argument(help="Files, folders (recursive), .zip/.tar(.gz) archives.")],
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
     model: Annotated[list[str] | None, typer.Option("--model", help="Model name (repeatable).")] = None,
     server_paths: Annotated[
-        bool, typer.Option("--server-paths", help="Have the server read the paths in place instead of uploading.")
+        bool, typer.Option("--server-paths", help="Have the server read the paths in place, not uploads.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 24 * 3600,
 ) -> None:

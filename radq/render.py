@@ -53,7 +53,9 @@ def wait_for_job(
             if (problem := alive()) is not None:
                 raise RuntimeError(problem)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} did not finish within {timeout:.0f}s (status {job['status']})")
+                raise TimeoutError(
+                    f"job {job_id} did not finish within {timeout:.0f}s (status {job['status']})"
+                )
             time.sleep(poll)
 
 

@@ -81,6 +81,22 @@ class Settings(BaseSettings):
     def resolved_blob_dir(self) -> Path:
         return (self.blob_dir or self.home / "blobs").resolve()
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``RADQ_*`` variables, for starting child processes."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "allowed_roots":
+                text = os.pathsep.join(str(p) for p in value)
+            elif isinstance(value, list):
+                text = ",".join(str(v) for v in value)
+            else:
+                text = str(value)
+            env[f"RADQ_{name.upper()}"] = text
+        return env
+
     def ensure_dirs(self) -> None:
         """Create the state directories the embedded mode writes to."""
         self.home.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install radq and its dependencies into the current Python (a venv if one is active).
+# torch is installed first and pinned: the local CPU wheel; a range would pull a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+"$PY" -m pip install --quiet torch==2.13.0
+if [ "${1:-}" = "--dev" ]; then
+  "$PY" -m pip install --quiet -e '.[dev]'
+else
+  "$PY" -m pip install --quiet -e .
+fi

@@ -1,0 +1,360 @@
+"""Checks docker-compose.yml and the Dockerfile against the code they run.
+
+Docker is not needed: the compose file is parsed as YAML and each piece is compared
+with the real ``Settings`` fields, the real ``radq`` CLI (its click commands and
+options) and the real FastAPI routes, so renaming a setting, a command or an option
+without updating the deployment files fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import click
+import pytest
+import typer.main
+import yaml
+
+import radq.cli
+from radq.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+PYPROJECT = ROOT / "pyproject.toml"
+
+REQUIRED_SERVICES = {"redis", "postgres", "migrate", "api", "worker", "flower"}
+RADQ_SERVICES = ("migrate", "api", "worker", "flower")
+"""Services that run the radq image, with a ``radq ...`` command."""
+VALID_CONDITIONS = {"service_healthy", "service_completed_successfully"}
+TORCH_PIN = "torch==2.13.0"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict), "no services in compose"
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def cli() -> click.Group:
+    group = typer.main.get_command(radq.cli.app)
+    assert isinstance(group, click.Group)
+    return group
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as a dict, whether written as a mapping or a list."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def _argv(service: dict[str, Any]) -> list[str]:
+    command = service.get("command")
+    assert command, "no command"
+    return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+
+
+def _resolve(cli: click.Group, argv: list[str]) -> tuple[list[str], click.Command, list[str]]:
+    """Walk ``radq <group>... <command> args`` down the click tree.
+
+    Returns the command path, the leaf command and the remaining arguments.
+    """
+    assert argv[0] == "radq", f"command {argv} does not start with radq"
+    path, command, rest = ["radq"], cli, argv[1:]
+    while isinstance(command, click.Group):
+        assert rest, f"{' '.join(path)} needs a subcommand; it has {sorted(command.commands)}"
+        name, rest = rest[0], rest[1:]
+        assert name in command.commands, (
+            f"`{' '.join(path)} {name}` is not a command; {' '.join(path)} has {sorted(command.commands)}"
+        )
+        path.append(name)
+        command = command.commands[name]
+    return path, command, rest
+
+
+def _options(command: click.Command) -> set[str]:
+    return {
+        opt
+        for param in command.params
+        if isinstance(param, click.Option)
+        for opt in (*param.opts, *param.secondary_opts)
+    }
+
+
+def _option_value(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source, target) of each volume entry, short or long syntax."""
+    mounts = []
+    for entry in service.get("volumes") or []:
+        if isinstance(entry, str):
+            source, target = entry.split(":")[:2]
+        else:
+            source, target = entry.get("source", ""), entry["target"]
+        mounts.append((source, target))
+    return mounts
+
+
+def _volume_holding(service: dict[str, Any], path: str) -> tuple[str, str]:
+    """The mount whose target contains ``path`` (the deepest one)."""
+    holding = [
+        (source, target)
+        for source, target in _mounts(service)
+        if PurePosixPath(path) == PurePosixPath(target) or PurePosixPath(target) in PurePosixPath(path).parents
+    ]
+    assert holding, f"nothing mounted over {path}; mounts are {_mounts(service)}"
+    return max(holding, key=lambda m: len(PurePosixPath(m[1]).parts))
+
+
+# --- services -------------------------------------------------------------------------------
+
+
+def test_required_services_exist(services: dict[str, Any]) -> None:
+    missing = REQUIRED_SERVICES - set(services)
+    assert not missing, f"compose lacks services {sorted(missing)}"
+
+
+def test_migrate_is_one_shot(services: dict[str, Any]) -> None:
+    # An unquoted `no` is YAML for false; compose wants the string.
+    assert services["migrate"].get("restart", "no") == "no"
+
+
+def test_worker_is_scalable(services: dict[str, Any]) -> None:
+    worker = services["worker"]
+    assert "container_name" not in worker, "a container_name prevents --scale worker=N"
+    assert not worker.get("ports"), "published ports prevent --scale worker=N"
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_every_radq_variable_is_a_settings_field(compose: dict[str, Any]) -> None:
+    known = {"RADQ_" + name.upper() for name in Settings.model_fields}
+    sources: dict[str, dict[str, str]] = {
+        f"services.{name}": _env(service) for name, service in compose["services"].items()
+    }
+    for key, value in compose.items():
+        if key.startswith("x-") and isinstance(value, dict):
+            sources[key] = {str(k): str(v) for k, v in value.items()}
+    used = {(where, var) for where, env in sources.items() for var in env if var.startswith("RADQ_")}
+    assert used, "compose sets no RADQ_* variable"
+    unknown = sorted(f"{where}: {var}" for where, var in used if var not in known)
+    assert not unknown, f"not Settings fields: {unknown}; known: {sorted(known)}"
+
+
+def test_radq_services_get_database_and_broker(services: dict[str, Any]) -> None:
+    for name in RADQ_SERVICES:
+        env = _env(services[name])
+        for var in ("RADQ_DATABASE_URL", "RADQ_BROKER_URL"):
+            assert env.get(var), f"{name} has no {var}"
+
+
+def test_compose_environment_builds_valid_settings(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in [v for v in os.environ if v.startswith("RADQ_")]:
+        monkeypatch.delenv(var)
+    for name in RADQ_SERVICES:
+        with monkeypatch.context() as m:
+            for var, value in _env(services[name]).items():
+                m.setenv(var, value)
+            settings = Settings()
+            assert settings.resolved_database_url.startswith("postgresql+psycopg://"), name
+            env = _env(services[name])
+            if "RADQ_BLOB_DIR" in env:
+                assert settings.blob_dir == Path(env["RADQ_BLOB_DIR"]), name
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", RADQ_SERVICES)
+def test_command_is_a_real_cli_command(name: str, services: dict[str, Any], cli: click.Group) -> None:
+    argv = _argv(services[name])
+    path, command, rest = _resolve(cli, argv)
+    options = _options(command)
+    for arg in rest:
+        if arg.startswith("--"):
+            option = arg.split("=", 1)[0]
+            assert option in options, (
+                f"{name}: `{' '.join(path)}` has no option {option}; it has {sorted(options)}"
+            )
+    # Let click parse it too: catches bad values (e.g. a non-integer port) and stray arguments.
+    command.make_context(" ".join(path), list(rest))
+
+
+def test_expected_commands(services: dict[str, Any], cli: click.Group) -> None:
+    expected = {
+        "migrate": ["radq", "db", "upgrade"],
+        "api": ["radq", "api"],
+        "worker": ["radq", "worker"],
+        "flower": ["radq", "flower"],
+    }
+    for name, path in expected.items():
+        assert _resolve(cli, _argv(services[name]))[0] == path, name
+
+
+def test_dockerfile_cmd_is_a_real_cli_command(cli: click.Group) -> None:
+    match = re.search(r"^CMD\s+(\[.*\])\s*$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert match, "Dockerfile has no exec-form CMD"
+    argv = yaml.safe_load(match.group(1))
+    path, command, rest = _resolve(cli, argv)
+    assert path == ["radq", "api"]
+    command.make_context(" ".join(path), list(rest))
+    assert _option_value(rest, "--host") == "0.0.0.0"
+
+
+# --- api: port and healthcheck --------------------------------------------------------------
+
+
+def _published(service: dict[str, Any]) -> dict[int, int]:
+    """container port -> host port."""
+    published = {}
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):
+            published[int(entry["target"])] = int(entry.get("published", entry["target"]))
+        else:
+            parts = str(entry).split("/")[0].split(":")
+            published[int(parts[-1])] = int(parts[-2]) if len(parts) > 1 else int(parts[-1])
+    return published
+
+
+def _port_in_command(service: dict[str, Any], default: int) -> int:
+    value = _option_value(_argv(service), "--port")
+    return int(value) if value is not None else default
+
+
+def test_api_port_is_published(services: dict[str, Any], cli: click.Group) -> None:
+    api = services["api"]
+    port = _port_in_command(api, _default(cli.commands["api"], "port"))
+    assert _option_value(_argv(api), "--host") == "0.0.0.0", "api must bind all interfaces in a container"
+    assert port in _published(api), f"api listens on {port} but publishes {_published(api)}"
+    assert _published(api)[port] == port
+
+
+def test_flower_port_is_published(services: dict[str, Any], cli: click.Group) -> None:
+    flower = services["flower"]
+    port = _port_in_command(flower, _default(cli.commands["flower"], "port"))
+    assert _option_value(_argv(flower), "--address") == "0.0.0.0"
+    assert port in _published(flower), f"flower listens on {port} but publishes {_published(flower)}"
+
+
+def _default(command: click.Command, param_name: str) -> Any:
+    return next(p.default for p in command.params if p.name == param_name)
+
+
+def test_api_healthcheck_hits_a_real_route(
+    services: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.app import create_app
+
+    api = services["api"]
+    test = api["healthcheck"]["test"]
+    text = " ".join(test) if isinstance(test, list) else str(test)
+    assert "curl" not in text and "wget" not in text, "python:3.11-slim has neither curl nor wget"
+    urls = re.findall(r"https?://[^\s'\"]+", text)
+    assert len(urls) == 1, f"expected one URL in the api healthcheck: {text}"
+    match = re.fullmatch(r"https?://(127\.0\.0\.1|localhost):(\d+)(/[^?#]*)", urls[0])
+    assert match, f"healthcheck URL {urls[0]} is not a local http://host:port/path"
+    assert int(match.group(2)) == _port_in_command(api, 8000), "healthcheck port differs from --port"
+
+    for var in [v for v in os.environ if v.startswith("RADQ_")]:
+        monkeypatch.delenv(var)
+    app = create_app(Settings(home=tmp_path))
+    paths = {getattr(route, "path", None) for route in app.routes}
+    assert match.group(3) in paths, f"{match.group(3)} is not an API route; routes: {sorted(filter(None, paths))}"
+
+
+# --- depends_on and healthchecks ------------------------------------------------------------
+
+
+def test_depends_on_uses_conditions(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        depends = service.get("depends_on")
+        if depends is None:
+            continue
+        assert isinstance(depends, dict), f"{name}: depends_on must use the long form with conditions"
+        for target, spec in depends.items():
+            assert target in services, f"{name} depends on unknown service {target}"
+            condition = (spec or {}).get("condition")
+            assert condition in VALID_CONDITIONS, f"{name} -> {target}: condition {condition!r}"
+            if condition == "service_healthy":
+                assert services[target].get("healthcheck"), f"{name} waits for {target} healthy; it has none"
+
+
+def test_startup_order(services: dict[str, Any]) -> None:
+    def condition(name: str, target: str) -> str | None:
+        return ((services[name].get("depends_on") or {}).get(target) or {}).get("condition")
+
+    assert condition("migrate", "postgres") == "service_healthy"
+    for name in ("api", "worker"):
+        assert condition(name, "migrate") == "service_completed_successfully", name
+        assert condition(name, "redis") == "service_healthy", name
+    assert condition("flower", "redis") == "service_healthy"
+
+
+# --- shared blob volume ---------------------------------------------------------------------
+
+
+def test_api_and_worker_share_the_blob_volume(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    held = {}
+    for name in ("api", "worker"):
+        env = _env(services[name])
+        blob_dir = env.get("RADQ_BLOB_DIR") or str(PurePosixPath(env["RADQ_HOME"]) / "blobs")
+        assert PurePosixPath(blob_dir).is_absolute(), f"{name}: RADQ_BLOB_DIR {blob_dir} is relative"
+        held[name] = (blob_dir, _volume_holding(services[name], blob_dir))
+    (api_dir, (api_src, api_target)), (worker_dir, (worker_src, worker_target)) = held["api"], held["worker"]
+    assert api_dir == worker_dir, "api and worker disagree on RADQ_BLOB_DIR"
+    assert api_src == worker_src and api_target == worker_target, (
+        f"api mounts {api_src}:{api_target}, worker {worker_src}:{worker_target}"
+    )
+    assert api_src in (compose.get("volumes") or {}), f"{api_src} is not a declared named volume"
+
+
+def test_allowed_roots_are_mounted(services: dict[str, Any]) -> None:
+    for name in ("api", "worker"):
+        env = _env(services[name])
+        for root in filter(None, env.get("RADQ_ALLOWED_ROOTS", "").split(os.pathsep)):
+            _volume_holding(services[name], root)
+
+
+# --- Dockerfile -----------------------------------------------------------------------------
+
+
+def test_dockerfile_installs_pinned_cpu_torch_first() -> None:
+    text = DOCKERFILE.read_text()
+    torch_install = re.search(r"pip install\s+(?:[^\n\\]*\s)?(torch[^\s]*)\s+[^\n]*", text)
+    assert torch_install, "Dockerfile does not pip install torch"
+    assert torch_install.group(1) == TORCH_PIN, f"Dockerfile installs {torch_install.group(1)}"
+    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_install.group(0)
+    project_install = re.search(r"pip install\s+(?:\.|/\S*radq\S*)\s*$", text, re.MULTILINE)
+    assert project_install, "Dockerfile does not pip install the project"
+    assert torch_install.start() < project_install.start(), "torch must be installed before the project"
+    # The same exact pin as pyproject, or `pip install .` would replace the CPU wheel.
+    assert f'"{TORCH_PIN}"' in PYPROJECT.read_text()
+
+
+def test_dockerfile_runs_as_non_root() -> None:
+    users = re.findall(r"^USER\s+(\S+)", DOCKERFILE.read_text(), re.MULTILINE)
+    assert users and users[-1] not in ("root", "0"), "the image must not run as root"
+    assert re.search(r"^WORKDIR\s+/app\s*$", DOCKERFILE.read_text(), re.MULTILINE)
