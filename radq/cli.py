@@ -60,7 +60,7 @@ def api(
 def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default: RADQ_QUEUE).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (default: RADQ_DEVICE).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (RADQ_DEVICE).")] = None,
     pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo.")] = "prefork",
     hostname: Annotated[str | None, typer.Option(help="Worker name (default radq@<host>).")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
