@@ -1,8 +1,8 @@
 """Checks docker-compose.yml and the Dockerfile against the code they run.
 
 Docker is not needed: the compose file is parsed as YAML and each piece is compared
-with the real ``Settings`` fields, the real ``radq`` CLI (its click commands and
-options) and the real FastAPI routes, so renaming a setting, a command or an option
+with the real ``Settings`` fields, the real ``radq`` CLI (the click command tree that
+typer builds) and the real FastAPI routes, so renaming a setting, a command or an option
 without updating the deployment files fails here.
 """
 
@@ -14,7 +14,6 @@ import shlex
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import click
 import pytest
 import typer.main
 import yaml
@@ -46,11 +45,17 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return compose["services"]
 
 
+# Recent typer vendors its own click (typer._click), so the command tree is inspected
+# by its click interface (``commands``, ``params``, ``make_context``), not isinstance.
 @pytest.fixture(scope="module")
-def cli() -> click.Group:
+def cli() -> Any:
     group = typer.main.get_command(radq.cli.app)
-    assert isinstance(group, click.Group)
+    assert isinstance(getattr(group, "commands", None), dict), "radq.cli.app is not a command group"
     return group
+
+
+def _is_group(command: Any) -> bool:
+    return isinstance(getattr(command, "commands", None), dict)
 
 
 def _env(service: dict[str, Any]) -> dict[str, str]:
@@ -67,14 +72,14 @@ def _argv(service: dict[str, Any]) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
 
 
-def _resolve(cli: click.Group, argv: list[str]) -> tuple[list[str], click.Command, list[str]]:
+def _resolve(cli: Any, argv: list[str]) -> tuple[list[str], Any, list[str]]:
     """Walk ``radq <group>... <command> args`` down the click tree.
 
     Returns the command path, the leaf command and the remaining arguments.
     """
     assert argv[0] == "radq", f"command {argv} does not start with radq"
     path, command, rest = ["radq"], cli, argv[1:]
-    while isinstance(command, click.Group):
+    while _is_group(command):
         assert rest, f"{' '.join(path)} needs a subcommand; it has {sorted(command.commands)}"
         name, rest = rest[0], rest[1:]
         assert name in command.commands, (
@@ -85,11 +90,11 @@ def _resolve(cli: click.Group, argv: list[str]) -> tuple[list[str], click.Comman
     return path, command, rest
 
 
-def _options(command: click.Command) -> set[str]:
+def _options(command: Any) -> set[str]:
     return {
         opt
         for param in command.params
-        if isinstance(param, click.Option)
+        if param.param_type_name == "option"
         for opt in (*param.opts, *param.secondary_opts)
     }
 
@@ -120,7 +125,7 @@ def _volume_holding(service: dict[str, Any], path: str) -> tuple[str, str]:
     holding = [
         (source, target)
         for source, target in _mounts(service)
-        if PurePosixPath(path) == PurePosixPath(target) or PurePosixPath(target) in PurePosixPath(path).parents
+        if PurePosixPath(target) in (PurePosixPath(path), *PurePosixPath(path).parents)
     ]
     assert holding, f"nothing mounted over {path}; mounts are {_mounts(service)}"
     return max(holding, key=lambda m: len(PurePosixPath(m[1]).parts))
@@ -189,7 +194,7 @@ def test_compose_environment_builds_valid_settings(
 
 
 @pytest.mark.parametrize("name", RADQ_SERVICES)
-def test_command_is_a_real_cli_command(name: str, services: dict[str, Any], cli: click.Group) -> None:
+def test_command_is_a_real_cli_command(name: str, services: dict[str, Any], cli: Any) -> None:
     argv = _argv(services[name])
     path, command, rest = _resolve(cli, argv)
     options = _options(command)
@@ -203,7 +208,7 @@ def test_command_is_a_real_cli_command(name: str, services: dict[str, Any], cli:
     command.make_context(" ".join(path), list(rest))
 
 
-def test_expected_commands(services: dict[str, Any], cli: click.Group) -> None:
+def test_expected_commands(services: dict[str, Any], cli: Any) -> None:
     expected = {
         "migrate": ["radq", "db", "upgrade"],
         "api": ["radq", "api"],
@@ -214,7 +219,7 @@ def test_expected_commands(services: dict[str, Any], cli: click.Group) -> None:
         assert _resolve(cli, _argv(services[name]))[0] == path, name
 
 
-def test_dockerfile_cmd_is_a_real_cli_command(cli: click.Group) -> None:
+def test_dockerfile_cmd_is_a_real_cli_command(cli: Any) -> None:
     match = re.search(r"^CMD\s+(\[.*\])\s*$", DOCKERFILE.read_text(), re.MULTILINE)
     assert match, "Dockerfile has no exec-form CMD"
     argv = yaml.safe_load(match.group(1))
@@ -244,7 +249,7 @@ def _port_in_command(service: dict[str, Any], default: int) -> int:
     return int(value) if value is not None else default
 
 
-def test_api_port_is_published(services: dict[str, Any], cli: click.Group) -> None:
+def test_api_port_is_published(services: dict[str, Any], cli: Any) -> None:
     api = services["api"]
     port = _port_in_command(api, _default(cli.commands["api"], "port"))
     assert _option_value(_argv(api), "--host") == "0.0.0.0", "api must bind all interfaces in a container"
@@ -252,15 +257,17 @@ def test_api_port_is_published(services: dict[str, Any], cli: click.Group) -> No
     assert _published(api)[port] == port
 
 
-def test_flower_port_is_published(services: dict[str, Any], cli: click.Group) -> None:
+def test_flower_port_is_published(services: dict[str, Any], cli: Any) -> None:
     flower = services["flower"]
     port = _port_in_command(flower, _default(cli.commands["flower"], "port"))
     assert _option_value(_argv(flower), "--address") == "0.0.0.0"
     assert port in _published(flower), f"flower listens on {port} but publishes {_published(flower)}"
 
 
-def _default(command: click.Command, param_name: str) -> Any:
-    return next(p.default for p in command.params if p.name == param_name)
+def _default(command: Any, param_name: str) -> Any:
+    defaults = {p.name: p.default for p in command.params}
+    assert param_name in defaults, f"`{command.name}` has no {param_name}; it has {sorted(defaults)}"
+    return defaults[param_name]
 
 
 def test_api_healthcheck_hits_a_real_route(
@@ -281,8 +288,27 @@ def test_api_healthcheck_hits_a_real_route(
     for var in [v for v in os.environ if v.startswith("RADQ_")]:
         monkeypatch.delenv(var)
     app = create_app(Settings(home=tmp_path))
-    paths = {getattr(route, "path", None) for route in app.routes}
-    assert match.group(3) in paths, f"{match.group(3)} is not an API route; routes: {sorted(filter(None, paths))}"
+    paths = _route_paths(app.routes) | set(app.openapi()["paths"])
+    assert match.group(3) in paths, f"{match.group(3)} is not an API route; routes: {sorted(paths)}"
+
+
+def _route_paths(routes: list[Any], prefix: str = "") -> set[str]:
+    """Paths of ``app.routes``, descending into mounts and included routers.
+
+    Recent FastAPI keeps an included router as one lazy entry (with ``original_router``)
+    instead of copying its routes into the app.
+    """
+    paths: set[str] = set()
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            context = getattr(route, "include_context", None)
+            paths |= _route_paths(included.routes, prefix + getattr(context, "prefix", ""))
+        elif getattr(route, "routes", None):
+            paths |= _route_paths(route.routes, prefix + getattr(route, "path", ""))
+        elif isinstance(getattr(route, "path", None), str):
+            paths.add(prefix + route.path)
+    return paths
 
 
 # --- depends_on and healthchecks ------------------------------------------------------------

@@ -43,7 +43,9 @@ _context_pid: int | None = None
 def get_context(settings: Settings) -> WorkerContext:
     """The context of the current process, created on first use after any fork."""
     global _context, _context_pid
-    if _context is None or _context_pid != os.getpid():
+    if _context is None or _context_pid != os.getpid() or _context.settings is not settings:
+        if _context is not None and _context_pid == os.getpid():
+            _context.executor.shutdown(wait=False)  # settings changed in-process (tests)
         _context = WorkerContext(
             settings=settings,
             sessions=make_sessionmaker(make_engine(settings.resolved_database_url)),

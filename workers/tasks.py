@@ -18,6 +18,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
 
     @app.task(
         name=INFER_CHUNK,
+        shared=False,  # per-app closure over settings; never leak into other Celery apps
         # An unreachable database is transient: back off and try the chunk again.
         autoretry_for=(OperationalError,),
         retry_backoff=True,
