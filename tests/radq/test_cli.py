@@ -1,0 +1,73 @@
+"""The ``radq`` command line against a running API (real processes, real HTTP)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import SAMPLES, Stack
+
+COMMANDS = [
+    "api", "worker", "flower", "db", "db upgrade", "submit", "status", "results", "models list", "demo",
+]
+
+
+def radq(*args: str, api_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    if api_url:
+        env["RADQ_API_URL"] = api_url
+    return subprocess.run(
+        [sys.executable, "-m", "radq.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = radq(*command.split(), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def test_submit_wait_status_and_results(stack: Stack) -> None:
+    folder = SAMPLES / "real"
+    files = [str(folder / n) for n in ("CT5N_2062.dcm", "CT5N_2392.dcm")]
+    broken = str(SAMPLES / "broken" / "zero_bytes.dcm")
+    submitted = radq("submit", *files, broken, "--wait", api_url=stack.api_url)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split()[0]
+    assert re.fullmatch(r"[0-9a-f-]{36}", job_id)
+    assert "zero_bytes.dcm" in submitted.stdout and "empty file (0 bytes)" in submitted.stdout
+
+    status = radq("status", job_id, api_url=stack.api_url)
+    assert status.returncode == 0 and ": done" in status.stdout
+
+    study_uid = stack.client.job(job_id)["studies"][0]["study_instance_uid"]
+    as_json = json.loads(radq("results", study_uid, "--format", "json", api_url=stack.api_url).stdout)
+    assert as_json["study_instance_uid"] == study_uid
+    as_csv = list(csv.DictReader(io.StringIO(radq("results", study_uid, "--format", "csv",
+                                                  api_url=stack.api_url).stdout)))
+    assert {row["label"] for row in as_csv} == {f"untrained_{i}" for i in range(4)}
+    assert all(0 <= float(row["probability"]) <= 1 for row in as_csv)
+    table = radq("results", study_uid, api_url=stack.api_url)
+    assert table.returncode == 0 and "study summary" in table.stdout
+
+
+def test_unknown_study_and_unreachable_api_exit_nonzero(stack: Stack) -> None:
+    missing = radq("results", "1.2.3.999", api_url=stack.api_url)
+    assert missing.returncode == 1 and "404" in missing.stderr and "1.2.3.999" in missing.stderr
+    down = radq("status", "x", api_url="http://127.0.0.1:9")
+    assert down.returncode == 1 and "cannot reach the radq API" in down.stderr
+
+
+def test_submit_folder_recursively(stack: Stack) -> None:
+    result = radq("submit", str(SAMPLES / "tolerant"), "--wait", api_url=stack.api_url)
+    assert result.returncode == 0, result.stderr
+    job = stack.client.job(result.stdout.split()[0])
+    assert job["counts"]["done"] == 1
