@@ -29,7 +29,8 @@ from db.work import (
 )
 from radq.errors import InstanceError, ModelError
 from workers.context import WorkerContext
-from workers.decode import InstanceMeta, decode, read_header
+from workers.decode import decode
+from workers.header import InstanceMeta, read_header
 from workers.inference import predict
 from workers.models.loader import LoadedModel
 from workers.preprocess import preprocess

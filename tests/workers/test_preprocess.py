@@ -13,7 +13,8 @@ from pydicom.dataset import Dataset
 import radq
 from radq.errors import ModelError, UndecodablePixels
 from radq.model_card import InputSpec, Preprocessing, Window
-from workers.decode import DecodedImage, InstanceMeta, read_instance
+from workers.decode import DecodedImage, read_instance
+from workers.header import InstanceMeta
 from workers.preprocess import preprocess
 
 SAMPLES = Path(radq.__file__).resolve().parent / "samples"
