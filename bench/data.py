@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 SAMPLES = Path(__file__).resolve().parent.parent / "radq" / "samples" / "real"
 CT_TEMPLATE = SAMPLES / "CT_small.dcm"
@@ -84,9 +84,7 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return axis[np.newaxis, :], axis[:, np.newaxis]
 
 
-def _ellipse(
-    x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float
-) -> np.ndarray:
+def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float) -> np.ndarray:
     return ((x - np.float32(cx)) / np.float32(a)) ** 2 + ((y - np.float32(cy)) / np.float32(b)) ** 2 <= 1
 
 
@@ -126,8 +124,8 @@ def _cr_pixels(view: int, jitter: float, rng: np.random.Generator) -> np.ndarray
     return np.clip(np.rint((1.0 - bright) * 4095.0), 0, 4095).astype(np.uint16)
 
 
-def _uid(*parts: object) -> str:
-    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
+def _uid(*parts: object) -> UID:
+    return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
 def _template(path: Path) -> Dataset:
@@ -138,7 +136,7 @@ def _template(path: Path) -> Dataset:
     return ds
 
 
-def _write(ds: Dataset, path: Path, sop_uid: str) -> int:
+def _write(ds: Dataset, path: Path, sop_uid: UID) -> int:
     ds.SOPInstanceUID = sop_uid
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     path.parent.mkdir(parents=True, exist_ok=True)
