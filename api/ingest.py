@@ -10,7 +10,7 @@ import os
 import tarfile
 import zipfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from db.jobs import NewInstance
 from db.status import StorageKind
@@ -40,21 +40,21 @@ class Ingest:
         self.files: list[NewInstance] = []
         self.stored_bytes = 0
 
-    def _store(self, stream: BinaryIO, file_name: str) -> None:
+    def _store(self, stream: IO[bytes], file_name: str) -> None:
         sha, size = self.blobs.put(
             stream, max_bytes=self.max_bytes - self.stored_bytes, what=f"{file_name} (submission total)"
         )
         self.stored_bytes += size
         self.files.append(NewInstance(file_name, StorageKind.BLOB, sha, size))
 
-    def add_upload(self, name: str, stream: BinaryIO) -> None:
+    def add_upload(self, name: str, stream: IO[bytes]) -> None:
         """An uploaded file: an archive is expanded, anything else stored as one instance."""
         if is_archive_name(name):
             self.add_archive(name, stream)
         else:
             self._store(stream, name)
 
-    def add_archive(self, name: str, stream: BinaryIO) -> None:
+    def add_archive(self, name: str, stream: IO[bytes]) -> None:
         """Store every regular member of a zip or tar(.gz) archive as its own instance.
 
         Members are stored by content hash, never extracted by name, so member names
@@ -80,7 +80,7 @@ class Ingest:
                 f"{name} has more than {self.max_members} members (RADQ_MAX_ARCHIVE_MEMBERS)"
             )
 
-    def _add_zip(self, name: str, stream: BinaryIO) -> None:
+    def _add_zip(self, name: str, stream: IO[bytes]) -> None:
         with zipfile.ZipFile(stream) as archive:
             members = [i for i in archive.infolist() if not i.is_dir() and not _skipped_member(i.filename)]
             self._check_members(name, len(members))
@@ -94,7 +94,7 @@ class Ingest:
                 with archive.open(info) as member:
                     self._store(member, f"{name}!{info.filename}")
 
-    def _add_tar(self, name: str, stream: BinaryIO) -> None:
+    def _add_tar(self, name: str, stream: IO[bytes]) -> None:
         count = 0
         # Streaming mode ("r|*") reads members in order without seeking or listing first.
         with tarfile.open(fileobj=stream, mode="r|*") as archive:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,7 @@ def study_instances(session: Session, study_instance_uid: str) -> list[InstanceR
     return list(latest.values())
 
 
-def summarise(entries: list[InstanceResults], aggregations: dict[str, str]) -> list[dict[str, Any]]:
+def summarise(entries: list[InstanceResults], aggregations: Mapping[str, str]) -> list[dict[str, Any]]:
     """Per model and version, aggregate each label over the study's instances.
 
     Args:

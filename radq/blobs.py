@@ -6,7 +6,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from radq.errors import LimitExceeded
 
@@ -22,7 +22,7 @@ class BlobStore:
     def path_for(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256[2:4] / sha256
 
-    def put(self, stream: BinaryIO, *, max_bytes: int | None = None, what: str = "file") -> tuple[str, int]:
+    def put(self, stream: IO[bytes], *, max_bytes: int | None = None, what: str = "file") -> tuple[str, int]:
         """Copy ``stream`` into the store, hashing as it goes.
 
         Returns:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: lint, then the whole suite against real Redis, PostgreSQL and SQLite.
+# The test command: lint and types, then the whole suite against real Redis, PostgreSQL and SQLite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m ruff check .
+python3 -m mypy radq api db workers
 python3 -m pytest -q "$@"

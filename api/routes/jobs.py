@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from api.deps import SessionDep, StateDep
 from api.ingest import Ingest
 from api.schemas import Counts, ErrorOut, InstanceOut, InstancesPage, JobOut, PathsRequest, StudyRef
+from api.state import AppState
 from api.submit import submit
 from db.jobs import as_utc, get_job, job_counts, job_studies, list_instances
 from db.status import InstanceStatus
@@ -102,6 +103,10 @@ async def create_job(request: Request, response: Response, state: StateDep) -> J
             "send multipart/form-data with 'files' parts, or application/json with {\"paths\": [...]}",
         )
     response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return await run_in_threadpool(_view, state, job_id)
+
+
+def _view(state: AppState, job_id: str) -> JobOut:
     with state.sessions() as session:
         return job_view(session, job_id)
 
