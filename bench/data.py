@@ -9,6 +9,7 @@ same seed and label give the same bytes and the same UIDs.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def generate(root: Path, *, ct_files: int, cr_files: int, seed: int, label: str 
     """
     if ct_files < 0 or cr_files < 0:
         raise ValueError(f"file counts must not be negative, got ct_files={ct_files}, cr_files={cr_files}")
-    rng = np.random.default_rng([seed, sum(label.encode())])
+    rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
     ct_bytes, ct_studies = _write_ct(root, ct_files, seed, label, rng)
     cr_bytes, cr_studies = _write_cr(root, cr_files, seed, label, rng)
     return Corpus(root, ct_files, cr_files, ct_studies + cr_studies, ct_bytes + cr_bytes, seed)

@@ -1,0 +1,129 @@
+"""The full-pipeline figure: upload a folder over HTTP, wait until SQL says every instance is final."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from bench.machine import load_average
+from bench.measure import Measurement
+from bench.stack import BenchError, Stack, log_tail
+from db.jobs import as_utc
+from db.models import Instance, Result
+from db.status import FINAL_STATUSES
+from radq.client import MAX_PARTS
+
+POLL_SECONDS = 0.1
+"""How often the database is asked whether the job is finished."""
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """One submitted job, timed from the start of the upload until its last instance was final."""
+
+    job_id: str
+    files: int
+    upload_s: float
+    total_s: float
+    counts: dict[str, int]
+    first_result_s: float | None
+    last_result_s: float | None
+
+
+def _final_count(stack: Stack, job_id: str) -> int:
+    query = select(func.count()).where(Instance.job_id == job_id, Instance.status.in_(FINAL_STATUSES))
+    with stack.engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def _counts(stack: Stack, job_id: str) -> dict[str, int]:
+    query = select(Instance.status, func.count()).where(Instance.job_id == job_id).group_by(Instance.status)
+    with stack.engine.connect() as conn:
+        return {str(status): int(n) for status, n in conn.execute(query)}
+
+
+def _result_span(stack: Stack, job_id: str, started: datetime) -> tuple[float | None, float | None]:
+    """Seconds from ``started`` to the job's first and last stored result (worker-side clock)."""
+    query = (
+        select(func.min(Result.created_at), func.max(Result.created_at))
+        .join(Instance, Instance.id == Result.instance_id)
+        .where(Instance.job_id == job_id)
+    )
+    with stack.engine.connect() as conn:
+        row = conn.execute(query).one()
+    first, last = as_utc(row[0]), as_utc(row[1])
+    return (
+        (first - started).total_seconds() if first else None,
+        (last - started).total_seconds() if last else None,
+    )
+
+
+def run_job(stack: Stack, folder: Path, *, expected: int, models: Sequence[str], timeout: float) -> JobRun:
+    """Upload ``folder`` as one job and wait until all ``expected`` instances are final.
+
+    Raises:
+        BenchError: the API registered a different number of files, a service exited,
+            or the job did not finish within ``timeout`` seconds.
+    """
+    started_at = datetime.now(UTC)
+    start = time.perf_counter()
+    job = stack.client.upload([folder], models=models)
+    upload_s = time.perf_counter() - start
+    job_id, total = str(job["id"]), int(job["counts"]["total"])
+    if total != expected:
+        raise BenchError(f"job {job_id} registered {total} instances; {expected} files were uploaded")
+    while _final_count(stack, job_id) < total:
+        stack.check_alive()
+        if time.perf_counter() - start > timeout:
+            raise BenchError(
+                f"job {job_id} did not finish within {timeout:g}s: {_counts(stack, job_id)}\n"
+                f"{log_tail(stack.logs / 'worker.log')}"
+            )
+        time.sleep(POLL_SECONDS)
+    total_s = time.perf_counter() - start
+    first, last = _result_span(stack, job_id, started_at)
+    return JobRun(job_id, total, upload_s, total_s, _counts(stack, job_id), first, last)
+
+
+def warm_up(stack: Stack, folder: Path, *, files: int, model: str, timeout: float) -> JobRun:
+    """Run the untimed warm-up job: it starts the worker's child process and loads the model.
+
+    Raises:
+        BenchError: as :func:`run_job`, or a warm-up file was not processed.
+    """
+    warm = run_job(stack, folder, expected=files, models=[model], timeout=timeout)
+    if warm.counts.get("done", 0) != warm.files:
+        raise BenchError(f"the warm-up job {warm.job_id} did not process cleanly: {warm.counts}")
+    return warm
+
+
+def pipeline(stack: Stack, folder: Path, *, files: int, model: str, timeout: float) -> Measurement:
+    """Time one job of ``files`` files through the running stack (after :func:`warm_up`).
+
+    Raises:
+        BenchError: as :func:`run_job`.
+
+    Returns:
+        The job's figure; its details name the job, its outcome counts and phases.
+    """
+    load = load_average()
+    run = run_job(stack, folder, expected=files, models=[model], timeout=timeout)
+    detail: dict[str, object] = {
+        "job_id": run.job_id,
+        "counts": run.counts,
+        "upload": "one tar archive" if files > MAX_PARTS else f"{files} multipart parts",
+        "upload_s": round(run.upload_s, 3),
+        "first_result_s": None if run.first_result_s is None else round(run.first_result_s, 3),
+        "last_result_s": None if run.last_result_s is None else round(run.last_result_s, 3),
+        "worker": "1 process (--concurrency 1)",
+        "batch_size": stack.settings.batch_size,
+        "chunk_size": stack.settings.chunk_size,
+        "decode_threads": stack.settings.decode_threads,
+        "database": stack.engine.url.get_backend_name(),
+    }
+    return Measurement(files, run.total_s, detail, load)
