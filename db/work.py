@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import Table, and_, bindparam, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -127,19 +127,25 @@ def write_results(session: Session, results: Sequence[ResultRow]) -> None:
 
 
 def finish(session: Session, outcomes: Sequence[tuple[int, str, str | None]]) -> None:
-    """Set final statuses: ``(instance_id, status, reason)``. Only processing rows move."""
-    for status in {s for _, s, _ in outcomes}:
-        group = [(i, r) for i, s, r in outcomes if s == status]
-        by_reason: dict[str | None, list[int]] = {}
-        for instance_id, reason in group:
-            by_reason.setdefault(reason, []).append(instance_id)
-        for reason, ids in by_reason.items():
-            session.execute(
-                update(Instance)
-                .where(Instance.id.in_(ids), Instance.status == InstanceStatus.PROCESSING)
-                .values(status=status, reason=reason, lease_expires_at=None, updated_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
+    """Set final statuses: ``(instance_id, status, reason)``. Only processing rows move.
+
+    One executemany round trip, whatever the mix of statuses and reasons.
+    """
+    if not outcomes:
+        return
+    table = cast(Table, Instance.__table__)
+    now = utcnow()
+    session.execute(
+        update(table)
+        .where(table.c.id == bindparam("b_id"), table.c.status == InstanceStatus.PROCESSING)
+        .values(
+            status=bindparam("b_status"),
+            reason=bindparam("b_reason"),
+            lease_expires_at=None,
+            updated_at=now,
+        ),
+        [{"b_id": i, "b_status": status, "b_reason": reason} for i, status, reason in outcomes],
+    )
 
 
 def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> None:
