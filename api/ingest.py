@@ -120,6 +120,8 @@ class Ingest:
                 "path submissions are disabled on this server: set RADQ_ALLOWED_ROOTS "
                 "to the directories radq may read"
             )
+        if "\x00" in raw:
+            raise SubmissionError(f"{raw!r}: paths cannot contain NUL bytes")
         path = Path(raw)
         if not path.is_absolute():
             raise SubmissionError(f"{raw}: paths must be absolute")

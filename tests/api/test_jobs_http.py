@@ -60,6 +60,7 @@ def test_every_sample_file_gets_a_result_or_a_reason(stack: Stack) -> None:
     assert truncated["sop_instance_uid"]
     tolerated = [i for i in stack.client.instances(job["id"], "done") if "no_meta" in i["file_name"]]
     assert tolerated and "preamble" in tolerated[0]["notes"]
+    assert stack.worker.poll() is None, "a bad file must never take the worker down"
 
 
 def test_study_results_have_series_instances_and_summary(stack: Stack) -> None:
@@ -122,6 +123,8 @@ def test_path_submission_reads_in_place_under_allowed_roots(stack: Stack) -> Non
         ({"paths": []}, 400, "paths"),
         ({"paths": ["/nonexistent-root/x"]}, 403, "outside the allowed roots"),
         ({"nope": 1}, 400, "paths"),
+        ({"paths": ["/tmp/a\u0000b"]}, 400, "NUL"),
+        ({"paths": "/not/a/list"}, 400, "paths"),
     ],
 )
 def test_bad_path_submissions_are_refused_clearly(
