@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -69,6 +70,10 @@ def worker(
     from workers.app import create_worker_app
 
     settings = _settings(device=device)
+    if settings.torch_threads == 0:
+        # Prefork children each run torch: share the cores instead of oversubscribing them.
+        cores = len(os.sched_getaffinity(0))
+        settings = settings.model_copy(update={"torch_threads": max(1, cores // concurrency)})
     _logging(log_level)
     celery_app = create_worker_app(settings)
     argv = [

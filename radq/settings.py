@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, le=1024, description="Images per model forward pass.")
     decode_threads: int = Field(2, ge=1, le=64, description="Decode/preprocess threads.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    torch_threads: int = Field(
+        0, ge=0, le=256, description="CPU threads per worker process; 0: cores / worker processes."
+    )
     queue: str = Field("radq", description="Celery queue the API publishes to.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)

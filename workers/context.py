@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_sessionmaker
@@ -46,6 +47,8 @@ def get_context(settings: Settings) -> WorkerContext:
     if _context is None or _context_pid != os.getpid() or _context.settings is not settings:
         if _context is not None and _context_pid == os.getpid():
             _context.executor.shutdown(wait=False)  # settings changed in-process (tests)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         _context = WorkerContext(
             settings=settings,
             sessions=make_sessionmaker(make_engine(settings.resolved_database_url)),
