@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -28,13 +29,19 @@ class JobOut(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     models: list[str]
+    options: dict[str, Any]
     counts: Counts
     studies: list[StudyRef]
 
 
 class PathsRequest(BaseModel):
     paths: list[str] = Field(min_length=1, description="Absolute files or folders under RADQ_ALLOWED_ROOTS")
-    models: list[str] = Field(default_factory=list, description="Model names; empty means the defaults")
+    models: list[str] = Field(
+        default_factory=list, description="Model names, or 'auto'; empty means the defaults"
+    )
+    explain_threshold: float | None = Field(
+        None, ge=0, le=1, description="Grad-CAM maps for every label scoring at least this"
+    )
 
 
 class InstanceOut(BaseModel):
@@ -64,6 +71,10 @@ class ResultOut(BaseModel):
     weights_sha256: str
     radq_version: str
     outputs: dict[str, float]
+    saliency: dict[str, str] = Field(
+        default_factory=dict, description="label -> URL of a Grad-CAM PNG (jobs with explain_threshold)"
+    )
+    preprocessing: str
     created_at: datetime
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 
@@ -11,7 +12,7 @@ from api.state import AppState
 from db.jobs import add_instances, create_job, mark_queued
 from db.session import transaction
 from radq.errors import BrokerUnavailable, SubmissionError
-from radq.model_card import discover_cards
+from radq.model_card import AUTO, discover_cards
 from radq.queue import publish_chunks
 
 
@@ -23,15 +24,21 @@ def resolve_models(state: AppState, requested: Sequence[str] | None) -> list[str
     """
     names = [n for n in (requested or []) if n] or list(state.settings.default_models)
     available = discover_cards(state.settings.model_dir)
-    unknown = [n for n in names if n not in available]
+    unknown = [n for n in names if n not in available and n != AUTO]
     if unknown:
         raise SubmissionError(
-            f"unknown model(s) {', '.join(unknown)}; available: {', '.join(sorted(available)) or 'none'}"
+            f"unknown model(s) {', '.join(unknown)}; available: "
+            f"{', '.join([AUTO, *sorted(available)])}"
         )
     return list(dict.fromkeys(names))
 
 
-def submit(state: AppState, collect: Callable[[Ingest], None], models: Sequence[str] | None) -> str:
+def submit(
+    state: AppState,
+    collect: Callable[[Ingest], None],
+    models: Sequence[str] | None,
+    options: dict[str, Any] | None = None,
+) -> str:
     """Create a job from whatever ``collect`` adds to an :class:`Ingest`; return its id.
 
     Raises:
@@ -47,7 +54,7 @@ def submit(state: AppState, collect: Callable[[Ingest], None], models: Sequence[
     if not ingest.files:
         raise SubmissionError("the submission contains no files")
     with transaction(state.sessions) as session:
-        job = create_job(session, models=names)
+        job = create_job(session, models=names, options=options)
         ids = add_instances(session, job_id=job.id, files=ingest.files)
     try:
         publish_chunks(

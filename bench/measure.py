@@ -147,9 +147,9 @@ def naive_loop(files: Sequence[Path], model: LoadedModel, *, db_path: Path, max_
             for path in files:
                 t0 = time.perf_counter()
                 image = read_instance(path, max_pixels=max_pixels, frame=frame)
-                tensor = preprocess(image, card.input, card.preprocessing)
+                frames = preprocess(image, card.input, card.preprocessing)  # (F, C, H, W), F=1 here
                 t1 = time.perf_counter()
-                outputs = predict(model, [tensor])[0]
+                outputs = predict(model, [frames[0]])[0]
                 t2 = time.perf_counter()
                 row = {
                     "file_name": path.name,

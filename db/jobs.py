@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
@@ -24,8 +25,10 @@ class NewInstance:
     size_bytes: int | None = None
 
 
-def create_job(session: Session, *, models: Sequence[str]) -> Job:
-    job = Job(id=str(uuid.uuid4()), status=JobStatus.QUEUED, models=list(models))
+def create_job(
+    session: Session, *, models: Sequence[str], options: dict[str, Any] | None = None
+) -> Job:
+    job = Job(id=str(uuid.uuid4()), status=JobStatus.QUEUED, models=list(models), options=options or None)
     session.add(job)
     session.flush()
     return job

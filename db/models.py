@@ -34,6 +34,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     models: Mapped[list[str]] = mapped_column(JSON)
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # e.g. {"explain_threshold": 0.5}
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -87,4 +88,5 @@ class Result(Base):
     radq_version: Mapped[str] = mapped_column(String(32))
     preprocessing: Mapped[str] = mapped_column(Text)
     outputs: Mapped[dict[str, Any]] = mapped_column(JSON)
+    saliency: Mapped[dict[str, str] | None] = mapped_column(JSON)  # label -> PNG sha256 in the blob store
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -89,6 +89,7 @@ class ResultRow:
     radq_version: str
     preprocessing: str
     outputs: Mapping[str, float]
+    saliency: Mapping[str, str] | None = None  # label -> PNG sha256
 
 
 def record_metadata(session: Session, metadata: Sequence[Mapping[str, Any]]) -> None:
@@ -114,6 +115,7 @@ def write_results(session: Session, results: Sequence[ResultRow]) -> None:
                 "radq_version": r.radq_version,
                 "preprocessing": r.preprocessing,
                 "outputs": dict(r.outputs),
+                "saliency": dict(r.saliency) if r.saliency else None,
                 "created_at": now,
             }
             for r in results
@@ -121,7 +123,11 @@ def write_results(session: Session, results: Sequence[ResultRow]) -> None:
     )
     stmt = stmt.on_conflict_do_update(
         index_elements=["instance_id", "model", "model_version"],
-        set_={"outputs": stmt.excluded.outputs, "created_at": stmt.excluded.created_at},
+        set_={
+            "outputs": stmt.excluded.outputs,
+            "saliency": stmt.excluded.saliency,
+            "created_at": stmt.excluded.created_at,
+        },
     )
     session.execute(stmt)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -234,6 +235,92 @@ def models_validate(path: Annotated[Path, typer.Argument(help="A model directory
     except RadqError as exc:
         raise _fail(str(exc)) from None
     console.print(f"ok: {loaded.key} ({loaded.card.architecture}, {len(loaded.card.labels)} labels)")
+
+
+@models_app.command("show")
+def models_show(
+    name: Annotated[str, typer.Argument(help="A model name in RADQ_MODEL_DIR, or a model directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the card as JSON.")] = False,
+) -> None:
+    """Show a model's card: what it is, what it was trained on, what it is for."""
+    from rich.table import Table
+
+    from radq.model_card import discover_cards, read_card
+
+    settings = _settings()
+    found = discover_cards(settings.model_dir).get(name)
+    try:
+        if found is not None:
+            model_dir, card = found
+        elif Path(name).is_dir():
+            model_dir, card = Path(name), read_card(Path(name))
+        else:
+            raise _fail(f"model {name!r} not found in {settings.model_dir}")
+    except RadqError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(card.model_dump_json(indent=2))
+        return
+    table = Table(title=f"{card.name}@{card.version} ({model_dir})", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for field, value in card.model_dump(mode="json").items():
+        table.add_row(field, value if isinstance(value, str) else json.dumps(value))
+    console.print(table)
+
+
+@models_app.command("import")
+def models_import(
+    checkpoint: Annotated[Path, typer.Argument(help="A .safetensors, .pt, .pth or .pth.tar checkpoint.")],
+    name: Annotated[str, typer.Option(help="Model name (also the directory name).")],
+    version: Annotated[str, typer.Option(help="Model version.")],
+    architecture: Annotated[str, typer.Option(help="densenet121, resnet18, resnet50, radq-smallcnn.")],
+    labels: Annotated[str, typer.Option(help="Comma-separated labels, in output order.")],
+    training_data: Annotated[str, typer.Option(help="What the weights were trained on, by whom.")],
+    intended_use: Annotated[str, typer.Option(help="What the outputs may be used for.")],
+    limitations: Annotated[str, typer.Option(help="Known limitations of the weights.")],
+    license: Annotated[str, typer.Option(help="License of the weights.")],
+    input_size: Annotated[int, typer.Option(help="Input height and width.")] = 224,
+    channels: Annotated[int, typer.Option(help="Input channels (1 or 3).")] = 3,
+    task: Annotated[str, typer.Option(help="Task description for the card.")] = "multi-label classification",
+    output_activation: Annotated[str, typer.Option(help="sigmoid or softmax.")] = "sigmoid",
+    preprocessing_json: Annotated[
+        Path | None, typer.Option(help="JSON file with the card's preprocessing section.")
+    ] = None,
+    dest: Annotated[Path | None, typer.Option(help="Model root (default RADQ_MODEL_DIR).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing model.")] = False,
+) -> None:
+    """Convert a checkpoint into a model directory (safetensors weights and a card)."""
+    from workers.models.convert import import_checkpoint
+
+    preprocessing = None
+    if preprocessing_json is not None:
+        try:
+            preprocessing = json.loads(preprocessing_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise _fail(f"{preprocessing_json}: cannot read preprocessing JSON: {exc}") from None
+    try:
+        out = import_checkpoint(
+            checkpoint,
+            dest or _settings().model_dir,
+            name=name,
+            version=version,
+            architecture=architecture,
+            labels=[label.strip() for label in labels.split(",") if label.strip()],
+            input_size=input_size,
+            channels=channels,
+            preprocessing=preprocessing,
+            task=task,
+            output_activation=output_activation,
+            training_data=training_data,
+            intended_use=intended_use,
+            limitations=limitations,
+            license=license,
+            overwrite=overwrite,
+        )
+    except RadqError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"imported {name}@{version} into {out}")
 
 
 @app.command()

@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from radq.errors import ModelError
 
 CARD_NAMES = ("model.json", "model.yaml", "model.yml")
+
+AUTO = "auto"
+"""The job model name that means: every model whose card matches the instance."""
 
 
 class Window(BaseModel):
@@ -34,24 +37,65 @@ class InputSpec(BaseModel):
     channels: Literal[1, 3] = 1
 
 
+FramePolicy = Literal["middle", "first", "max", "all"]
+"""How a multi-frame object becomes model input: one frame (``middle``, ``first``),
+the maximum over frames (``max``, a maximum-intensity projection of the stored values),
+or every frame inferred separately (``all``; the instance's output per label is the
+maximum over its frames)."""
+
+
 class Preprocessing(BaseModel):
     """How pixels become a model input.
 
     ``windows`` maps a Modality (``CT``) to the window applied to it, overriding the
     file's own VOI; other modalities use the file's VOI LUT or window, then min-max.
-    The windowed image is scaled to [0, 1], then normalised with ``mean``/``std``.
+    ``channel_windows`` instead gives one window per input channel (the classic head-CT
+    input: brain, subdural, bone), applied to modality values. The windowed image is
+    scaled to [0, 1], then normalised with ``mean``/``std`` per channel.
     """
 
     windows: dict[str, Window] = Field(default_factory=dict)
+    channel_windows: list[Window] = Field(default_factory=list)
     mean: list[float] = Field(default_factory=lambda: [0.5])
     std: list[float] = Field(default_factory=lambda: [0.25])
-    frame: Literal["middle", "first"] = "middle"
+    frame: FramePolicy = "middle"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Preprocessing:
+        if any(s <= 0 for s in self.std):
+            raise ValueError("preprocessing.std values must be > 0")
+        return self
 
 
 class AppliesTo(BaseModel):
-    """Which instances a model applies to; an empty list means any."""
+    """Which instances a model applies to; each empty list means any value.
+
+    Values compare case-insensitively with the instance's Modality, BodyPartExamined,
+    SOP Class UID and Photometric Interpretation.
+    """
 
     modalities: list[str] = Field(default_factory=list)
+    body_parts: list[str] = Field(default_factory=list)
+    sop_classes: list[str] = Field(default_factory=list)
+    photometric: list[str] = Field(default_factory=list)
+
+    def matches(
+        self,
+        *,
+        modality: str | None,
+        body_part: str | None,
+        sop_class: str | None,
+        photometric: str | None,
+    ) -> bool:
+        def ok(allowed: list[str], value: str | None) -> bool:
+            return not allowed or (value or "").upper() in {a.upper() for a in allowed}
+
+        return (
+            ok(self.modalities, modality)
+            and ok(self.body_parts, body_part)
+            and ok(self.sop_classes, sop_class)
+            and ok(self.photometric, photometric)
+        )
 
 
 class ModelCard(BaseModel):
@@ -66,12 +110,34 @@ class ModelCard(BaseModel):
     output_activation: Literal["sigmoid", "softmax"] = "sigmoid"
     study_summary: Literal["max", "mean"] = "max"
     applies_to: AppliesTo = Field(default_factory=AppliesTo)
+    auto_route: bool = Field(True, description="Whether jobs asking for 'auto' run this model.")
+    gradcam_layer: str | None = Field(
+        None, description="Module path Grad-CAM weighs (default: the architecture's last conv stage)."
+    )
     weights: str
+    weights_format: Literal["state_dict", "torchscript"] = Field(
+        "state_dict",
+        description="state_dict: .safetensors, or .pt/.pth read with weights_only=True; "
+        "torchscript: a torch.jit.save archive (architecture is then informational)",
+    )
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     intended_use: str
     limitations: str
     training_data: str
     license: str
+
+    @model_validator(mode="after")
+    def _channels_fit(self) -> ModelCard:
+        pre, channels = self.preprocessing, self.input.channels
+        for name, values in (("mean", pre.mean), ("std", pre.std)):
+            if len(values) not in (1, channels):
+                raise ValueError(f"preprocessing.{name} has {len(values)} values for {channels} channel(s)")
+        if pre.channel_windows and len(pre.channel_windows) != channels:
+            raise ValueError(
+                f"preprocessing.channel_windows has {len(pre.channel_windows)} windows "
+                f"for {channels} channel(s)"
+            )
+        return self
 
     @property
     def preprocessing_recipe(self) -> str:

@@ -43,7 +43,10 @@ class Settings(BaseSettings):
         description="Directories path submissions may read from (os.pathsep-separated).",
     )
     model_dir: Path = BUNDLED_MODEL_DIR
-    default_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["radq-smoke"])
+    default_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["auto"],
+        description="Models a job runs when it names none; 'auto' routes by each card's applies_to.",
+    )
     chunk_size: int = Field(64, ge=1, le=4096, description="Instances per Celery message.")
     batch_size: int = Field(16, ge=1, le=1024, description="Images per model forward pass.")
     decode_threads: int = Field(2, ge=1, le=64, description="Decode/preprocess threads.")

@@ -100,6 +100,8 @@ def make_settings(home: Path, database_url: str, broker_url: str, **overrides: o
         "queue": f"radq-test-{uuid.uuid4().hex[:8]}",
         "allowed_roots": [home / "archive"],
         "chunk_size": 16,
+        # The small model keeps the suite fast; routing tests ask for "auto" themselves.
+        "default_models": ["radq-smoke"],
         "batch_size": 8,
         **overrides,
     }

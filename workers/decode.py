@@ -1,20 +1,19 @@
-"""Decoding one frame of raw pixels from a dataset read by :mod:`workers.header`.
+"""Decoding the frames a model card asks for from a dataset read by :mod:`workers.header`.
 
-Size checks come before any decoding, so a bogus header never costs memory. Every
-per-file problem leaves as an ``InstanceError`` subclass whose ``reason`` a person
-can act on; pydicom's own warnings are added to the file's ``notes``.
+Size checks come before any decoding, so a bogus header never costs memory, and only
+the frames the policy needs are decoded (:mod:`workers.frames`). Every per-file
+problem leaves as an ``InstanceError`` subclass whose ``reason`` a person can act on;
+pydicom's own warnings are added to the file's ``notes``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import pydicom.uid as uids
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import UID
@@ -27,34 +26,59 @@ from radq.errors import (
     UndecodablePixels,
     UnsupportedTransferSyntax,
 )
-from workers.header import InstanceMeta, element_text, pydicom_notes, read_header, short_error
+from radq.model_card import FramePolicy
+from workers.frames import (
+    FrameTransform,
+    frame_transforms,
+    is_undefined_length,
+    read_frames,
+    select_frames,
+    stored_length,
+)
+from workers.header import (
+    InstanceMeta,
+    add_note,
+    element_text,
+    pydicom_notes,
+    read_header,
+    short_error,
+)
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 """Elements that hold an image; a dataset with none of them has nothing to infer on."""
 
+MAX_FRAMES = 64
+"""The most frames the ``all`` policy decodes; longer objects are sampled evenly."""
+
 
 @dataclass
 class DecodedImage:
-    """One decoded frame plus what preprocessing needs to turn it into model input.
+    """Decoded frames of one instance plus what preprocessing needs to make model inputs.
 
-    ``pixels`` is (H, W) for grayscale or (H, W, 3) for colour, in native byte order.
+    ``pixels`` is always 4-D or 3-D with a leading frame axis: (F, H, W) for grayscale
+    or (F, H, W, 3) for colour, in native byte order, one row per model input. F is 1
+    for the ``middle``, ``first`` and ``max`` policies and at most ``max_frames`` for
+    ``all``. ``frame_indices`` are the file's frames that were read: one per row,
+    except for ``max``, whose single row is the maximum of them all. ``transforms``
+    holds each row's rescale and window (a single item applies to every row).
     ``voi_lut``/``modality_lut`` reference the dataset only when it carries the
     corresponding LUT sequence.
     """
 
     meta: InstanceMeta
     pixels: np.ndarray
-    rescale_slope: float
-    rescale_intercept: float
-    window: tuple[float, float] | None
-    voi_lut: Dataset | None
     photometric: str
     notes: list[str]
-    window_function: str = "LINEAR"
+    transforms: list[FrameTransform] = field(default_factory=lambda: [FrameTransform()])
+    voi_lut: Dataset | None = None
     modality_lut: Dataset | None = None
     bits_stored: int | None = None
-    frame_index: int = 0
+    frame_indices: tuple[int, ...] = (0,)
     frames: int = 1
+
+    def transform(self, row: int) -> FrameTransform:
+        """The rescale and window of row ``row`` of ``pixels``."""
+        return self.transforms[row if len(self.transforms) > 1 else 0]
 
 
 def unsupported_syntax_reason(uid: str) -> str:
@@ -108,53 +132,21 @@ def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
     return number
 
 
-def _frame_value(ds: Dataset, index: int, macro: str, keyword: str) -> Any:
-    """A frame's value from enhanced multi-frame functional groups, else the top level.
-
-    Of several values (window center/width pairs) the first is used.
-    """
-    value = ds.get(keyword)
-    for sequence, item in (("PerFrameFunctionalGroupsSequence", index),
-                           ("SharedFunctionalGroupsSequence", 0)):  # fmt: skip
-        groups = ds.get(sequence)
-        found = groups[item].get(macro) if groups and item < len(groups) else None
-        if found and keyword in found[0]:
-            value = found[0][keyword].value
-            break
-    if isinstance(value, MultiValue | list):
-        return value[0] if value else None
-    return value
-
-
-def _float(ds: Dataset, index: int, macro: str, keyword: str) -> float | None:
-    value = _frame_value(ds, index, macro, keyword)
-    try:
-        return None if value in (None, "") else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _pixel_transform(
-    ds: Dataset, index: int, notes: list[str]
-) -> tuple[float, float, tuple[float, float] | None, str]:
-    """Rescale slope and intercept, first window and VOI LUT function of one frame."""
-    slope = _float(ds, index, "PixelValueTransformationSequence", "RescaleSlope")
-    if slope == 0:
-        notes.append("Rescale Slope 0 ignored (used 1)")
-    intercept = _float(ds, index, "PixelValueTransformationSequence", "RescaleIntercept")
-    center = _float(ds, index, "FrameVOILUTSequence", "WindowCenter")
-    width = _float(ds, index, "FrameVOILUTSequence", "WindowWidth")
-    if width is not None and width <= 0:
-        notes.append(f"Window Width {width} ignored: it must be positive")
-    window = (center, width) if center is not None and width and width > 0 else None
-    function = _frame_value(ds, index, "FrameVOILUTSequence", "VOILUTFunction")
-    return slope or 1.0, intercept or 0.0, window, str(function or "LINEAR").strip().upper()
+def _codec_error(exc: Exception) -> str:
+    """The error in one line; for pydicom's "all plugins failed", each plugin's own error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Unable to decode as exceptions were raised"):
+        return "; ".join(lines[1:])[:300]
+    return short_error(exc)
 
 
 def _check_size(ds: Dataset, keyword: str, ts: UID, geometry: tuple[int, ...]) -> None:
-    """Refuse native pixel data shorter than its header declares (codecs check their own)."""
+    """Refuse native pixel data shorter than its header declares (codecs check their own).
+
+    Reads no pixel data: a deferred value's length comes from the file's size.
+    """
     rows, cols, frames, samples, bits = geometry
-    if keyword == "PixelData" and ds[keyword].is_undefined_length:
+    if keyword == "PixelData" and is_undefined_length(ds, keyword):
         raise UndecodablePixels(
             f"pixel data is compressed but the transfer syntax {ts} ({ts.name}) is not: "
             "the file's Transfer Syntax UID is missing or wrong"
@@ -163,14 +155,15 @@ def _check_size(ds: Dataset, keyword: str, ts: UID, geometry: tuple[int, ...]) -
     expected = (values + 7) // 8 if bits == 1 else values * bits // 8
     if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
         expected = expected // 3 * 2  # chroma subsampled 2:1 (PS3.5 8.2.1)
-    actual = len(ds[keyword].value or b"")
+    actual = stored_length(ds, keyword)
     if actual < expected:
         raise TruncatedPixelData(f"truncated pixel data: expected {expected} bytes, found {actual}")
 
 
 def _decode(
-    ds: Dataset, meta: InstanceMeta, notes: list[str], max_pixels: int, frame: str
-) -> DecodedImage:
+    ds: Dataset, meta: InstanceMeta, notes: list[str], max_pixels: int, policy: FramePolicy,
+    max_frames: int,
+) -> DecodedImage:  # fmt: skip
     keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
     if keyword is None:
         raise NoImage(f"no image: {_describe(ds, meta)} has no Pixel Data")
@@ -183,43 +176,41 @@ def _decode(
     decoder = _decoder_for(ts)
     if decoder.is_native:  # truncation first: a file missing bytes is broken at any limit
         _check_size(ds, keyword, ts, (rows, cols, frames, samples, bits))
-    if rows * cols * frames * samples > max_pixels:
+    indices = select_frames(policy, frames, max_frames)
+    held = 1 if policy == "max" else len(indices)
+    if rows * cols * held * samples > max_pixels:
         raise ImageTooLarge(
-            f"image too large: {rows} rows x {cols} columns x {frames} frame(s) x {samples} "
-            f"sample(s) = {rows * cols * frames * samples} values, over the limit of "
+            f"image too large: {rows} rows x {cols} columns x {held} frame(s) x {samples} "
+            f"sample(s) = {rows * cols * held * samples} values, over the limit of "
             f"{max_pixels} (RADQ_MAX_IMAGE_PIXELS)"
         )
-    index = frames // 2 if frame == "middle" else 0
-    arr, props = decoder.as_array(ds, index=index)
-    shape = (rows, cols) if samples == 1 else (rows, cols, samples)
-    if arr.shape != shape:
-        raise UndecodablePixels(
-            f"could not decode pixel data ({ts.name}): got shape {arr.shape}, header says {shape}"
-        )
+    maximum = policy == "max"
+    arr, props = read_frames(ds, keyword, decoder, indices, (rows, cols, frames, samples), maximum=maximum)
     photometric = str(props.get("photometric_interpretation") or meta.photometric or "")
     bits_stored = int(props.get("bits_stored") or bits)
     if photometric == "PALETTE COLOR":
         arr, photometric = apply_color_lut(arr, ds), "RGB"
         bits_stored = 8 * arr.dtype.itemsize
-        notes.append("PALETTE COLOR expanded to RGB with the file's palette")
-    elif arr.ndim == 3 and photometric != "RGB":
-        notes.append(f"{photometric} colour used as is: no conversion to RGB available")
+        add_note(notes, "PALETTE COLOR expanded to RGB with the file's palette")
+    elif arr.ndim == 4 and photometric != "RGB":
+        add_note(notes, f"{photometric} colour used as is: no conversion to RGB available")
     if not arr.dtype.isnative:  # big endian files; torch only takes native order
         arr = arr.astype(arr.dtype.newbyteorder("="))
-    slope, intercept, window, function = _pixel_transform(ds, index, notes)
+    if maximum and frames > 1:
+        add_note(notes, f"input is the maximum of the stored values over all {frames} frames")
+    elif len(indices) < frames and policy == "all":
+        sampled = f"{len(indices)} of {frames} frames inferred, sampled evenly (max_frames={max_frames})"
+        add_note(notes, sampled)
     return DecodedImage(
         meta=meta,
         pixels=arr,
-        rescale_slope=slope,
-        rescale_intercept=intercept,
-        window=window,
-        voi_lut=ds if ds.get("VOILUTSequence") else None,
         photometric=photometric,
         notes=notes,
-        window_function=function,
+        transforms=frame_transforms(ds, indices, notes, maximum=maximum),
+        voi_lut=ds if ds.get("VOILUTSequence") else None,
         modality_lut=ds if ds.get("ModalityLUTSequence") else None,
         bits_stored=bits_stored,
-        frame_index=index,
+        frame_indices=tuple(indices),
         frames=frames,
     )
 
@@ -230,43 +221,53 @@ def decode(
     notes: list[str],
     *,
     max_pixels: int,
-    frame: Literal["middle", "first"] = "middle",
+    frame: FramePolicy = "middle",
+    max_frames: int = MAX_FRAMES,
 ) -> DecodedImage:
-    """Decode one frame of a dataset read by :func:`read_header`.
+    """Decode the frames a frame policy asks for from a dataset read by :func:`read_header`.
 
-    Size checks come before any decoding, so a bogus header never costs memory.
+    Size checks come before any decoding, so a bogus header never costs memory; only
+    the frames the policy needs are decoded, one at a time.
 
     Args:
         ds: the dataset from :func:`read_header`.
         meta: its metadata.
         notes: its notes; decoding appends to the same list.
-        max_pixels: the largest rows*columns*frames*samples accepted.
-        frame: which frame of a multi-frame object to decode.
+        max_pixels: the largest rows*columns*frames*samples decoded at once (frames
+            being 1 for ``middle``, ``first`` and ``max``, the frames read for ``all``).
+        frame: ``middle`` or ``first`` decode that frame; ``max`` the element-wise
+            maximum of every frame's stored values; ``all`` every frame.
+        max_frames: the most frames ``all`` decodes; beyond that they are sampled
+            evenly, first and last included, and a note says so.
 
     Returns:
-        The decoded frame and what preprocessing needs to use it.
+        The decoded frames, always with a leading frame axis, and what preprocessing
+        needs to use them.
 
     Raises:
         NoImage: the object has no pixel data (SR, waveform).
         TruncatedPixelData: uncompressed pixel data is shorter than declared.
-        ImageTooLarge: the declared image passes ``max_pixels``.
+        ImageTooLarge: the frames to decode pass ``max_pixels``.
         UnsupportedTransferSyntax: no installed codec handles the transfer syntax.
         UndecodablePixels: the codec or the image header failed otherwise.
+        OSError: the file of deferred pixel data cannot be read again.
+        ValueError: ``max_frames`` is below 1.
     """
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, not {max_frames}")
     with pydicom_notes(notes):
         try:
-            return _decode(ds, meta, notes, max_pixels, frame)
-        except InstanceError:
+            return _decode(ds, meta, notes, max_pixels, frame, max_frames)
+        except (InstanceError, OSError):
             raise
         except Exception as exc:
             name = UID(meta.transfer_syntax_uid or uids.ExplicitVRLittleEndian).name
-            reason = f"could not decode pixel data ({name}): {short_error(exc)}"
-            raise UndecodablePixels(reason) from None
+            raise UndecodablePixels(f"could not decode pixel data ({name}): {_codec_error(exc)}") from None
 
 
 def read_instance(
-    path: Path, *, max_pixels: int, frame: Literal["middle", "first"] = "middle"
+    path: Path, *, max_pixels: int, frame: FramePolicy = "middle", max_frames: int = MAX_FRAMES
 ) -> DecodedImage:
     """Read and decode one file: :func:`read_header` then :func:`decode`."""
     ds, meta, notes = read_header(path)
-    return decode(ds, meta, notes, max_pixels=max_pixels, frame=frame)
+    return decode(ds, meta, notes, max_pixels=max_pixels, frame=frame, max_frames=max_frames)

@@ -6,6 +6,10 @@ read tolerantly: a bare dataset without preamble or file meta is accepted when i
 holds real DICOM content, and every deviation tolerated becomes a note. Every
 per-file problem leaves as an ``InstanceError`` subclass whose ``reason`` a person
 can act on; pydicom's own warnings become ``notes``.
+
+Values larger than :data:`DEFER_SIZE` (in practice the pixel data) are not read:
+pydicom records where they lie, :mod:`workers.frames` reads only the frames it needs,
+and the truncation check compares the declared length with the file's size.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ _START_GROUPS = {0x0002, 0x0008}  # a bare dataset opens with File Meta or SOP C
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)+")
 _MAX_NOTES = 20
 
+DEFER_SIZE = 1 << 20
+"""Element values above this many bytes stay in the file until asked for (pixel data)."""
+
 
 @dataclass(frozen=True)
 class InstanceMeta:
@@ -47,6 +54,7 @@ class InstanceMeta:
     series_description: str | None
     photometric: str | None
     transfer_syntax_uid: str | None
+    sop_class_uid: str | None = None
 
 
 class _NoteCollector(logging.Handler):
@@ -94,6 +102,12 @@ def pydicom_notes(notes: list[str]) -> Iterator[None]:
         yield
     finally:
         _COLLECTOR.local.notes = previous
+
+
+def add_note(notes: list[str], note: str) -> None:
+    """Append ``note`` unless already there (a file decoded twice notes things once)."""
+    if note not in notes:
+        notes.append(note)
 
 
 def short_error(exc: BaseException) -> str:
@@ -151,16 +165,18 @@ def _not_dicom_reason(head: bytes) -> str:
     return f"not a DICOM file: no DICM preamble and no valid dataset ({detail})"
 
 
-def _read_forced(fp: BinaryIO, head: bytes, notes: list[str]) -> Dataset:
+def _read_forced(path: Path, head: bytes, notes: list[str]) -> Dataset:
     offsets = [i for i in range(_MAX_STRAY_BYTES) if _plausible_start(head, i)]
     if not offsets:  # decided on 256 bytes: random or text files are never read in full
         raise NotDicom(_not_dicom_reason(head))
-    data = fp.read()
     for offset in offsets:
         attempt: list[str] = []
         with pydicom_notes(attempt):
             try:
-                ds = pydicom.dcmread(io.BytesIO(data[offset:]), force=True)
+                # Stray bytes (rare) shift every offset pydicom records: that file is
+                # read from memory, so its deferred values are read from there too.
+                source: str | BinaryIO = str(path) if offset == 0 else io.BytesIO(path.read_bytes()[offset:])
+                ds = pydicom.dcmread(source, force=True, defer_size=DEFER_SIZE)
                 accepted = _has_dicom_content(ds)
             except Exception:
                 continue
@@ -184,8 +200,8 @@ def _read_dataset(path: Path, notes: list[str]) -> Dataset:
             raise NotDicom("zip archive, not DICOM: extract it and submit its files")
         fp.seek(0)
         if head[128:132] == b"DICM":
-            return pydicom.dcmread(fp)
-        return _read_forced(fp, head, notes)
+            return pydicom.dcmread(fp, defer_size=DEFER_SIZE)
+    return _read_forced(path, head, notes)
 
 
 def _ensure_transfer_syntax(ds: Dataset, notes: list[str]) -> None:
@@ -211,14 +227,17 @@ def _meta(ds: Dataset) -> InstanceMeta:
         series_description=element_text(ds, "SeriesDescription"),
         photometric=element_text(ds, "PhotometricInterpretation"),
         transfer_syntax_uid=element_text(ds.file_meta, "TransferSyntaxUID"),
+        sop_class_uid=element_text(ds, "SOPClassUID"),
     )
 
 
 def read_header(path: Path) -> tuple[Dataset, InstanceMeta, list[str]]:
-    """Parse one file without decoding its pixels.
+    """Parse one file without decoding, or reading, its pixels.
 
     Files without the 128-byte preamble and ``DICM`` prefix are read with
-    ``force=True`` only when the result holds real DICOM content.
+    ``force=True`` only when the result holds real DICOM content. Values over
+    :data:`DEFER_SIZE` bytes are left in the file (pydicom's ``defer_size``), so a
+    header read costs the same for a 16x16 CR and a 2 GB multi-frame ultrasound.
 
     Args:
         path: the file to read.

@@ -1,9 +1,10 @@
-"""Turning one decoded frame into a model input, as the model card prescribes.
+"""Turning decoded frames into model inputs, as the model card prescribes.
 
-Order: modality LUT, VOI (card window, else the file's VOI LUT, else its window,
-else min-max) to [0, 1], MONOCHROME1 inversion, colour handling, resize, then
-normalisation. Everything stays float32; a float64 copy of a 2500x2048 CR would
-double the memory of every decode thread.
+Per frame: modality LUT, VOI to [0, 1] (the card's channel windows, else its window
+for the modality, else the file's VOI LUT, else its window, else min-max),
+MONOCHROME1 inversion, colour handling, antialiased resize, then normalisation.
+Everything stays float32 (a float64 copy of a 2500x2048 CR would double the memory
+of every decode thread) and frames are windowed one at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi
 from radq.errors import ModelError, UndecodablePixels
 from radq.model_card import InputSpec, Preprocessing
 from workers.decode import DecodedImage
+from workers.frames import FrameTransform
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 """ITU-R BT.601 weights for RGB to grayscale."""
@@ -31,6 +33,7 @@ def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray
 
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """The file's window with its VOI LUT Function, output scaled to [0, 1] (float32)."""
     if function == "LINEAR_EXACT":  # PS3.3 C.11.2.1.3.2
         out = values - np.float32(center)
         out /= np.float32(width)
@@ -54,22 +57,22 @@ def _min_max(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _modality_values(image: DecodedImage) -> np.ndarray:
-    """Stored values to modality units (Hounsfield units for CT), float32."""
-    pixels = image.pixels
+def _modality_values(image: DecodedImage, row: int, transform: FrameTransform) -> np.ndarray:
+    """Stored values of one row to modality units (Hounsfield units for CT), float32, a copy."""
+    pixels = image.pixels[row]
     if image.modality_lut is not None:
         try:
             mapped = apply_modality_lut(pixels, image.modality_lut)
         except Exception as exc:  # the file's table is malformed: a per-file failure
             raise UndecodablePixels(f"unusable Modality LUT Sequence: {exc}") from None
-        return mapped.astype(np.float32, copy=False)
+        return mapped.astype(np.float32)
     values = pixels.astype(np.float32)  # always a copy: safe to scale in place
     if pixels.dtype.kind == "f" and not np.isfinite(values).all():
         np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    if image.rescale_slope != 1.0:
-        values *= np.float32(image.rescale_slope)
-    if image.rescale_intercept != 0.0:
-        values += np.float32(image.rescale_intercept)
+    if transform.rescale_slope != 1.0:
+        values *= np.float32(transform.rescale_slope)
+    if transform.rescale_intercept != 0.0:
+        values += np.float32(transform.rescale_intercept)
     return values
 
 
@@ -90,34 +93,62 @@ def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
     return table[index]
 
 
-def _grayscale(image: DecodedImage, recipe: Preprocessing) -> np.ndarray:
-    values = _modality_values(image)
+def _grayscale(image: DecodedImage, recipe: Preprocessing, row: int) -> np.ndarray:
+    transform = image.transform(row)
+    values = _modality_values(image, row, transform)
     card = recipe.windows.get(image.meta.modality or "")
-    if card is not None:
-        out = linear_window(values, card.center, card.width)
+    if recipe.channel_windows:
+        out = np.stack([linear_window(values, w.center, w.width) for w in recipe.channel_windows])
+    elif card is not None:
+        out = linear_window(values, card.center, card.width)[np.newaxis]
     elif image.voi_lut is not None:
         try:
-            out = _voi_lut(values, image.voi_lut)
+            out = _voi_lut(values, image.voi_lut)[np.newaxis]
         except Exception as exc:
             raise UndecodablePixels(f"unusable VOI LUT Sequence: {exc}") from None
-    elif image.window is not None:
-        out = _window(values, *image.window, image.window_function)
+    elif transform.window is not None:
+        out = _window(values, *transform.window, transform.window_function)[np.newaxis]
     else:
-        out = _min_max(values)
+        out = _min_max(values)[np.newaxis]
     if image.photometric == "MONOCHROME1":  # low values display bright
         np.subtract(np.float32(1.0), out, out=out)
-    return out[np.newaxis]
+    return out
 
 
-def _colour(image: DecodedImage, channels: int) -> np.ndarray:
-    pixels = image.pixels
+def _colour(image: DecodedImage, row: int) -> np.ndarray:
+    pixels = image.pixels[row]
     bits = image.bits_stored or 8 * pixels.dtype.itemsize
     scale = 1.0 if pixels.dtype.kind == "f" else float(2**bits - 1)
     out = np.moveaxis(pixels, -1, 0).astype(np.float32)  # (3, H, W)
     out /= np.float32(scale)
-    if channels == 1:
-        return np.tensordot(LUMA, out, axes=1)[np.newaxis].astype(np.float32, copy=False)
     return out
+
+
+def windowed(image: DecodedImage, recipe: Preprocessing, row: int = 0) -> np.ndarray:
+    """One row of ``image.pixels`` as displayed, before resizing: float32 in [0, 1].
+
+    Grayscale: modality LUT (or rescale), then the card's ``channel_windows`` (one
+    channel each), else its window for the modality, else the file's VOI LUT (scaled
+    by the table's extremes), else the file's first window with its VOI LUT Function
+    (scaled to the window's output range), else min-max over the frame; MONOCHROME1
+    is then inverted. Colour: each sample divided by ``2**bits_stored - 1``; windows
+    do not apply.
+
+    Args:
+        image: frames from :func:`workers.decode.decode`.
+        recipe: the model's windows.
+        row: which row (input frame) of ``image.pixels``.
+
+    Returns:
+        A (C, H, W) float32 array: C is 3 for colour, ``len(recipe.channel_windows)``
+        when the card gives channel windows, else 1.
+
+    Raises:
+        UndecodablePixels: the file's Modality or VOI LUT Sequence cannot be applied.
+    """
+    if image.pixels.ndim == 4:
+        return _colour(image, row)
+    return _grayscale(image, recipe, row)
 
 
 def _per_channel(values: list[float], channels: int, name: str) -> np.ndarray:
@@ -126,36 +157,56 @@ def _per_channel(values: list[float], channels: int, name: str) -> np.ndarray:
     return np.broadcast_to(np.asarray(values, dtype=np.float32), (channels,)).copy()
 
 
+def _to_channels(planes: np.ndarray, channels: int, colour: bool) -> np.ndarray:
+    """Colour to luminance for a 1-channel model; other mismatches are the card's fault."""
+    if colour and channels == 1:
+        return np.tensordot(LUMA, planes, axes=1)[np.newaxis].astype(np.float32, copy=False)
+    if planes.shape[0] not in (1, channels):
+        raise ModelError(
+            f"preprocessing.channel_windows gives {planes.shape[0]} channels for a {channels}-channel model"
+        )
+    return planes
+
+
 def preprocess(image: DecodedImage, spec: InputSpec, recipe: Preprocessing) -> np.ndarray:
-    """Turn one decoded frame into a ``(channels, height, width)`` float32 model input.
+    """Turn decoded frames into float32 model inputs, one per row of ``image.pixels``.
+
+    Each row goes through :func:`windowed`, colour to luminance for a 1-channel
+    model, bilinear resize with antialiasing (``torch.nn.functional.interpolate``,
+    ``align_corners=False``), replication of one channel into three for a 3-channel
+    model, then ``(x - mean) / std`` per channel.
 
     Args:
-        image: a frame from :func:`workers.decode.decode`.
+        image: frames from :func:`workers.decode.decode`.
         spec: the model's input shape.
         recipe: the model's windows and normalisation.
 
     Returns:
-        A contiguous float32 array of shape ``(spec.channels, spec.height, spec.width)``.
+        A contiguous float32 array of shape ``(F, spec.channels, spec.height,
+        spec.width)``, F being ``image.pixels.shape[0]`` (1 unless the policy is ``all``).
 
     Raises:
-        ModelError: ``mean``/``std`` do not fit ``spec.channels`` or ``std`` has a zero.
+        ModelError: ``mean``/``std`` or ``channel_windows`` do not fit ``spec.channels``,
+            or ``std`` has a zero.
         UndecodablePixels: the file's Modality or VOI LUT Sequence cannot be applied.
     """
     import torch  # the API and CLI import this package without paying for torch
 
-    mean = _per_channel(recipe.mean, spec.channels, "mean")
+    mean = torch.from_numpy(_per_channel(recipe.mean, spec.channels, "mean"))[:, None, None]
     std = _per_channel(recipe.std, spec.channels, "std")
     if not np.all(std != 0):
         raise ModelError("preprocessing.std must not contain 0")
-    colour = image.pixels.ndim == 3
-    planes = _colour(image, spec.channels) if colour else _grayscale(image, recipe)
-    tensor = torch.from_numpy(np.ascontiguousarray(planes))[None]  # (1, C, H, W)
-    if tuple(tensor.shape[-2:]) != (spec.height, spec.width):
-        tensor = torch.nn.functional.interpolate(
-            tensor, size=(spec.height, spec.width), mode="bilinear",
-            antialias=True, align_corners=False,
-        )  # fmt: skip
-    if tensor.shape[1] != spec.channels:  # grayscale into a 3-channel model
-        tensor = tensor.expand(-1, spec.channels, -1, -1)
-    tensor = (tensor - torch.from_numpy(mean)[:, None, None]) / torch.from_numpy(std)[:, None, None]
-    return np.ascontiguousarray(tensor[0].numpy(), dtype=np.float32)
+    scale = torch.from_numpy(std)[:, None, None]
+    out = np.empty((image.pixels.shape[0], spec.channels, spec.height, spec.width), np.float32)
+    for row in range(out.shape[0]):
+        planes = _to_channels(windowed(image, recipe, row), spec.channels, image.pixels.ndim == 4)
+        tensor = torch.from_numpy(np.ascontiguousarray(planes))[None]  # (1, C, H, W)
+        if tuple(tensor.shape[-2:]) != (spec.height, spec.width):
+            tensor = torch.nn.functional.interpolate(
+                tensor, size=(spec.height, spec.width), mode="bilinear",
+                antialias=True, align_corners=False,
+            )  # fmt: skip
+        if tensor.shape[1] != spec.channels:  # grayscale into a 3-channel model
+            tensor = tensor.expand(-1, spec.channels, -1, -1)
+        out[row] = ((tensor[0] - mean) / scale).numpy()
+    return out

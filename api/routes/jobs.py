@@ -34,6 +34,7 @@ _SUBMIT_BODY: dict[str, Any] = {
                             "description": "DICOM files and/or .zip/.tar/.tar.gz archives",
                         },
                         "models": {"type": "array", "items": {"type": "string"}},
+                        "explain_threshold": {"type": "number", "minimum": 0, "maximum": 1},
                     },
                     "required": ["files"],
                 }
@@ -54,9 +55,23 @@ def job_view(session: Session, job_id: str) -> JobOut:
         created_at=as_utc(job.created_at),  # type: ignore[arg-type]
         finished_at=as_utc(job.finished_at),
         models=job.models,
+        options=job.options or {},
         counts=Counts(**job_counts(session, job_id)),
         studies=[StudyRef.model_validate(s) for s in job_studies(session, job_id)],
     )
+
+
+def _options(explain_threshold: object) -> dict[str, Any]:
+    """Job options from multipart form fields."""
+    if explain_threshold is None or explain_threshold == "":
+        return {}
+    try:
+        threshold = float(str(explain_threshold))
+    except ValueError:
+        raise HTTPException(400, f"explain_threshold must be a number, not {explain_threshold!r}") from None
+    if not 0 <= threshold <= 1:
+        raise HTTPException(400, f"explain_threshold must be between 0 and 1, not {threshold}")
+    return {"explain_threshold": threshold}
 
 
 @router.post(
@@ -82,7 +97,8 @@ async def create_job(request: Request, response: Response, state: StateDep) -> J
                 for upload in uploads:
                     ingest.add_upload(upload.filename or "upload", upload.file)
 
-            job_id = await run_in_threadpool(submit, state, collect, models)
+            options = _options(form.get("explain_threshold"))
+            job_id = await run_in_threadpool(submit, state, collect, models, options)
     elif content_type.startswith("application/json"):
         try:
             body = PathsRequest.model_validate_json(await request.body())
@@ -96,7 +112,8 @@ async def create_job(request: Request, response: Response, state: StateDep) -> J
             for path in body.paths:
                 ingest.add_path(path, roots)
 
-        job_id = await run_in_threadpool(submit, state, collect, body.models)
+        options = {"explain_threshold": body.explain_threshold} if body.explain_threshold is not None else {}
+        job_id = await run_in_threadpool(submit, state, collect, body.models, options)
     else:
         raise HTTPException(
             415,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
 
 from api.deps import SessionDep, StateDep
 from api.schemas import (
@@ -16,14 +18,29 @@ from api.schemas import (
     SummaryOut,
 )
 from db.jobs import as_utc
+from db.models import Result
 from db.studies import study_instances, summarise
 from radq.model_card import discover_cards
 
-router = APIRouter(prefix="/v1/studies", tags=["studies"])
+router = APIRouter(tags=["studies"])
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _result(r: Result) -> ResultOut:
+    return ResultOut(
+        model=r.model,
+        model_version=r.model_version,
+        weights_sha256=r.weights_sha256,
+        radq_version=r.radq_version,
+        outputs=r.outputs,
+        saliency={label: f"/v1/saliency/{sha}.png" for label, sha in (r.saliency or {}).items()},
+        preprocessing=r.preprocessing,
+        created_at=as_utc(r.created_at),  # type: ignore[arg-type]
+    )
 
 
 @router.get(
-    "/{study_instance_uid}/results",
+    "/v1/studies/{study_instance_uid}/results",
     response_model=StudyResultsOut,
     responses={404: {"model": ErrorOut}},
 )
@@ -54,17 +71,7 @@ def read_study_results(study_instance_uid: str, session: SessionDep, state: Stat
                 file_name=inst.file_name,
                 status=inst.status,
                 reason=inst.reason,
-                results=[
-                    ResultOut(
-                        model=r.model,
-                        model_version=r.model_version,
-                        weights_sha256=r.weights_sha256,
-                        radq_version=r.radq_version,
-                        outputs=r.outputs,
-                        created_at=as_utc(r.created_at),  # type: ignore[arg-type]
-                    )
-                    for r in entry.results
-                ],
+                results=[_result(r) for r in entry.results],
             )
         )
     for uid, items in by_series.items():
@@ -77,3 +84,16 @@ def read_study_results(study_instance_uid: str, session: SessionDep, state: Stat
         series=list(series.values()),
         summary=[SummaryOut.model_validate(s) for s in summarise(entries, aggregations)],
     )
+
+
+@router.get(
+    "/v1/saliency/{sha256}.png",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorOut}},
+)
+def read_saliency(sha256: str, state: StateDep) -> FileResponse:
+    """A Grad-CAM map stored by a worker (linked from study results)."""
+    path = state.blobs.path_for(sha256) if SHA256.match(sha256) else None
+    if path is None or not path.is_file():
+        raise HTTPException(404, f"no saliency map {sha256}")
+    return FileResponse(path, media_type="image/png")

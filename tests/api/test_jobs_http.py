@@ -159,7 +159,7 @@ def test_bad_requests_are_4xx_with_a_message(stack: Stack) -> None:
     for response in cases:
         assert 400 <= response.status_code < 500, (response.request.url, response.text)
         assert response.json()["detail"], response.text
-    assert "available: radq-smoke" in cases[3].json()["detail"]
+    assert "available: auto, chexnet-densenet121, headct-resnet18, radq-smoke" in cases[3].json()["detail"]
     assert "not a readable zip archive" in cases[4].json()["detail"]
     assert cases[7].status_code == 404 and "1.2.3.4.5" in cases[7].json()["detail"]
 
@@ -181,3 +181,21 @@ def test_result_rows_are_unique_per_instance_and_model(stack: Stack) -> None:
             .having(func.count() > 1)
         ).all()
     assert dupes == []
+
+
+def test_gradcam_maps_on_request(stack: Stack) -> None:
+    ct = (SAMPLES / "real" / "CT_small.dcm").read_bytes()
+    response = _upload(stack, [("ct.dcm", ct)], explain_threshold="0")
+    assert response.status_code == 202, response.text
+    job = wait_done(stack.client, response.json()["id"])
+    assert job["options"] == {"explain_threshold": 0.0} and job["counts"]["done"] == 1
+    study = stack.client.study_results(job["studies"][0]["study_instance_uid"])
+    mine = [i for s in study["series"] for i in s["instances"] if i["job_id"] == job["id"]]
+    (result,) = mine[0]["results"]
+    assert set(result["saliency"]) == set(result["outputs"])  # threshold 0: every label
+    png = httpx.get(stack.api_url + result["saliency"]["untrained_0"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG")
+    assert httpx.get(f"{stack.api_url}/v1/saliency/{'0' * 64}.png").status_code == 404
+    bad = _upload(stack, [("ct.dcm", ct)], explain_threshold="2")
+    assert bad.status_code == 400 and "between 0 and 1" in bad.json()["detail"]

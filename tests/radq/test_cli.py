@@ -15,7 +15,8 @@ import pytest
 from tests.conftest import SAMPLES, Stack
 
 COMMANDS = [
-    "api", "worker", "flower", "db", "db upgrade", "submit", "status", "results", "models list", "demo",
+    "api", "worker", "flower", "db", "db upgrade", "submit", "status", "results", "models list",
+    "models show", "models import", "models validate", "demo",
 ]
 
 

@@ -1,8 +1,9 @@
-"""workers.decode: one frame of pixels from the packaged real, tolerant and broken DICOM files."""
+"""workers.decode: frames of pixels from the packaged real, tolerant and broken DICOM files."""
 
 from __future__ import annotations
 
 import csv
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, JPEG2000Lossless
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 import radq
+import workers.header
 from radq.errors import (
     ImageTooLarge,
     InstanceError,
@@ -24,6 +26,7 @@ from radq.errors import (
     UndecodablePixels,
     UnsupportedTransferSyntax,
 )
+from tests.workers.dicom_files import write_float_image, write_image
 from workers.decode import read_instance, unsupported_syntax_reason
 
 SAMPLES = Path(radq.__file__).resolve().parent / "samples"
@@ -108,7 +111,7 @@ def test_packaged_samples_match_shared_data() -> None:
 def test_readable_files_decode_one_frame(name: str) -> None:
     shape, dtype, photometric = _expected(name)
     image = read_instance(SAMPLES / name, max_pixels=MAX_PIXELS)
-    assert image.pixels.shape == shape
+    assert image.pixels.shape == (1, *shape)
     assert image.pixels.dtype == dtype and image.pixels.dtype.isnative
     assert image.photometric == photometric
     assert image.meta.sop_instance_uid
@@ -139,16 +142,16 @@ def test_pydicom_bundled_files_match_pixel_array(name: str) -> None:
     if path is None:
         pytest.skip(f"{name} not bundled with this pydicom")
     image = read_instance(Path(path), max_pixels=MAX_PIXELS)
-    np.testing.assert_array_equal(image.pixels, pydicom.dcmread(path).pixel_array)
+    np.testing.assert_array_equal(image.pixels[0], pydicom.dcmread(path).pixel_array)
 
 
 @pytest.mark.parametrize(("frame", "index"), [("middle", 7), ("first", 0)])
 def test_multiframe_yields_the_chosen_frame(frame: str, index: int) -> None:
     path = SAMPLES / "real/rtdose.dcm"
     image = read_instance(path, max_pixels=MAX_PIXELS, frame=frame)  # type: ignore[arg-type]
-    assert image.pixels.shape == (10, 10)
-    assert (image.frame_index, image.frames) == (index, 15)
-    np.testing.assert_array_equal(image.pixels, pydicom.dcmread(path).pixel_array[index])
+    assert image.pixels.shape == (1, 10, 10)
+    assert (image.frame_indices, image.frames) == ((index,), 15)
+    np.testing.assert_array_equal(image.pixels[0], pydicom.dcmread(path).pixel_array[index])
 
 
 def test_pixel_limit_names_dimensions_and_setting() -> None:
@@ -220,7 +223,7 @@ def test_palette_colour_becomes_rgb() -> None:
     if path is None:
         pytest.skip("examples_palette.dcm not bundled with this pydicom")
     image = read_instance(Path(path), max_pixels=MAX_PIXELS)
-    assert image.pixels.shape == (350, 800, 3)
+    assert image.pixels.shape == (1, 350, 800, 3)
     assert image.photometric == "RGB" and image.bits_stored == 16
 
 
@@ -231,3 +234,106 @@ def test_pydicom_warnings_become_notes_per_thread() -> None:
     for name, image in zip(names, images, strict=True):
         padded = any("excess padding" in note for note in image.notes)
         assert padded == name.endswith("padded.dcm"), (name, image.notes)
+
+
+@pytest.mark.parametrize(
+    "name", ["broken/MR_small_cut_in_pixels.dcm", "broken/CT_declares_4096_carries_10_bytes.dcm"]
+)
+def test_truncation_reason_is_the_same_when_pixels_stay_in_the_file(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workers.header, "DEFER_SIZE", 8)  # every pixel data element deferred
+    with pytest.raises(TruncatedPixelData) as info:
+        read_instance(SAMPLES / name, max_pixels=MAX_PIXELS)
+    assert info.value.reason == EXPECTED_FAILURES[name][1]
+
+
+def test_truncated_large_file_reports_bytes_without_reading_them(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "cut.dcm", np.ones((2048, 2048), dtype=np.uint16))  # 8 MiB of pixels
+    with path.open("r+b") as fh:
+        fh.truncate(path.stat().st_size - 5 * 2**20)
+    with pytest.raises(TruncatedPixelData) as info:
+        read_instance(path, max_pixels=MAX_PIXELS)
+    assert info.value.reason == "truncated pixel data: expected 8388608 bytes, found 3145728"
+
+
+def _frames(count: int, size: int) -> np.ndarray:
+    """Frames whose values identify them: frame f holds f*100 + a small gradient."""
+    gradient = np.add.outer(np.arange(size), np.arange(size)) % 50
+    return (np.arange(count)[:, None, None] * 100 + gradient).astype(np.uint16)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless], ids=["native", "rle"])
+@pytest.mark.parametrize(("frame", "frames_held"), [("middle", 3), ("first", 3), ("max", 5), ("all", 9)])
+def test_memory_is_bounded_by_the_frames_asked_for(
+    tmp_path: Path, syntax: UID, frame: str, frames_held: int
+) -> None:
+    # 64 frames of 512 KiB: a whole-object decode would allocate 32 MiB at least.
+    # A frame costs about twice its size while decoded (codec output, then array);
+    # "all" keeps 4 frames here (max_frames=4).
+    stack = _frames(64, 512)
+    path = write_image(tmp_path / "cine.dcm", stack, syntax=syntax)
+    tracemalloc.start()
+    try:
+        image = read_instance(path, max_pixels=MAX_PIXELS, frame=frame, max_frames=4)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < frames_held * stack[0].nbytes, f"{frame}: peak {peak} bytes"
+    expected = {
+        "middle": stack[32:33], "first": stack[:1], "max": stack[-1:], "all": stack[[0, 21, 42, 63]],
+    }[frame]  # fmt: skip
+    np.testing.assert_array_equal(image.pixels, expected)
+
+
+def test_all_frames_beyond_the_limit_are_sampled_evenly_with_a_note() -> None:
+    image = read_instance(SAMPLES / "real/rtdose.dcm", max_pixels=MAX_PIXELS, frame="all", max_frames=4)
+    assert image.frame_indices == (0, 5, 9, 14) and image.frames == 15
+    every = pydicom.dcmread(SAMPLES / "real/rtdose.dcm").pixel_array
+    np.testing.assert_array_equal(image.pixels, every[[0, 5, 9, 14]])
+    assert "4 of 15 frames inferred, sampled evenly (max_frames=4)" in image.notes
+    assert len(image.transforms) == 4
+
+
+def test_max_is_noted_and_keeps_one_transform() -> None:
+    image = read_instance(SAMPLES / "real/rtdose.dcm", max_pixels=MAX_PIXELS, frame="max")
+    assert image.pixels.shape == (1, 10, 10) and image.frame_indices == tuple(range(15))
+    assert "input is the maximum of the stored values over all 15 frames" in image.notes
+    assert len(image.transforms) == 1
+
+
+@pytest.mark.parametrize(("frame", "allowed"), [("middle", True), ("max", True), ("all", False)])
+def test_pixel_limit_counts_the_frames_decoded_at_once(frame: str, allowed: bool) -> None:
+    path = SAMPLES / "real/rtdose.dcm"  # 15 frames of 10 x 10
+    if allowed:
+        read_instance(path, max_pixels=100, frame=frame)  # type: ignore[arg-type]
+        return
+    with pytest.raises(ImageTooLarge, match=r"10 rows x 10 columns x 15 frame\(s\) x 1 sample\(s\) = 1500"):
+        read_instance(path, max_pixels=100, frame=frame)  # type: ignore[arg-type]
+
+
+def test_max_frames_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_frames must be at least 1"):
+        read_instance(SAMPLES / "real/rtdose.dcm", max_pixels=MAX_PIXELS, frame="all", max_frames=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_float_pixel_data_decodes(tmp_path: Path, dtype: str) -> None:
+    values = np.linspace(-3.5, 1e4, 12 * 10, dtype=dtype).reshape(12, 10)
+    values[0, 0] = np.nan
+    path = write_float_image(tmp_path / "float.dcm", values)
+    image = read_instance(path, max_pixels=MAX_PIXELS)
+    assert image.pixels.dtype == np.dtype(dtype) and image.pixels.shape == (1, 12, 10)
+    np.testing.assert_array_equal(image.pixels[0], values)
+
+
+def test_codec_failure_names_each_plugins_error() -> None:
+    path = get_testdata_file("JPEG-lossy.dcm", download=False)
+    if path is None:
+        pytest.skip("JPEG-lossy.dcm not bundled with this pydicom")
+    with pytest.raises(UndecodablePixels) as info:
+        read_instance(Path(path), max_pixels=MAX_PIXELS)
+    assert info.value.reason.startswith(
+        "could not decode pixel data (JPEG Extended (Process 2 and 4)): pylibjpeg: libjpeg error"
+    )
+    assert "\n" not in info.value.reason

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
 
 import radq
 from radq.errors import NotDicom
+from tests.workers.dicom_files import write_image
 from workers.header import read_header
 
 SAMPLES = Path(radq.__file__).resolve().parent / "samples"
@@ -54,3 +58,18 @@ def test_bare_datasets_without_preamble_are_read(name: str) -> None:
     ds, meta, notes = read_header(Path(path))
     assert meta.sop_instance_uid == ds.SOPInstanceUID
     assert notes[0] == "read without DICM preamble/file meta (tolerated)"
+
+
+def test_header_of_a_huge_file_leaves_its_pixels_in_the_file(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "huge.dcm", np.zeros((4096, 4096), dtype=np.uint16))  # 32 MiB
+    tracemalloc.start()
+    try:
+        ds, meta, _ = read_header(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"read_header allocated {peak} bytes"
+    element = ds.get_item("PixelData", keep_deferred=True)
+    assert isinstance(element, RawDataElement)  # left as read: not converted, not loaded
+    assert element.value is None and element.length == 4096 * 4096 * 2
+    assert meta.sop_instance_uid == ds.SOPInstanceUID

@@ -10,6 +10,9 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from workers.models.densenet import densenet121
+from workers.models.resnet import resnet18, resnet50
+
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
@@ -50,6 +53,9 @@ ArchitectureFactory = Callable[..., nn.Module]
 
 ARCHITECTURES: dict[str, ArchitectureFactory] = {
     "radq-smallcnn": SmallCNN,
+    "densenet121": densenet121,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
 }
 """Architecture name (as written in a card) to a factory taking
 ``in_channels``, ``num_classes`` and the card's ``architecture_params``."""

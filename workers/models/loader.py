@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,30 +37,87 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _weights_only_reason(exc: Exception) -> str:
+    """The actionable part of torch's long weights_only error (which global or opcode)."""
+    text = str(exc)
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL [\w.]+|Unsupported operand \d+", text)
+    if found:
+        return found.group(0)
+    if "TorchScript archive" in text:
+        return "it is a TorchScript archive (a card loads it with weights_format: torchscript)"
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a weights file without ever unpickling code.
+
+    ``.safetensors`` is read as is; ``.pt``, ``.pth`` and ``.pth.tar`` go through
+    ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers.
+    The result may still be a training checkpoint (nested dicts, epoch counters);
+    :func:`workers.models.convert.normalize_state_dict` flattens those.
+
+    Args:
+        path: The weights file.
+
+    Returns:
+        The top-level dict of the file, on the CPU.
+
+    Raises:
+        ModelError: unsupported suffix, unreadable file, a pickle holding anything but
+            tensors and plain containers, or a top level that is not a dict.
+    """
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
-    if path.suffix in (".pt", ".pth"):
-        # weights_only: never unpickle arbitrary objects from a model file.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise ModelError(f"{path}: expected a state dict, found {type(state).__name__}")
-        return state
-    raise ModelError(f"{path}: unsupported weights format (use .safetensors, .pt or .pth)")
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{path}: cannot read safetensors file: {exc}") from None
+    if path.suffix not in (".pt", ".pth") and not path.name.endswith(".pth.tar"):
+        raise ModelError(f"{path}: unsupported weights format (use .safetensors, .pt or .pth)")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols and TorchScript zips before failing; the error says it.
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as exc:
+        raise ModelError(
+            f"refusing to unpickle {path}: not a plain state dict "
+            f"(weights_only load failed: {_weights_only_reason(exc)})"
+        ) from None
+    except (OSError, EOFError) as exc:
+        raise ModelError(f"{path}: cannot read weights: {str(exc) or type(exc).__name__}") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state = read_checkpoint(path)
+    odd = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        raise ModelError(
+            f"{path}: not a flat state dict of tensors (e.g. entry {odd[0]!r}); "
+            "convert it with `radq models import`"
+        )
+    return state
 
 
 def load_model(model_dir: Path, device: torch.device) -> LoadedModel:
-    """Build the card's architecture, load verified weights, and move it to ``device``.
+    """Load a model directory's verified weights onto ``device``, in eval mode.
+
+    A ``state_dict`` card builds its architecture and loads the weights strictly; a
+    ``torchscript`` card loads the archive with ``torch.jit.load`` (its architecture
+    is then informational). The sha256 is checked before anything is deserialised.
 
     Raises:
-        ModelError: unknown architecture, missing weights, checksum mismatch, or
-            weights that do not fit the architecture.
+        ModelError: unknown architecture, missing weights, checksum mismatch, a weights
+            file refused as unsafe, or weights that do not fit the architecture.
     """
     card = read_card(model_dir)
     factory = ARCHITECTURES.get(card.architecture)
-    if factory is None:
+    if factory is None and card.weights_format == "state_dict":
         known = ", ".join(sorted(ARCHITECTURES))
         raise ModelError(f"{card.name}: unknown architecture {card.architecture!r} (known: {known})")
     weights = model_dir / card.weights
@@ -67,13 +128,24 @@ def load_model(model_dir: Path, device: torch.device) -> LoadedModel:
         raise ModelError(
             f"{card.name}: weights {weights.name} have sha256 {actual}, the card says {card.sha256}"
         )
-    module = factory(
-        in_channels=card.input.channels, num_classes=len(card.labels), **card.architecture_params
-    )
-    try:
-        module.load_state_dict(_read_state_dict(weights), strict=True)
-    except RuntimeError as exc:
-        raise ModelError(f"{card.name}: weights do not fit {card.architecture}: {exc}") from None
+    module: nn.Module
+    if card.weights_format == "torchscript":
+        try:
+            module = torch.jit.load(str(weights), map_location=device)
+        except (RuntimeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"{card.name}: {weights.name} is not a loadable TorchScript archive: {reason}"
+            ) from None
+    else:
+        assert factory is not None
+        module = factory(
+            in_channels=card.input.channels, num_classes=len(card.labels), **card.architecture_params
+        )
+        try:
+            module.load_state_dict(_read_state_dict(weights), strict=True)
+        except RuntimeError as exc:
+            raise ModelError(f"{card.name}: weights do not fit {card.architecture}: {exc}") from None
     module.eval().to(device)
     return LoadedModel(card=card, module=module, device=device)
 
@@ -85,6 +157,10 @@ class ModelRegistry:
         self.root = root
         self.device = device
         self._loaded: dict[str, LoadedModel] = {}
+
+    def auto_names(self) -> list[str]:
+        """The models a job asking for ``auto`` runs (cards with ``auto_route``)."""
+        return [name for name, (_, card) in discover_cards(self.root).items() if card.auto_route]
 
     def get(self, name: str) -> LoadedModel:
         if name not in self._loaded:

@@ -1,0 +1,64 @@
+"""`auto` routes each instance to the models whose cards match it; provenance is visible."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import pydicom
+from pydicom.uid import generate_uid
+
+from tests.conftest import SAMPLES, Stack
+from tests.jobwait import wait_done
+
+
+def _chest_cr() -> bytes:
+    """A real CR header (C-spine) relabelled as a chest radiograph, with its own UIDs."""
+    ds = pydicom.dcmread(SAMPLES / "real" / "CR2_6247.dcm")
+    ds.BodyPartExamined = "CHEST"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_auto_routes_by_modality_and_body_part(stack: Stack) -> None:
+    files = {
+        name: (SAMPLES / "real" / name).read_bytes()
+        for name in ("J2K_pixelrep_mismatch.dcm", "examples_rgb_color.dcm", "CR3_6278.dcm", "MR_small.dcm")
+    }
+    files["chest.dcm"] = _chest_cr()
+    parts = [("files", (name, io.BytesIO(body))) for name, body in files.items()]
+    response = httpx.post(f"{stack.api_url}/v1/jobs", files=parts, data={"models": "auto"}, timeout=60)
+    assert response.status_code == 202, response.text
+    job = wait_done(stack.client, response.json()["id"], timeout=300)
+    assert job["models"] == ["auto"]
+    assert job["counts"]["done"] == 3 and job["counts"]["skipped"] == 2
+
+    skipped = {i["file_name"]: i["reason"] for i in stack.client.instances(job["id"], "skipped")}
+    assert skipped["CR3_6278.dcm"].startswith("no model for CR CSPINE")
+    assert skipped["MR_small.dcm"].startswith("no model for MR")
+
+    expected = {
+        "J2K_pixelrep_mismatch.dcm": ("headct-resnet18", 6),
+        "examples_rgb_color.dcm": ("us-abdomen-smallcnn", 7),
+        "chest.dcm": ("chexnet-densenet121", 14),
+    }
+    done = {i["file_name"]: i for i in stack.client.instances(job["id"], "done")}
+    for name, (model, n_labels) in expected.items():
+        study = stack.client.study_results(done[name]["study_instance_uid"])
+        inst = next(i for s in study["series"] for i in s["instances"] if i["job_id"] == job["id"])
+        (result,) = inst["results"]
+        assert result["model"] == model and result["model_version"] == "0.1.0-random"
+        assert len(result["outputs"]) == n_labels
+        assert len(result["weights_sha256"]) == 64 and result["radq_version"]
+        assert '"frame"' in result["preprocessing"]  # the recipe travels with the result
+        # Earlier jobs may have run other models on the same study: each has its own summary.
+        summary = next(s for s in study["summary"] if s["model"] == model)
+        assert summary["model_version"] == "0.1.0-random" and summary["aggregation"] == "max"
+    us = next(
+        i for s in stack.client.study_results(done["examples_rgb_color.dcm"]["study_instance_uid"])["series"]
+        for i in s["instances"] if i["job_id"] == job["id"]
+    )
+    assert abs(sum(us["results"][0]["outputs"].values()) - 1.0) < 1e-3  # softmax card

@@ -1,0 +1,96 @@
+"""Grad-CAM saliency maps, computed on the same batch as the predictions.
+
+One forward pass with the target layer's activations kept, then one backward pass per
+label that some image of the batch scores above the threshold. In eval mode the images
+of a batch do not interact, so summing a label's logits over the selected images gives
+each image its own gradient (Selvaraju et al., 2017).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from radq.errors import ModelError
+from workers.inference import activate, as_label_dicts, to_batch
+from workers.models.loader import LoadedModel
+
+DEFAULT_LAYERS = {
+    "radq-smallcnn": "features",
+    "densenet121": "features",
+    "resnet18": "layer4",
+    "resnet50": "layer4",
+}
+"""The layer whose activations Grad-CAM weighs, per architecture (last convolutional stage)."""
+
+
+@dataclass
+class Explained:
+    probabilities: list[dict[str, float]]
+    saliency: list[dict[str, np.ndarray]]
+    """Per image, label to a map in [0, 1] of the model's input size (float32, H x W)."""
+
+
+def _target_layer(model: LoadedModel) -> nn.Module:
+    name = model.card.gradcam_layer or DEFAULT_LAYERS.get(model.card.architecture)
+    if not name:
+        raise ModelError(f"{model.card.name}: no gradcam_layer in the card for {model.card.architecture}")
+    try:
+        return model.module.get_submodule(name)
+    except AttributeError:
+        raise ModelError(f"{model.card.name}: gradcam_layer {name!r} is not a submodule") from None
+
+
+def _normalised_cam(activations: Tensor, size: torch.Size) -> Tensor:
+    """Gradient-weighted activations, ReLU, upsampled to the input size, peak scaled to 1."""
+    assert activations.grad is not None
+    weights = activations.grad.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
+    cam = nn.functional.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    return torch.where(peak > 0, cam / peak.clamp_min(1e-12), cam)
+
+
+def explain(model: LoadedModel, inputs: Sequence[np.ndarray], threshold: float) -> Explained:
+    """Predict a batch and, for every (image, label) at or above ``threshold``, a saliency map."""
+    layer = _target_layer(model)
+    captured: list[Tensor] = []
+
+    def keep(_: nn.Module, __: object, output: Tensor) -> None:
+        output.retain_grad()
+        captured.append(output)
+
+    batch = to_batch(model, inputs)
+    maps: list[dict[str, np.ndarray]] = [{} for _ in inputs]
+    handle = layer.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = model.module(batch).float()
+            probs = activate(model.card, logits)
+            selected = probs.detach() >= threshold
+            activations = captured[-1]
+            labels = [k for k in range(logits.shape[1]) if bool(selected[:, k].any())]
+            for n, k in enumerate(labels):
+                activations.grad = None
+                (logits[:, k] * selected[:, k]).sum().backward(retain_graph=n < len(labels) - 1)
+                cam = _normalised_cam(activations, batch.shape[-2:]).cpu().numpy()
+                for i in torch.nonzero(selected[:, k]).flatten().tolist():
+                    maps[i][model.card.labels[k]] = cam[i].astype(np.float32)
+    finally:
+        handle.remove()
+    return Explained(probabilities=as_label_dicts(model.card, probs), saliency=maps)
+
+
+def to_png(saliency: np.ndarray) -> bytes:
+    """An 8-bit grayscale PNG of a [0, 1] map (white = most salient)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(saliency, 0, 1) * 255).astype(np.uint8), mode="L").save(buf, "PNG")
+    return buf.getvalue()
