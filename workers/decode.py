@@ -160,10 +160,8 @@ def _check_size(ds: Dataset, keyword: str, ts: UID, geometry: tuple[int, ...]) -
         raise TruncatedPixelData(f"truncated pixel data: expected {expected} bytes, found {actual}")
 
 
-def _decode(
-    ds: Dataset, meta: InstanceMeta, notes: list[str], max_pixels: int, policy: FramePolicy,
-    max_frames: int,
-) -> DecodedImage:  # fmt: skip
+def _checked(ds: Dataset, meta: InstanceMeta) -> tuple[str, UID, Decoder, tuple[int, int, int, int, int]]:
+    """The header-level checks: pixel data present, sane geometry, a codec, no truncation."""
     keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
     if keyword is None:
         raise NoImage(f"no image: {_describe(ds, meta)} has no Pixel Data")
@@ -176,6 +174,23 @@ def _decode(
     decoder = _decoder_for(ts)
     if decoder.is_native:  # truncation first: a file missing bytes is broken at any limit
         _check_size(ds, keyword, ts, (rows, cols, frames, samples, bits))
+    return keyword, ts, decoder, (rows, cols, frames, samples, bits)
+
+
+def check_image(ds: Dataset, meta: InstanceMeta) -> None:
+    """Refuse, without decoding, what can never give an image (run before routing).
+
+    Raises:
+        NoImage, UndecodablePixels, UnsupportedTransferSyntax, TruncatedPixelData.
+    """
+    _checked(ds, meta)
+
+
+def _decode(
+    ds: Dataset, meta: InstanceMeta, notes: list[str], max_pixels: int, policy: FramePolicy,
+    max_frames: int,
+) -> DecodedImage:  # fmt: skip
+    keyword, ts, decoder, (rows, cols, frames, samples, bits) = _checked(ds, meta)
     indices = select_frames(policy, frames, max_frames)
     held = 1 if policy == "max" else len(indices)
     if rows * cols * held * samples > max_pixels:

@@ -16,7 +16,7 @@ from db.status import InstanceStatus
 from db.work import Claimed
 from radq.errors import InstanceError
 from workers.context import WorkerContext
-from workers.decode import DecodedImage, decode
+from workers.decode import DecodedImage, check_image, decode
 from workers.header import InstanceMeta, read_header
 from workers.models.loader import LoadedModel
 from workers.preprocess import preprocess
@@ -67,9 +67,10 @@ def prepare(claimed: Claimed, *, ctx: WorkerContext, models: Sequence[LoadedMode
     try:
         ds, meta, notes = read_header(path)
         out.metadata = _metadata_columns(claimed.id, meta, notes)
+        check_image(ds, meta)  # a broken file is reported as broken, routed or not
         applicable = [m for m in models if _applies(m, meta)]
         if not applicable:
-            what = " ".join(filter(None, [meta.modality, meta.body_part])) or "this instance"
+            what = " ".join(filter(None, [meta.modality, meta.body_part])) or "an instance without Modality"
             names = ", ".join(m.card.name for m in models) or "none"
             out.status, out.reason = InstanceStatus.SKIPPED, f"no model for {what} (models tried: {names})"
             return out

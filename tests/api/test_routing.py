@@ -29,16 +29,22 @@ def test_auto_routes_by_modality_and_body_part(stack: Stack) -> None:
         for name in ("J2K_pixelrep_mismatch.dcm", "examples_rgb_color.dcm", "CR3_6278.dcm", "MR_small.dcm")
     }
     files["chest.dcm"] = _chest_cr()
+    for broken in ("MR_small_cut_in_pixels.dcm", "structured_report_no_image.dcm"):
+        files[broken] = (SAMPLES / "broken" / broken).read_bytes()
     parts = [("files", (name, io.BytesIO(body))) for name, body in files.items()]
     response = httpx.post(f"{stack.api_url}/v1/jobs", files=parts, data={"models": "auto"}, timeout=60)
     assert response.status_code == 202, response.text
     job = wait_done(stack.client, response.json()["id"], timeout=300)
     assert job["models"] == ["auto"]
-    assert job["counts"]["done"] == 3 and job["counts"]["skipped"] == 2
+    assert job["counts"]["done"] == 3 and job["counts"]["skipped"] == 3 and job["counts"]["failed"] == 1
+    # Broken files are reported as broken whether or not a model applies to them.
+    (failed,) = stack.client.instances(job["id"], "failed")
+    assert failed["reason"] == "truncated pixel data: expected 8192 bytes, found 5330"
 
     skipped = {i["file_name"]: i["reason"] for i in stack.client.instances(job["id"], "skipped")}
     assert skipped["CR3_6278.dcm"].startswith("no model for CR CSPINE")
     assert skipped["MR_small.dcm"].startswith("no model for MR")
+    assert skipped["structured_report_no_image.dcm"].startswith("no image: SR")
 
     expected = {
         "J2K_pixelrep_mismatch.dcm": ("headct-resnet18", 6),
