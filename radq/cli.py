@@ -149,6 +149,9 @@ def submit(
     server_paths: Annotated[
         bool, typer.Option("--server-paths", help="Have the server read the paths in place, not uploads.")
     ] = False,
+    explain: Annotated[
+        float | None, typer.Option(help="Grad-CAM maps for labels scoring at least this (0-1).")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 24 * 3600,
 ) -> None:
     """Submit DICOM for inference; prints the job id."""
@@ -157,9 +160,9 @@ def submit(
     client = _client()
     try:
         if server_paths:
-            job = client.submit_paths([str(p.resolve()) for p in paths], model or [])
+            job = client.submit_paths([str(p.resolve()) for p in paths], model or [], explain)
         else:
-            job = client.upload(paths, model or [])
+            job = client.upload(paths, model or [], explain)
         console.print(job["id"])
         if wait:
             job = wait_for_job(client, job["id"], console, timeout=timeout)

@@ -67,12 +67,16 @@ class Client:
             raise ApiError(f"{response.status_code}: {detail}", response.status_code)
         return response.json()
 
-    def upload(self, paths: Sequence[Path], models: Sequence[str] = ()) -> dict[str, Any]:
+    def upload(
+        self, paths: Sequence[Path], models: Sequence[str] = (), explain_threshold: float | None = None
+    ) -> dict[str, Any]:
         """Upload files, folders and archives as one job."""
         files = expand_paths(paths)
         if not files:
             raise ApiError("nothing to submit: the given folders are empty")
-        data = {"models": list(models)} if models else None
+        data: dict[str, Any] = {"models": list(models)} if models else {}
+        if explain_threshold is not None:
+            data["explain_threshold"] = str(explain_threshold)
         with contextlib.ExitStack() as stack:
             if len(files) > MAX_PARTS:
                 tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="radq-upload-"))
@@ -85,11 +89,14 @@ class Client:
                 ("files", (name, stack.enter_context(path.open("rb")), "application/octet-stream"))
                 for name, path in files
             ]
-            return self._request("POST", "/v1/jobs", files=parts, data=data)  # type: ignore[no-any-return]
+            return self._request("POST", "/v1/jobs", files=parts, data=data or None)  # type: ignore[no-any-return]
 
-    def submit_paths(self, paths: Sequence[str], models: Sequence[str] = ()) -> dict[str, Any]:
+    def submit_paths(
+        self, paths: Sequence[str], models: Sequence[str] = (), explain_threshold: float | None = None
+    ) -> dict[str, Any]:
         """Ask the server to read files in place (under its RADQ_ALLOWED_ROOTS)."""
-        return self._request("POST", "/v1/jobs", json={"paths": list(paths), "models": list(models)})  # type: ignore[no-any-return]
+        body = {"paths": list(paths), "models": list(models), "explain_threshold": explain_threshold}
+        return self._request("POST", "/v1/jobs", json=body)  # type: ignore[no-any-return]
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]

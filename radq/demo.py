@@ -75,8 +75,8 @@ def run_demo(settings: Settings, console: Console, *, timeout: float) -> int:
         if problems:
             console.print(problems_table(problems))
         console.print(
-            "[yellow]note:[/yellow] radq-smoke has random weights for pipeline testing; "
-            "its outputs carry no clinical meaning."
+            "[yellow]note:[/yellow] radq's bundled models have random weights for pipeline "
+            "testing; their outputs carry no clinical meaning (see `radq models list`)."
         )
         return 0 if job["status"] == "done" else 1
     except RuntimeError as exc:

@@ -72,3 +72,17 @@ def test_submit_folder_recursively(stack: Stack) -> None:
     assert result.returncode == 0, result.stderr
     job = stack.client.job(result.stdout.split()[0])
     assert job["counts"]["done"] == 1
+
+
+def test_submit_with_explain_returns_saliency_urls(stack: Stack) -> None:
+    ct = str(SAMPLES / "real" / "CT5N_3353.dcm")
+    result = radq("submit", ct, "--wait", "--explain", "0", "--model", "radq-smoke", api_url=stack.api_url)
+    assert result.returncode == 0, result.stderr
+    job = stack.client.job(result.stdout.split()[0])
+    assert job["options"] == {"explain_threshold": 0.0}
+    study = json.loads(
+        radq("results", job["studies"][0]["study_instance_uid"], "--format", "json", api_url=stack.api_url).stdout
+    )
+    mine = [i for s in study["series"] for i in s["instances"] if i["job_id"] == job["id"]]
+    assert all(url.endswith(".png") for url in mine[0]["results"][0]["saliency"].values())
+    assert len(mine[0]["results"][0]["saliency"]) == 4
