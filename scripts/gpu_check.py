@@ -34,9 +34,10 @@ from workers.pipeline import run_chunk
 SAMPLES = Path(__file__).resolve().parent.parent / "radq" / "samples" / "real"
 
 
-def model_only(device: torch.device, batch: int, seconds: float = 3.0) -> float:
-    model = load_model(BUNDLED_MODEL_DIR / "radq-smoke", device).module
-    x = torch.randn(batch, 1, 224, 224, device=device)
+def model_only(device: torch.device, batch: int, seconds: float = 3.0, name: str = "radq-smoke") -> float:
+    loaded = load_model(BUNDLED_MODEL_DIR / name, device)
+    model, spec = loaded.module, loaded.card.input
+    x = torch.randn(batch, spec.channels, spec.height, spec.width, device=device)
     with torch.inference_mode():
         for _ in range(3):
             model(x)
@@ -98,6 +99,21 @@ def agreement() -> float:
         return float((torch.sigmoid(cpu(x)) - torch.sigmoid(gpu(x.cuda())).cpu()).abs().max())
 
 
+def gradcam_check() -> dict[str, object]:
+    """Grad-CAM on CUDA for the DenseNet: maps exist, and match the CPU's."""
+    from workers.gradcam import explain
+
+    inputs = [np.random.default_rng(i).normal(0, 1, (3, 224, 224)).astype(np.float32) for i in range(4)]
+    cpu = explain(load_model(BUNDLED_MODEL_DIR / "chexnet-densenet121", torch.device("cpu")), inputs, 0.0)
+    gpu = explain(load_model(BUNDLED_MODEL_DIR / "chexnet-densenet121", torch.device("cuda")), inputs, 0.0)
+    diff = max(
+        float(np.abs(gpu.saliency[i][label] - cpu.saliency[i][label]).max())
+        for i in range(len(inputs))
+        for label in cpu.saliency[i]
+    )
+    return {"maps": sum(len(m) for m in gpu.saliency), "max_abs_diff_vs_cpu": diff}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=512)
@@ -111,6 +127,11 @@ def main() -> None:
         "python": platform.python_version(),
         "model_only_img_per_s": {b: round(model_only(device, b), 1) for b in (16, 64, 256)},
         "max_abs_diff_gpu_vs_cpu_probabilities": agreement(),
+        "model_only_img_per_s_batch64": {
+            name: round(model_only(device, 64, name=name), 1)
+            for name in ("chexnet-densenet121", "headct-resnet18", "us-abdomen-smallcnn")
+        },
+        "gradcam_on_cuda": gradcam_check(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

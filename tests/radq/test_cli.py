@@ -80,9 +80,8 @@ def test_submit_with_explain_returns_saliency_urls(stack: Stack) -> None:
     assert result.returncode == 0, result.stderr
     job = stack.client.job(result.stdout.split()[0])
     assert job["options"] == {"explain_threshold": 0.0}
-    study = json.loads(
-        radq("results", job["studies"][0]["study_instance_uid"], "--format", "json", api_url=stack.api_url).stdout
-    )
+    study_uid = job["studies"][0]["study_instance_uid"]
+    study = json.loads(radq("results", study_uid, "--format", "json", api_url=stack.api_url).stdout)
     mine = [i for s in study["series"] for i in s["instances"] if i["job_id"] == job["id"]]
     assert all(url.endswith(".png") for url in mine[0]["results"][0]["saliency"].values())
     assert len(mine[0]["results"][0]["saliency"]) == 4
