@@ -35,6 +35,8 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     models: Mapped[list[str]] = mapped_column(JSON)
     options: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # e.g. {"explain_threshold": 0.5}
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
+    webhook_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -46,6 +48,7 @@ class Instance(Base):
     __table_args__ = (
         Index("ix_instances_job_status", "job_id", "status"),
         Index("ix_instances_study", "study_instance_uid"),
+        Index("ix_instances_sop", "sop_instance_uid"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -54,6 +57,7 @@ class Instance(Base):
     storage: Mapped[str] = mapped_column(String(8))
     location: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int | None] = mapped_column(Integer)
+    content_sha256: Mapped[str | None] = mapped_column(String(64))  # of the file's bytes
     status: Mapped[str] = mapped_column(String(16), default=InstanceStatus.PENDING)
     reason: Mapped[str | None] = mapped_column(Text)  # why it failed or was skipped
     notes: Mapped[str | None] = mapped_column(Text)  # tolerated deviations of a readable file
@@ -89,4 +93,20 @@ class Result(Base):
     preprocessing: Mapped[str] = mapped_column(Text)
     outputs: Mapped[dict[str, Any]] = mapped_column(JSON)
     saliency: Mapped[dict[str, str] | None] = mapped_column(JSON)  # label -> PNG sha256 in the blob store
+    reused_from: Mapped[int | None] = mapped_column(Integer)  # result id copied on deduplication
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One attempt to tell a job's webhook that the job ended."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    delivered: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
