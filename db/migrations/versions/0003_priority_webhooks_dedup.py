@@ -37,7 +37,9 @@ def upgrade() -> None:
         batch_op.create_index('ix_instances_sop', ['sop_instance_uid'], unique=False)
 
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('priority', sa.String(length=8), server_default='normal', nullable=False))
+        batch_op.add_column(
+            sa.Column('priority', sa.String(length=8), server_default='normal', nullable=False)
+        )
         batch_op.add_column(sa.Column('webhook_url', sa.Text(), nullable=True))
 
     with op.batch_alter_table('results', schema=None) as batch_op:
