@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from db.status import Priority
+
 
 class Counts(BaseModel):
     total: int
@@ -21,6 +23,9 @@ class Counts(BaseModel):
 class StudyRef(BaseModel):
     study_instance_uid: str
     instances: int
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
 
 
 class JobOut(BaseModel):
@@ -30,18 +35,41 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     models: list[str]
     options: dict[str, Any]
+    priority: str
+    webhook_url: str | None
     counts: Counts
+    progress: Progress
     studies: list[StudyRef]
 
 
-class PathsRequest(BaseModel):
-    paths: list[str] = Field(min_length=1, description="Absolute files or folders under RADQ_ALLOWED_ROOTS")
+class SubmitOptions(BaseModel):
+    """What a submission may ask for besides its files (JSON keys or multipart fields)."""
+
     models: list[str] = Field(
         default_factory=list, description="Model names, or 'auto'; empty means the defaults"
     )
     explain_threshold: float | None = Field(
         None, ge=0, le=1, description="Grad-CAM maps for every label scoring at least this"
     )
+    priority: Priority | None = Field(
+        None, description="urgent, normal or bulk; default bulk for path submissions, normal for uploads"
+    )
+    webhook_url: str | None = Field(
+        None, pattern=r"^https?://\S+$", max_length=2000, description="POSTed the job summary when it ends"
+    )
+
+    def job_options(self) -> dict[str, Any]:
+        return {} if self.explain_threshold is None else {"explain_threshold": self.explain_threshold}
+
+
+class PathsRequest(SubmitOptions):
+    paths: list[str] = Field(min_length=1, description="Absolute files or folders under RADQ_ALLOWED_ROOTS")
+
+
+class Progress(BaseModel):
+    finished: int = Field(description="Instances in a final state")
+    rate_per_s: float | None = Field(description="Finished instances per second since the job was created")
+    eta_seconds: float | None = Field(description="At that rate, seconds until every instance is final")
 
 
 class InstanceOut(BaseModel):
@@ -55,6 +83,10 @@ class InstanceOut(BaseModel):
     study_instance_uid: str | None
     series_instance_uid: str | None
     modality: str | None
+
+
+class JobsPage(BaseModel):
+    items: list[JobOut]
 
 
 class InstancesPage(BaseModel):

@@ -11,6 +11,7 @@ from api.ingest import Ingest
 from api.state import AppState
 from db.jobs import add_instances, create_job, mark_queued
 from db.session import transaction
+from db.status import MESSAGE_PRIORITY, Priority
 from radq.errors import BrokerUnavailable, SubmissionError
 from radq.model_card import AUTO, discover_cards
 from radq.queue import publish_chunks
@@ -38,6 +39,9 @@ def submit(
     collect: Callable[[Ingest], None],
     models: Sequence[str] | None,
     options: dict[str, Any] | None = None,
+    *,
+    priority: str = Priority.NORMAL,
+    webhook_url: str | None = None,
 ) -> str:
     """Create a job from whatever ``collect`` adds to an :class:`Ingest`; return its id.
 
@@ -54,20 +58,33 @@ def submit(
     if not ingest.files:
         raise SubmissionError("the submission contains no files")
     with transaction(state.sessions) as session:
-        job = create_job(session, models=names, options=options)
+        job = create_job(
+            session, models=names, options=options, priority=priority, webhook_url=webhook_url
+        )
         ids = add_instances(session, job_id=job.id, files=ingest.files)
+    enqueue(state, job.id, ids, priority)
+    return job.id
+
+
+def enqueue(state: AppState, job_id: str, ids: Sequence[int], priority: str) -> None:
+    """Publish a job's instances in chunks, then mark them queued.
+
+    Raises:
+        BrokerUnavailable: the broker is unreachable; the instances stay ``pending``.
+    """
+    settings = state.settings
     try:
         publish_chunks(
             state.celery,
-            job_id=job.id,
+            job_id=job_id,
             instance_ids=ids,
             chunk_size=settings.chunk_size,
             queue=settings.queue,
+            priority=MESSAGE_PRIORITY[Priority(priority)],
         )
     except (KombuOperationalError, OSError) as exc:
         raise BrokerUnavailable(
-            f"job {job.id} is recorded but could not be queued: the broker is unreachable ({exc})"
+            f"job {job_id} is recorded but could not be queued: the broker is unreachable ({exc})"
         ) from None
     with transaction(state.sessions) as session:
         mark_queued(session, ids)
-    return job.id

@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Job
-from db.status import InstanceStatus, JobStatus
+from db.models import Instance, Job, utcnow
+from db.status import WAITING_STATUSES, InstanceStatus, JobStatus, Priority
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,21 @@ class NewInstance:
 
 
 def create_job(
-    session: Session, *, models: Sequence[str], options: dict[str, Any] | None = None
+    session: Session,
+    *,
+    models: Sequence[str],
+    options: dict[str, Any] | None = None,
+    priority: str = Priority.NORMAL,
+    webhook_url: str | None = None,
 ) -> Job:
-    job = Job(id=str(uuid.uuid4()), status=JobStatus.QUEUED, models=list(models), options=options or None)
+    job = Job(
+        id=str(uuid.uuid4()),
+        status=JobStatus.QUEUED,
+        models=list(models),
+        options=options or None,
+        priority=priority,
+        webhook_url=webhook_url,
+    )
     session.add(job)
     session.flush()
     return job
@@ -92,14 +104,58 @@ def job_counts(session: Session, job_id: str) -> dict[str, int]:
 
 
 def job_studies(session: Session, job_id: str) -> list[dict[str, object]]:
-    """Studies seen so far in a job, with instance counts."""
+    """Studies seen so far in a job, with instance counts per status (per-study progress)."""
     rows = session.execute(
-        select(Instance.study_instance_uid, func.count())
+        select(Instance.study_instance_uid, Instance.status, func.count())
         .where(Instance.job_id == job_id, Instance.study_instance_uid.is_not(None))
-        .group_by(Instance.study_instance_uid)
+        .group_by(Instance.study_instance_uid, Instance.status)
         .order_by(Instance.study_instance_uid)
     ).all()
-    return [{"study_instance_uid": uid, "instances": n} for uid, n in rows]
+    studies: dict[str | None, dict[str, Any]] = {}
+    for uid, status, n in rows:
+        study = studies.setdefault(uid, {"study_instance_uid": uid, "instances": 0, "done": 0, "failed": 0,
+                                         "skipped": 0})  # fmt: skip
+        study["instances"] += n
+        if status in study:
+            study[status] += n
+    return list(studies.values())
+
+
+def cancel_job(session: Session, job_id: str) -> bool:
+    """Cancel a job: waiting instances end ``skipped``; claimed ones finish. False if it had ended."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+    )
+    if not getattr(result, "rowcount", 0):
+        return False
+    session.execute(
+        update(Instance)
+        .where(Instance.job_id == job_id, Instance.status.in_(WAITING_STATUSES))
+        .values(status=InstanceStatus.SKIPPED, reason="job cancelled before this file was processed")
+    )
+    return True
+
+
+def reset_failed(session: Session, job_id: str) -> list[int]:
+    """Put a job's failed instances back to pending and reopen the job; returns their ids."""
+    ids = list(
+        session.scalars(
+            select(Instance.id).where(Instance.job_id == job_id, Instance.status == InstanceStatus.FAILED)
+        )
+    )
+    if ids:
+        for start in range(0, len(ids), 1000):
+            session.execute(
+                update(Instance)
+                .where(Instance.id.in_(ids[start : start + 1000]))
+                .values(status=InstanceStatus.PENDING, reason=None, lease_expires_at=None)
+            )
+        session.execute(
+            update(Job).where(Job.id == job_id).values(status=JobStatus.QUEUED, finished_at=None)
+        )
+    return ids
 
 
 def list_instances(
@@ -116,8 +172,16 @@ def list_instances(
     return session.scalars(query.order_by(Instance.id).limit(limit).offset(offset)).all()
 
 
-def list_jobs(session: Session, *, limit: int = 50) -> Sequence[Job]:
-    return session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)).all()
+def list_jobs(
+    session: Session, *, status: str | None = None, since: datetime | None = None, limit: int = 50
+) -> Sequence[Job]:
+    """Newest first, optionally only one status and jobs created at or after ``since``."""
+    query = select(Job)
+    if status:
+        query = query.where(Job.status == status)
+    if since:
+        query = query.where(Job.created_at >= since)
+    return session.scalars(query.order_by(Job.created_at.desc()).limit(limit)).all()
 
 
 def as_utc(value: datetime | None) -> datetime | None:

@@ -28,3 +28,14 @@ class JobStatus(StrEnum):
 class StorageKind(StrEnum):
     BLOB = "blob"  # uploaded; ``location`` is the sha256 in the blob store
     PATH = "path"  # submitted by path; ``location`` is the resolved absolute path
+
+
+class Priority(StrEnum):
+    URGENT = "urgent"
+    NORMAL = "normal"
+    BULK = "bulk"
+
+
+MESSAGE_PRIORITY = {Priority.URGENT: 0, Priority.NORMAL: 3, Priority.BULK: 9}
+"""Celery message priority per job priority. On Redis, kombu keeps one list per step
+(0, 3, 6, 9) and a worker's BRPOP takes from the lowest step first."""

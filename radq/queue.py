@@ -40,11 +40,22 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def publish_chunks(
-    app: Celery, *, job_id: str, instance_ids: Sequence[int], chunk_size: int, queue: str
+    app: Celery,
+    *,
+    job_id: str,
+    instance_ids: Sequence[int],
+    chunk_size: int,
+    queue: str,
+    priority: int = 3,
 ) -> list[list[int]]:
-    """Send one message per chunk of instance ids; returns the chunks sent."""
+    """Send one message per chunk of instance ids; returns the chunks sent.
+
+    ``priority`` is the message priority (0 first); see ``db.status.MESSAGE_PRIORITY``.
+    """
     chunks = [list(instance_ids[i : i + chunk_size]) for i in range(0, len(instance_ids), chunk_size)]
     with app.producer_or_acquire() as producer:
         for chunk in chunks:
-            app.send_task(INFER_CHUNK, args=[job_id, chunk], queue=queue, producer=producer)
+            app.send_task(
+                INFER_CHUNK, args=[job_id, chunk], queue=queue, producer=producer, priority=priority
+            )
     return chunks

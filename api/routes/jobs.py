@@ -2,23 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import UTC, datetime
+from functools import partial
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from api.deps import SessionDep, StateDep
 from api.ingest import Ingest
-from api.schemas import Counts, ErrorOut, InstanceOut, InstancesPage, JobOut, PathsRequest, StudyRef
+from api.schemas import (
+    Counts,
+    ErrorOut,
+    InstanceOut,
+    InstancesPage,
+    JobOut,
+    JobsPage,
+    PathsRequest,
+    Progress,
+    StudyRef,
+    SubmitOptions,
+)
 from api.state import AppState
-from api.submit import submit
-from db.jobs import as_utc, get_job, job_counts, job_studies, list_instances
-from db.status import InstanceStatus
+from api.submit import enqueue, submit
+from db.jobs import (
+    as_utc,
+    cancel_job,
+    get_job,
+    job_counts,
+    job_studies,
+    list_instances,
+    list_jobs,
+    reset_failed,
+)
+from db.session import transaction
+from db.status import InstanceStatus, JobStatus, Priority
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+Options = TypeVar("Options", bound=BaseModel)
 
 _SUBMIT_BODY: dict[str, Any] = {
     "requestBody": {
@@ -49,29 +73,49 @@ def job_view(session: Session, job_id: str) -> JobOut:
     job = get_job(session, job_id)
     if job is None:
         raise HTTPException(404, f"no job with id {job_id}")
+    counts = Counts(**job_counts(session, job_id))
+    created = as_utc(job.created_at)
+    assert created is not None
     return JobOut(
         id=job.id,
         status=job.status,
-        created_at=as_utc(job.created_at),  # type: ignore[arg-type]
+        created_at=created,
         finished_at=as_utc(job.finished_at),
         models=job.models,
         options=job.options or {},
-        counts=Counts(**job_counts(session, job_id)),
+        priority=job.priority,
+        webhook_url=job.webhook_url,
+        counts=counts,
+        progress=_progress(counts, created, as_utc(job.finished_at)),
         studies=[StudyRef.model_validate(s) for s in job_studies(session, job_id)],
     )
 
 
-def _options(explain_threshold: object) -> dict[str, Any]:
-    """Job options from multipart form fields."""
-    if explain_threshold is None or explain_threshold == "":
-        return {}
+def _progress(counts: Counts, created: datetime, finished_at: datetime | None) -> Progress:
+    finished = counts.done + counts.failed + counts.skipped
+    elapsed = ((finished_at or datetime.now(UTC)) - created).total_seconds()
+    rate = finished / elapsed if elapsed > 0 and finished else None
+    remaining = counts.total - finished
+    eta = (remaining / rate if rate else None) if remaining else 0.0
+    return Progress(
+        finished=finished, rate_per_s=rate and round(rate, 3), eta_seconds=eta and round(eta, 1)
+    )
+
+
+def _form_options(form: FormData) -> SubmitOptions:
+    """Submission options from multipart fields (``models`` may repeat or be comma-separated)."""
+    fields = {k: form.get(k) for k in ("explain_threshold", "priority", "webhook_url") if form.get(k)}
+    models = [m.strip() for v in form.getlist("models") if isinstance(v, str) for m in v.split(",")]
+    return _validated(SubmitOptions, {"models": models, **fields})
+
+
+def _validated(model: type[Options], data: object) -> Options:
     try:
-        threshold = float(str(explain_threshold))
-    except ValueError:
-        raise HTTPException(400, f"explain_threshold must be a number, not {explain_threshold!r}") from None
-    if not 0 <= threshold <= 1:
-        raise HTTPException(400, f"explain_threshold must be between 0 and 1, not {threshold}")
-    return {"explain_threshold": threshold}
+        return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise HTTPException(400, f"invalid request: {where}: {first['msg']}") from None
 
 
 @router.post(
@@ -89,31 +133,30 @@ async def create_job(request: Request, response: Response, state: StateDep) -> J
         limit = state.settings.max_archive_members
         async with request.form(max_files=limit, max_fields=limit) as form:
             uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            models = [m.strip() for v in form.getlist("models") if isinstance(v, str) for m in v.split(",")]
             if not uploads:
                 raise HTTPException(400, "multipart submission has no files: send them as 'files' parts")
+            opts = _form_options(form)
 
             def collect(ingest: Ingest) -> None:
                 for upload in uploads:
                     ingest.add_upload(upload.filename or "upload", upload.file)
 
-            options = _options(form.get("explain_threshold"))
-            job_id = await run_in_threadpool(submit, state, collect, models, options)
+            job_id = await run_in_threadpool(
+                partial(submit, priority=opts.priority or Priority.NORMAL, webhook_url=opts.webhook_url),
+                state, collect, opts.models, opts.job_options(),
+            )  # fmt: skip
     elif content_type.startswith("application/json"):
-        try:
-            body = PathsRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise HTTPException(400, f"invalid JSON body: {where}: {first['msg']}") from None
+        body = _validated(PathsRequest, await request.body())
         roots = state.settings.allowed_roots
 
         def collect(ingest: Ingest) -> None:
             for path in body.paths:
                 ingest.add_path(path, roots)
 
-        options = {"explain_threshold": body.explain_threshold} if body.explain_threshold is not None else {}
-        job_id = await run_in_threadpool(submit, state, collect, body.models, options)
+        job_id = await run_in_threadpool(
+            partial(submit, priority=body.priority or Priority.BULK, webhook_url=body.webhook_url),
+            state, collect, body.models, body.job_options(),
+        )  # fmt: skip
     else:
         raise HTTPException(
             415,
@@ -128,9 +171,54 @@ def _view(state: AppState, job_id: str) -> JobOut:
         return job_view(session, job_id)
 
 
+@router.get("", response_model=JobsPage, responses={422: {"model": ErrorOut}})
+def read_jobs(
+    session: SessionDep,
+    status: Annotated[JobStatus | None, Query()] = None,
+    since: Annotated[datetime | None, Query(description="ISO 8601; jobs created at or after")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> JobsPage:
+    """Jobs, newest first."""
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    jobs = list_jobs(session, status=status, since=since, limit=limit)
+    return JobsPage(items=[job_view(session, j.id) for j in jobs])
+
+
 @router.get("/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}})
 def read_job(job_id: str, session: SessionDep) -> JobOut:
     return job_view(session, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut,
+             responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}})  # fmt: skip
+def cancel(job_id: str, state: StateDep) -> JobOut:
+    """Drop a job's waiting work; chunks already being processed finish and are counted."""
+    with transaction(state.sessions) as session:
+        job = get_job(session, job_id)
+        if job is None:
+            raise HTTPException(404, f"no job with id {job_id}")
+        if not cancel_job(session, job_id):
+            raise HTTPException(409, f"job {job_id} has already ended ({job.status}); nothing to cancel")
+    return _view(state, job_id)
+
+
+@router.post("/{job_id}/retry", response_model=JobOut, status_code=202,
+             responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}})  # fmt: skip
+def retry(job_id: str, state: StateDep) -> JobOut:
+    """Run a job's failed instances again."""
+    with transaction(state.sessions) as session:
+        job = get_job(session, job_id)
+        if job is None:
+            raise HTTPException(404, f"no job with id {job_id}")
+        if job.status == JobStatus.CANCELLED:
+            raise HTTPException(409, f"job {job_id} was cancelled; submit its files again instead")
+        ids = reset_failed(session, job_id)
+        priority = job.priority
+    if not ids:
+        raise HTTPException(409, f"job {job_id} has no failed instances to retry")
+    enqueue(state, job_id, ids, priority)
+    return _view(state, job_id)
 
 
 @router.get("/{job_id}/instances", response_model=InstancesPage, responses={404: {"model": ErrorOut}})
