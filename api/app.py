@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import radq
 from api.metrics import Metrics
-from api.routes import health, jobs, studies
+from api.routes import dicomweb, health, jobs, studies
 from api.state import AppState
 from db.session import make_engine, make_sessionmaker
 from radq.blobs import BlobStore
@@ -112,4 +112,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(studies.router)
     app.include_router(health.router)
+    app.include_router(dicomweb.router)
     return app

@@ -15,6 +15,7 @@ from db.status import MESSAGE_PRIORITY, Priority
 from radq.errors import BrokerUnavailable, SubmissionError
 from radq.model_card import AUTO, discover_cards
 from radq.queue import publish_chunks
+from radq.tasks import NOTIFY_JOB
 
 
 def resolve_models(state: AppState, requested: Sequence[str] | None) -> list[str]:
@@ -88,3 +89,11 @@ def enqueue(state: AppState, job_id: str, ids: Sequence[int], priority: str) -> 
         ) from None
     with transaction(state.sessions) as session:
         mark_queued(session, ids)
+
+
+def notify_ended(state: AppState, job_id: str) -> None:
+    """Ask a worker to call the job's webhook (the job has ended)."""
+    try:
+        state.celery.send_task(NOTIFY_JOB, args=[job_id], queue=state.settings.queue)
+    except (KombuOperationalError, OSError) as exc:
+        raise BrokerUnavailable(f"job {job_id} ended but its webhook could not be queued ({exc})") from None

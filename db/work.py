@@ -154,12 +154,16 @@ def finish(session: Session, outcomes: Sequence[tuple[int, str, str | None]]) ->
     )
 
 
-def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> None:
-    """Mark jobs done whose every instance is final (failed and skipped count as final)."""
+def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> list[str]:
+    """Mark jobs done whose every instance is final (failed and skipped count as final).
+
+    Returns:
+        The ids of the jobs this call closed and that have a webhook to call.
+    """
     unfinished = exists().where(
         Instance.job_id == Job.id, Instance.status.not_in(FINAL_STATUSES)
     )
-    session.execute(
+    closed = session.execute(
         update(Job)
         .where(
             Job.id.in_(list(job_ids)),
@@ -167,5 +171,7 @@ def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> None:
             ~unfinished,
         )
         .values(status=JobStatus.DONE, finished_at=utcnow())
+        .returning(Job.id, Job.webhook_url)
         .execution_options(synchronize_session=False)
-    )
+    ).all()
+    return [job_id for job_id, url in closed if url]

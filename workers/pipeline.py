@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from db.jobs import get_job
@@ -30,6 +30,8 @@ class ChunkReport:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    closed_with_webhook: list[str] = field(default_factory=list)
+    """Jobs this chunk finished that have a webhook to call."""
 
 
 def _flush(ctx: WorkerContext, job_id: str, pending: Pending, report: ChunkReport) -> None:
@@ -39,7 +41,7 @@ def _flush(ctx: WorkerContext, job_id: str, pending: Pending, report: ChunkRepor
         record_metadata(session, pending.metadata)
         write_results(session, pending.results)
         finish(session, pending.outcomes)
-        close_finished_jobs(session, [job_id])
+        report.closed_with_webhook += close_finished_jobs(session, [job_id])
     for _, status, _ in pending.outcomes:
         setattr(report, status, getattr(report, status) + 1)
     pending.metadata.clear()

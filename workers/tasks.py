@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from celery import Celery
+from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
 
 from radq.settings import Settings
-from radq.tasks import INFER_CHUNK
+from radq.tasks import INFER_CHUNK, NOTIFY_JOB
 from workers.context import get_context
 from workers.pipeline import run_chunk
+from workers.webhooks import DeliveryFailed, deliver
+
+WEBHOOK_ATTEMPTS = 5
+"""Deliveries tried per job end before giving up (all recorded)."""
+WEBHOOK_BACKOFF_S = 1.0
+"""First retry delay; doubled each attempt (1, 2, 4, 8 s)."""
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
@@ -25,5 +31,18 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         retry_backoff_max=60,
         max_retries=10,
     )
-    def infer_chunk(job_id: str, instance_ids: list[int]) -> dict[str, int]:
-        return asdict(run_chunk(get_context(settings), job_id, instance_ids))
+    def infer_chunk(job_id: str, instance_ids: list[int]) -> dict[str, object]:
+        report = run_chunk(get_context(settings), job_id, instance_ids)
+        for closed in report.closed_with_webhook:
+            app.send_task(NOTIFY_JOB, args=[closed], queue=settings.queue)
+        return asdict(report)
+
+    @app.task(name=NOTIFY_JOB, shared=False, bind=True, max_retries=WEBHOOK_ATTEMPTS - 1)
+    def notify_job(self: Task, job_id: str) -> bool:
+        attempt = self.request.retries + 1
+        try:
+            return deliver(get_context(settings), job_id, attempt)
+        except DeliveryFailed as exc:
+            if attempt >= WEBHOOK_ATTEMPTS:
+                return False  # every attempt is recorded in webhook_deliveries
+            raise self.retry(exc=exc, countdown=WEBHOOK_BACKOFF_S * 2 ** (attempt - 1)) from None

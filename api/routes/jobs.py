@@ -27,7 +27,7 @@ from api.schemas import (
     SubmitOptions,
 )
 from api.state import AppState
-from api.submit import enqueue, submit
+from api.submit import enqueue, notify_ended, submit
 from db.jobs import (
     as_utc,
     cancel_job,
@@ -200,6 +200,9 @@ def cancel(job_id: str, state: StateDep) -> JobOut:
             raise HTTPException(404, f"no job with id {job_id}")
         if not cancel_job(session, job_id):
             raise HTTPException(409, f"job {job_id} has already ended ({job.status}); nothing to cancel")
+        webhook = job.webhook_url
+    if webhook:
+        notify_ended(state, job_id)
     return _view(state, job_id)
 
 

@@ -1,0 +1,424 @@
+"""STOW-RS (DICOM PS3.18 §10.5): reading a multipart/related body and answering for each part.
+
+The body is parsed as it arrives by python-multipart's streaming ``MultipartParser``
+(the parser Starlette itself uses for forms): each part's bytes go straight to its
+own file in a temporary directory beside the blob store, so memory holds one chunk
+of the request, never a whole part, and a 2 GB study costs disk, not RAM. The parts
+are checked (PS3.10 header, UIDs, study) only once the closing boundary has been
+seen, so a body cut short stores nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from api.ingest import Ingest
+from radq.errors import LimitExceeded, SubmissionError
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+log = logging.getLogger(__name__)
+
+DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
+_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
+_DEFER_SIZE = 1024 * 1024
+"""Header values larger than this are not read while checking a part."""
+_MAX_WARNINGS = 50
+"""Warning headers sent at most; the rest are summed up in one more."""
+
+
+class UnsupportedMediaType(SubmissionError):
+    """Raised when a STOW-RS request is not ``multipart/related; type="application/dicom"``."""
+
+
+class MalformedMultipart(SubmissionError):
+    """Raised when a STOW-RS body cannot be split into parts (bad syntax, cut short)."""
+
+
+class NothingStored(SubmissionError):
+    """Raised inside a STOW-RS submission when no accepted part could be written; no job is made."""
+
+
+class FailureReason(IntEnum):
+    """Failure Reason (0008,1197) values, PS3.18 Table I.2-2."""
+
+    OUT_OF_RESOURCES = 0xA700
+    """Refused out of resources: the part could not be written to the blob store."""
+    DOES_NOT_MATCH = 0xA900
+    """Data set does not match SOP class: a required UID is missing, or the study differs."""
+    CANNOT_UNDERSTAND = 0xC000
+    """Cannot understand: not a PS3.10 DICOM file, or a part that is not application/dicom."""
+
+
+@dataclass
+class Part:
+    """One body part, spooled to ``path``; ``path`` is None for a part refused by its headers."""
+
+    number: int
+    content_type: str
+    path: Path | None
+    size: int = 0
+
+
+@dataclass
+class Instance:
+    """A part that is a DICOM instance radq accepts."""
+
+    part: Part
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+
+
+@dataclass
+class Failure:
+    """A part that was not stored, with the code for the response and a reason for a person."""
+
+    part_number: int
+    code: FailureReason
+    reason: str
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+
+
+def boundary_of(content_type: str) -> bytes:
+    """The multipart boundary of a STOW-RS request, after checking its media type.
+
+    The ``type`` parameter may be quoted or not; parameter names are case-insensitive.
+
+    Raises:
+        UnsupportedMediaType: not multipart/related, or its ``type`` is not application/dicom.
+        MalformedMultipart: the boundary parameter is missing.
+    """
+    media, raw = parse_options_header(content_type)
+    params = {k.strip().lower(): v.strip().strip(b'"') for k, v in raw.items()}
+    expected = 'multipart/related; type="application/dicom"; boundary=...'
+    if media.strip() != b"multipart/related":
+        shown = content_type.split(";")[0].strip() or "no Content-Type"
+        raise UnsupportedMediaType(
+            f"{shown} is not supported for STOW-RS: send {expected}, one DICOM file (PS3.10) per part"
+        )
+    root = params.get(b"type", b"").split(b";")[0].strip().lower().decode("latin-1")
+    if not root:
+        raise UnsupportedMediaType(
+            f"multipart/related without a type parameter: send {expected}; radq stores only "
+            "application/dicom parts"
+        )
+    if root != DICOM:
+        raise UnsupportedMediaType(
+            f'multipart/related; type="{root}" is not supported: radq accepts only type="{DICOM}" '
+            "(whole DICOM files, not metadata with bulk data)"
+        )
+    boundary = params.get(b"boundary", b"")
+    if not boundary:
+        raise MalformedMultipart(f"the Content-Type has no boundary parameter: send {expected}")
+    return boundary
+
+
+def accepts_dicom_json(accept: str | None) -> bool:
+    """Whether an Accept header allows the application/dicom+json response."""
+    if not accept or not accept.strip():
+        return True
+    ok = {"*/*", "application/*", DICOM_JSON, "application/json"}
+    return any(item.split(";")[0].strip().lower() in ok for item in accept.split(","))
+
+
+class PartSpool:
+    """Splits a multipart/related body into part files as it is fed, within the limits.
+
+    Args:
+        boundary: the boundary from the request's Content-Type.
+        parent: directory for the temporary spool (the blob store's, so the
+            parts land on the disk that will keep them).
+        max_bytes: body size limit (``RADQ_MAX_UPLOAD_BYTES``).
+        max_parts: part count limit (``RADQ_MAX_ARCHIVE_MEMBERS``).
+
+    Raises:
+        MalformedMultipart: the boundary is unusable (over 70 characters).
+    """
+
+    def __init__(self, boundary: bytes, parent: Path, *, max_bytes: int, max_parts: int) -> None:
+        self.boundary = boundary.decode("latin-1")
+        self.max_bytes = max_bytes
+        self.max_parts = max_parts
+        self.received = 0
+        self.parts: list[Part] = []
+        self.complete = False
+        self._begun = False
+        parent.mkdir(parents=True, exist_ok=True)
+        self.directory = Path(tempfile.mkdtemp(prefix=".stow-", dir=parent))
+        self._headers: dict[str, str] = {}
+        self._field = bytearray()
+        self._value = bytearray()
+        self._part: Part | None = None
+        self._out: IO[bytes] | None = None
+        callbacks: MultipartCallbacks = {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, start, end: self._field.extend(data[start:end]),
+            "on_header_value": lambda data, start, end: self._value.extend(data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+        try:
+            self._parser = MultipartParser(boundary, callbacks)
+        except FormParserError as exc:
+            self.cleanup()
+            raise MalformedMultipart(f"unusable multipart boundary: {exc}") from None
+
+    def _part_begin(self) -> None:
+        self._begun = True
+        if len(self.parts) + 1 > self.max_parts:
+            raise LimitExceeded(
+                f"the request has more than {self.max_parts} parts (RADQ_MAX_ARCHIVE_MEMBERS)"
+            )
+        self._headers = {}
+
+    def _header_end(self) -> None:
+        name = self._field.decode("latin-1").strip().lower()
+        self._headers[name] = self._value.decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        number = len(self.parts) + 1
+        # A part without its own Content-Type takes the request's type parameter (RFC 2387).
+        media = self._headers.get("content-type", DICOM).split(";")[0].strip().lower() or DICOM
+        path = None
+        if media == DICOM:
+            path = self.directory / f"{number:06d}.dcm"
+            self._out = path.open("wb")
+        self._part = Part(number, media, path)
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._part is None or self._out is None:
+            return  # a refused part: its bytes are counted against the limit, not kept
+        self._out.write(data[start:end])
+        self._part.size += end - start
+
+    def _part_end(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        if self._part is not None:
+            self.parts.append(self._part)
+            self._part = None
+
+    def _end(self) -> None:
+        self.complete = True
+
+    def feed(self, chunk: bytes) -> None:
+        """Parse the next bytes of the body.
+
+        Raises:
+            LimitExceeded: the body passes ``max_bytes`` or has more than ``max_parts`` parts.
+            MalformedMultipart: the bytes are not multipart/related with this boundary.
+        """
+        self.received += len(chunk)
+        if self.received > self.max_bytes:
+            raise LimitExceeded(
+                f"request body is over the limit of {self.max_bytes} bytes (RADQ_MAX_UPLOAD_BYTES)"
+            )
+        try:
+            self._parser.write(chunk)
+        except FormParserError as exc:
+            if not self._begun:
+                raise MalformedMultipart(
+                    f"malformed multipart/related body: it does not begin with --{self.boundary}, "
+                    "the boundary named in the Content-Type"
+                ) from None
+            raise MalformedMultipart(
+                f"malformed multipart/related body after {len(self.parts)} complete part(s): {exc}"
+            ) from None
+
+    def finish(self) -> list[Part]:
+        """The parts, once the whole body has been fed.
+
+        Raises:
+            MalformedMultipart: the closing boundary never came (a body cut short), or
+                the body holds no parts.
+        """
+        if not self.complete:
+            raise MalformedMultipart(
+                f"the multipart/related body ends after {len(self.parts)} complete part(s) without its "
+                f"closing boundary --{self.boundary}--: the upload was cut short or the boundary is "
+                "wrong; nothing was stored"
+            )
+        if not self.parts:
+            raise MalformedMultipart("the multipart/related body has no parts: send one DICOM file per part")
+        return self.parts
+
+    def cleanup(self) -> None:
+        """Close any open part file and delete the spool."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed value reads as missing, with the others still reported
+        return ""
+    return str(value).strip("\x00 ") if value is not None else ""
+
+
+def check_part(part: Part, study: str | None) -> Instance | Failure:
+    """Read one part's DICOM header and decide whether radq stores it.
+
+    Args:
+        part: the spooled part.
+        study: the StudyInstanceUID from ``/studies/{study}``, or None.
+    """
+    n = part.number
+    if part.path is None:
+        return Failure(
+            n,
+            FailureReason.CANNOT_UNDERSTAND,
+            f"part {n} has Content-Type {part.content_type}, not {DICOM}",
+        )
+    if part.size == 0:
+        return Failure(n, FailureReason.CANNOT_UNDERSTAND, f"part {n} is empty (0 bytes)")
+    try:
+        # Header only, and large non-pixel values (encapsulated documents) left unread.
+        ds = pydicom.dcmread(part.path, stop_before_pixels=True, force=False, defer_size=_DEFER_SIZE)
+    except InvalidDicomError:
+        return Failure(
+            n,
+            FailureReason.CANNOT_UNDERSTAND,
+            f"part {n} is not a DICOM file: it lacks the 128-byte preamble and 'DICM' prefix of "
+            "PS3.10 that STOW-RS requires",
+        )
+    except Exception as exc:  # pydicom raises many types on hostile bytes; each is this part's fault
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return Failure(n, FailureReason.CANNOT_UNDERSTAND, f"part {n}: unreadable DICOM header ({first})")
+    uids = {keyword: _uid(ds, keyword) for keyword in _REQUIRED_UIDS}
+    sop_class, sop_instance, study_uid = (uids[k] for k in _REQUIRED_UIDS)
+    if len(ds) == 0:
+        return Failure(
+            n,
+            FailureReason.CANNOT_UNDERSTAND,
+            f"part {n} has a file meta header but no data set after it (cut short?)",
+        )
+    missing = [k for k in _REQUIRED_UIDS if not uids[k]]
+    if missing:
+        return Failure(
+            n,
+            FailureReason.DOES_NOT_MATCH,
+            f"part {n} lacks {', '.join(missing)} (required; is the header cut short?)",
+            sop_class,
+            sop_instance,
+        )
+    if study is not None and study_uid != study:
+        return Failure(
+            n,
+            FailureReason.DOES_NOT_MATCH,
+            f"part {n} (SOPInstanceUID {sop_instance}) belongs to study {study_uid}, "
+            f"not to {study} named in the URL",
+            sop_class,
+            sop_instance,
+        )
+    return Instance(part, sop_class, sop_instance, study_uid)
+
+
+@dataclass
+class Outcome:
+    """What became of every part of one request."""
+
+    stored: list[Instance] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+
+
+def store_instances(ingest: Ingest, instances: list[Instance], outcome: Outcome) -> None:
+    """Put each accepted part into the blob store through ``ingest``.
+
+    A part that cannot be written (disk full, I/O error) fails alone with 0xA700; the
+    submission limits still apply to the whole request.
+
+    Raises:
+        LimitExceeded: the parts pass ``RADQ_MAX_UPLOAD_BYTES`` together.
+    """
+    for inst in instances:
+        assert inst.part.path is not None  # accepted parts always have a spool file
+        try:
+            with inst.part.path.open("rb") as stream:
+                ingest.add_upload(f"stow-rs/{inst.sop_instance_uid}.dcm", stream)
+        except LimitExceeded:
+            raise
+        except OSError as exc:
+            log.warning("stow-rs: part %d (%s) not stored: %s", inst.part.number, inst.sop_instance_uid, exc)
+            outcome.failed.append(
+                Failure(
+                    inst.part.number,
+                    FailureReason.OUT_OF_RESOURCES,
+                    f"part {inst.part.number} could not be stored: {exc.strerror or exc}",
+                    inst.sop_class_uid,
+                    inst.sop_instance_uid,
+                )
+            )
+            continue
+        outcome.stored.append(inst)
+
+
+def _reference(sop_class: str, sop_instance: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_instance
+    return item
+
+
+def response_dataset(outcome: Outcome, retrieve_url: str) -> dict[str, Any]:
+    """The Store Instances Response Module (PS3.18 Annex I) as DICOM JSON.
+
+    Args:
+        outcome: stored and failed parts.
+        retrieve_url: the top-level Retrieve URL (Type 2: empty when nothing was stored).
+    """
+    ds = Dataset()
+    ds.RetrieveURL = retrieve_url
+    if outcome.failed:
+        failed = []
+        for failure in sorted(outcome.failed, key=lambda f: f.part_number):
+            item = _reference(failure.sop_class_uid, failure.sop_instance_uid)
+            item.FailureReason = int(failure.code)
+            failed.append(item)
+        ds.FailedSOPSequence = failed
+    if outcome.stored:
+        stored = []
+        for inst in outcome.stored:
+            item = _reference(inst.sop_class_uid, inst.sop_instance_uid)
+            # Type 2 and empty: radq keeps no copy to serve over WADO-RS.
+            item.RetrieveURL = ""
+            stored.append(item)
+        ds.ReferencedSOPSequence = stored
+    return ds.to_json_dict()
+
+
+_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
+
+
+def warning_headers(failures: list[Failure]) -> list[str]:
+    """``Warning: 299 radq "..."`` values (RFC 7234, as PS3.18 §8.x uses them), one per failed part."""
+    ordered = sorted(failures, key=lambda f: f.part_number)
+    values = [f'299 radq "{_UNSAFE.sub("?", f.reason)[:300]}"' for f in ordered[:_MAX_WARNINGS]]
+    if len(ordered) > _MAX_WARNINGS:
+        values.append(f'299 radq "and {len(ordered) - _MAX_WARNINGS} more failed part(s)"')
+    return values

@@ -1,0 +1,160 @@
+"""DICOMweb STOW-RS: ``POST /dicomweb/studies[/{study}]`` stores instances as one radq job."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from api.deps import StateDep
+from api.dicomweb import (
+    DICOM_JSON,
+    Failure,
+    Instance,
+    NothingStored,
+    Outcome,
+    Part,
+    PartSpool,
+    UnsupportedMediaType,
+    accepts_dicom_json,
+    boundary_of,
+    check_part,
+    response_dataset,
+    store_instances,
+    warning_headers,
+)
+from api.ingest import Ingest
+from api.schemas import ErrorOut
+from api.state import AppState
+from api.submit import resolve_models, submit
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+
+_FEED_BYTES = 1024 * 1024
+"""Body bytes gathered before each hand-off to the parser thread."""
+
+ModelsQuery = Annotated[
+    list[str] | None,
+    Query(description="Model names (repeat or comma-separate); default: the server's RADQ_DEFAULT_MODELS"),
+]
+
+_STORE_RESPONSE: dict[str, Any] = {"content": {DICOM_JSON: {"schema": {"type": "object"}}}}
+_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            'multipart/related; type="application/dicom"': {
+                "schema": {"type": "string", "format": "binary"},
+            }
+        },
+        "description": "One DICOM file (PS3.10) per part, each with Content-Type: application/dicom",
+    }
+}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Every instance stored; the radq job is in Location", **_STORE_RESPONSE},
+    202: {"description": "Some instances stored, the others in FailedSOPSequence", **_STORE_RESPONSE},
+    409: {"description": "No instance stored; reasons in FailedSOPSequence", **_STORE_RESPONSE},
+    400: {"model": ErrorOut},
+    406: {"model": ErrorOut},
+    413: {"model": ErrorOut},
+    415: {"model": ErrorOut},
+    503: {"model": ErrorOut},
+}
+
+
+@router.post("/studies", openapi_extra=_OPENAPI, responses=_RESPONSES, response_class=Response)
+async def store_instances_route(request: Request, state: StateDep, models: ModelsQuery = None) -> Response:
+    """STOW-RS Store Instances: any studies, submitted together as one radq job."""
+    return await _stow(request, state, models, study=None)
+
+
+@router.post("/studies/{study}", openapi_extra=_OPENAPI, responses=_RESPONSES, response_class=Response)
+async def store_study_instances_route(
+    study: str, request: Request, state: StateDep, models: ModelsQuery = None
+) -> Response:
+    """STOW-RS Store Instances of one study: parts of another study fail with 0xA900."""
+    return await _stow(request, state, models, study=study)
+
+
+async def _stow(request: Request, state: AppState, models: list[str] | None, study: str | None) -> Response:
+    if not accepts_dicom_json(request.headers.get("accept")):
+        raise HTTPException(406, f"STOW-RS responses are {DICOM_JSON}; send Accept: {DICOM_JSON}")
+    try:
+        boundary = boundary_of(request.headers.get("content-type", ""))
+    except UnsupportedMediaType as exc:
+        raise HTTPException(415, str(exc)) from None
+    names = [m.strip() for value in models or [] for m in value.split(",") if m.strip()]
+    await run_in_threadpool(resolve_models, state, names)  # an unknown model: 400 before the body is read
+
+    settings = state.settings
+    spool = PartSpool(
+        boundary,
+        state.blobs.root,
+        max_bytes=settings.max_upload_bytes,
+        max_parts=settings.max_archive_members,
+    )
+    try:
+        pending = bytearray()
+        async for chunk in request.stream():
+            pending += chunk
+            if len(pending) >= _FEED_BYTES:
+                await run_in_threadpool(spool.feed, bytes(pending))
+                pending.clear()
+        if pending:
+            await run_in_threadpool(spool.feed, bytes(pending))
+        parts = spool.finish()
+        outcome, job_id = await run_in_threadpool(_check_and_submit, state, parts, study, names)
+    finally:
+        await run_in_threadpool(spool.cleanup)
+
+    for failure in outcome.failed:
+        log.info("stow-rs: %s", failure.reason)
+    log.info(
+        "stow-rs: job %s: %d instance(s) stored, %d part(s) failed",
+        job_id,
+        len(outcome.stored),
+        len(outcome.failed),
+    )
+    # Relative, like Location: an absolute URL built from Host is wrong behind proxies and for
+    # clients that send Host without the port (dicomweb-client does).
+    retrieve_url = f"/v1/jobs/{job_id}" if job_id else ""
+    status = 409 if job_id is None else 202 if outcome.failed else 200
+    response = Response(
+        json.dumps(response_dataset(outcome, retrieve_url)), status_code=status, media_type=DICOM_JSON
+    )
+    if job_id is not None:
+        response.headers["Location"] = f"/v1/jobs/{job_id}"
+        response.headers["X-Radq-Job-Id"] = job_id
+    for value in warning_headers(outcome.failed):
+        response.headers.append("Warning", value)
+    return response
+
+
+def _check_and_submit(
+    state: AppState, parts: list[Part], study: str | None, models: list[str]
+) -> tuple[Outcome, str | None]:
+    """Check every part, then submit the good ones as one job; the job id is None if none was stored."""
+    outcome = Outcome()
+    accepted: list[Instance] = []
+    for part in parts:
+        checked = check_part(part, study)
+        if isinstance(checked, Failure):
+            outcome.failed.append(checked)
+        else:
+            accepted.append(checked)
+    if not accepted:
+        return outcome, None
+
+    def collect(ingest: Ingest) -> None:
+        store_instances(ingest, accepted, outcome)
+        if not outcome.stored:
+            raise NothingStored("no part of the request could be stored")
+
+    try:
+        return outcome, submit(state, collect, models, {})
+    except NothingStored:
+        return outcome, None
