@@ -54,12 +54,19 @@ class SubmitOptions(BaseModel):
     priority: Priority | None = Field(
         None, description="urgent, normal or bulk; default bulk for path submissions, normal for uploads"
     )
+    force: bool | None = Field(
+        None, description="true: infer again instances already processed; default: RADQ_DEDUP decides"
+    )
     webhook_url: str | None = Field(
         None, pattern=r"^https?://\S+$", max_length=2000, description="POSTed the job summary when it ends"
     )
 
-    def job_options(self) -> dict[str, Any]:
-        return {} if self.explain_threshold is None else {"explain_threshold": self.explain_threshold}
+    def job_options(self, *, dedup_by_default: bool) -> dict[str, Any]:
+        """What the worker reads from the job: whether to deduplicate, Grad-CAM threshold."""
+        options: dict[str, Any] = {"dedup": (not self.force) if self.force is not None else dedup_by_default}
+        if self.explain_threshold is not None:
+            options["explain_threshold"] = self.explain_threshold
+        return options
 
 
 class PathsRequest(SubmitOptions):

@@ -90,6 +90,7 @@ class ResultRow:
     preprocessing: str
     outputs: Mapping[str, float]
     saliency: Mapping[str, str] | None = None  # label -> PNG sha256
+    reused_from: int | None = None  # the result this one copies (deduplication)
 
 
 def record_metadata(session: Session, metadata: Sequence[Mapping[str, Any]]) -> None:
@@ -116,6 +117,7 @@ def write_results(session: Session, results: Sequence[ResultRow]) -> None:
                 "preprocessing": r.preprocessing,
                 "outputs": dict(r.outputs),
                 "saliency": dict(r.saliency) if r.saliency else None,
+                "reused_from": r.reused_from,
                 "created_at": now,
             }
             for r in results
@@ -175,3 +177,36 @@ def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> list[str]:
         .execution_options(synchronize_session=False)
     ).all()
     return [job_id for job_id, url in closed if url]
+
+
+def find_reusable(
+    session: Session, keys: Iterable[tuple[str, str]], models: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str, str], Result]:
+    """Earlier results for the same content: ``(SOPInstanceUID, sha256, model) -> Result``.
+
+    Only results of the given model versions count; the oldest original wins.
+    """
+    wanted = set(keys)
+    versions = dict(models)
+    if not wanted or not versions:
+        return {}
+    found: dict[tuple[str, str, str], Result] = {}
+    uids = sorted({uid for uid, _ in wanted})
+    for start in range(0, len(uids), 500):
+        rows = session.execute(
+            select(Instance.sop_instance_uid, Instance.content_sha256, Result)
+            .join(Result, Result.instance_id == Instance.id)
+            .where(
+                Instance.sop_instance_uid.in_(uids[start : start + 500]),
+                Result.model.in_(list(versions)),
+                Result.reused_from.is_(None),
+            )
+            .order_by(Result.id)
+        ).all()
+        for uid, sha, result in rows:
+            if uid is None or sha is None or (uid, sha) not in wanted:
+                continue
+            key = (uid, sha, result.model)
+            if versions[result.model] == result.model_version and key not in found:
+                found[key] = result
+    return found

@@ -61,8 +61,28 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         256 * 1024 * 1024, ge=1, description="Largest rows*cols*frames*samples decoded."
     )
+    dedup: bool = Field(
+        True, description="Reuse results for instances already processed (same SOPInstanceUID and content)."
+    )
     lease_seconds: int = Field(
         900, ge=10, description="How long a claimed instance is held before re-delivery may retake it."
+    )
+    scp_spool_dir: Path | None = Field(
+        None,
+        description="Where `radq scp` keeps received files until their job is recorded; default: "
+        "home/scp-spool. One spool per SCP process.",
+    )
+    scp_quiet_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=86_400,
+        description="`radq scp --group study`: submit a study once this long passes without a new instance.",
+    )
+    scp_shutdown_grace_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=600,
+        description="On SIGTERM, how long open associations may go on before `radq scp` aborts them.",
     )
 
     @field_validator("allowed_roots", mode="before")

@@ -102,6 +102,8 @@ def make_settings(home: Path, database_url: str, broker_url: str, **overrides: o
         "chunk_size": 16,
         # The small model keeps the suite fast; routing tests ask for "auto" themselves.
         "default_models": ["radq-smoke"],
+        # Tests resubmit the same sample files; tests of deduplication ask for it per job.
+        "dedup": False,
         "batch_size": 8,
         **overrides,
     }

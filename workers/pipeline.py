@@ -19,7 +19,8 @@ from radq.errors import ModelError
 from radq.model_card import AUTO
 from workers.batching import Batcher, Pending
 from workers.context import WorkerContext
-from workers.prepare import prepare
+from workers.dedup import reuse_known
+from workers.prepare import Header, prepare, read
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,19 @@ def run_chunk(ctx: WorkerContext, job_id: str, instance_ids: Sequence[int]) -> C
         explain_threshold=options.get("explain_threshold"),
         blobs=ctx.blobs,
     )
-    for prepared in ctx.executor.map(partial(prepare, ctx=ctx, models=models), claimed):
+    # Phase one: headers and content hashes (pixels stay in the files), then one query
+    # for results that can be reused; phase two decodes only what is left.
+    headers: list[Header] = []
+    for item in ctx.executor.map(partial(read, ctx=ctx), claimed):
+        if isinstance(item, Header):
+            headers.append(item)
+        else:
+            if item.metadata:
+                pending.metadata.append(item.metadata)
+            pending.outcomes.append((item.claimed.id, item.status or InstanceStatus.FAILED, item.reason))
+    if options.get("dedup"):
+        headers = reuse_known(ctx, headers, models, pending)
+    for prepared in ctx.executor.map(partial(prepare, ctx=ctx, models=models), headers):
         if prepared.metadata:
             pending.metadata.append(prepared.metadata)
         if prepared.status:

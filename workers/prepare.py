@@ -5,14 +5,18 @@ Runs in the worker's decode threads; never raises for a bad file.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
-from db.status import InstanceStatus
+from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
 from radq.errors import InstanceError
 from workers.context import WorkerContext
@@ -29,7 +33,7 @@ class Prepared:
     """One claimed instance after decoding: model inputs, or why there are none."""
 
     claimed: Claimed
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
     status: str | None = None
     reason: str | None = None
@@ -48,7 +52,7 @@ def _metadata_columns(instance_id: int, meta: InstanceMeta, notes: Sequence[str]
     }
 
 
-def _applies(model: LoadedModel, meta: InstanceMeta) -> bool:
+def applies(model: LoadedModel, meta: InstanceMeta) -> bool:
     return model.card.applies_to.matches(
         modality=meta.modality,
         body_part=meta.body_part,
@@ -57,37 +61,23 @@ def _applies(model: LoadedModel, meta: InstanceMeta) -> bool:
     )
 
 
-def prepare(claimed: Claimed, *, ctx: WorkerContext, models: Sequence[LoadedModel]) -> Prepared:
-    """Read, decode and preprocess one instance for every model that applies to it.
+@dataclass
+class Header:
+    """Phase one: a readable instance's dataset (pixels left in the file) and identity."""
 
-    Never raises for a bad file: the failure is returned with its reason.
-    """
-    out = Prepared(claimed)
-    path = ctx.locate(claimed.storage, claimed.location)
+    claimed: Claimed
+    ds: Dataset
+    meta: InstanceMeta
+    notes: list[str]
+    content_sha256: str
+    metadata: dict[str, Any]
+
+
+@contextmanager
+def _recorded(out: Prepared, path: Path) -> Iterator[None]:
+    """Turn any per-file problem into ``out.status``/``out.reason``; nothing escapes."""
     try:
-        ds, meta, notes = read_header(path)
-        out.metadata = _metadata_columns(claimed.id, meta, notes)
-        check_image(ds, meta)  # a broken file is reported as broken, routed or not
-        applicable = [m for m in models if _applies(m, meta)]
-        if not applicable:
-            what = " ".join(filter(None, [meta.modality, meta.body_part])) or "an instance without Modality"
-            names = ", ".join(m.card.name for m in models) or "none"
-            out.status, out.reason = InstanceStatus.SKIPPED, f"no model for {what} (models tried: {names})"
-            return out
-        images: dict[str, DecodedImage] = {}  # one decode per frame policy
-        by_recipe: dict[str, np.ndarray] = {}
-        for model in applicable:
-            policy = model.card.preprocessing.frame
-            if policy not in images:
-                images[policy] = decode(
-                    ds, meta, notes, max_pixels=ctx.settings.max_image_pixels, frame=policy
-                )
-            recipe = model.card.preprocessing_recipe
-            if recipe not in by_recipe:  # (frames, channels, height, width)
-                by_recipe[recipe] = preprocess(images[policy], model.card.input, model.card.preprocessing)
-            out.inputs[model.card.name] = by_recipe[recipe]
-        if out.metadata is not None:  # decode appended its notes to the header's
-            out.metadata["notes"] = "; ".join(notes) or None
+        yield
     except InstanceError as exc:
         out.status, out.reason = exc.status, exc.reason
     except FileNotFoundError:
@@ -95,7 +85,62 @@ def prepare(claimed: Claimed, *, ctx: WorkerContext, models: Sequence[LoadedMode
     except OSError as exc:
         out.status, out.reason = InstanceStatus.FAILED, f"file not readable: {path}: {exc.strerror}"
     except Exception as exc:  # a decoder bug must cost one file, not the chunk
-        log.exception("unexpected error preparing instance %s", claimed.id)
+        log.exception("unexpected error preparing instance %s", out.claimed.id)
         out.status = InstanceStatus.FAILED
         out.reason = f"unexpected error while reading the file: {type(exc).__name__}: {exc}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read(claimed: Claimed, *, ctx: WorkerContext) -> Header | Prepared:
+    """Read the header, check the image can be decoded at all, and hash the content.
+
+    Returns a :class:`Prepared` carrying the failure when the file is unusable.
+    """
+    out = Prepared(claimed)
+    path = ctx.locate(claimed.storage, claimed.location)
+    with _recorded(out, path):
+        ds, meta, notes = read_header(path)
+        out.metadata = _metadata_columns(claimed.id, meta, notes)
+        # Uploads are stored under their hash; files read in place are hashed here.
+        sha = claimed.location if claimed.storage == StorageKind.BLOB else _sha256(path)
+        out.metadata["content_sha256"] = sha
+        check_image(ds, meta)  # a broken file is reported as broken, routed or not
+        return Header(claimed, ds, meta, notes, sha, out.metadata)
+    return out
+
+
+def prepare(header: Header, *, ctx: WorkerContext, models: Sequence[LoadedModel]) -> Prepared:
+    """Decode and preprocess one instance for every model that applies to it.
+
+    Never raises for a bad file: the failure is returned with its reason.
+    """
+    out = Prepared(header.claimed, metadata=header.metadata)
+    meta, notes = header.meta, header.notes
+    applicable = [m for m in models if applies(m, meta)]
+    if not applicable:
+        what = " ".join(filter(None, [meta.modality, meta.body_part])) or "an instance without Modality"
+        names = ", ".join(m.card.name for m in models) or "none"
+        out.status, out.reason = InstanceStatus.SKIPPED, f"no model for {what} (models tried: {names})"
+        return out
+    with _recorded(out, ctx.locate(header.claimed.storage, header.claimed.location)):
+        images: dict[str, DecodedImage] = {}  # one decode per frame policy
+        by_recipe: dict[str, np.ndarray] = {}
+        for model in applicable:
+            policy = model.card.preprocessing.frame
+            if policy not in images:
+                images[policy] = decode(
+                    header.ds, meta, notes, max_pixels=ctx.settings.max_image_pixels, frame=policy
+                )
+            recipe = model.card.preprocessing_recipe
+            if recipe not in by_recipe:  # (frames, channels, height, width)
+                by_recipe[recipe] = preprocess(images[policy], model.card.input, model.card.preprocessing)
+            out.inputs[model.card.name] = by_recipe[recipe]
+        out.metadata["notes"] = "; ".join(notes) or None  # decode appended its notes
     return out

@@ -104,7 +104,8 @@ def _progress(counts: Counts, created: datetime, finished_at: datetime | None) -
 
 def _form_options(form: FormData) -> SubmitOptions:
     """Submission options from multipart fields (``models`` may repeat or be comma-separated)."""
-    fields = {k: form.get(k) for k in ("explain_threshold", "priority", "webhook_url") if form.get(k)}
+    keys = ("explain_threshold", "priority", "webhook_url", "force")
+    fields = {k: form.get(k) for k in keys if form.get(k)}
     models = [m.strip() for v in form.getlist("models") if isinstance(v, str) for m in v.split(",")]
     return _validated(SubmitOptions, {"models": models, **fields})
 
@@ -143,7 +144,7 @@ async def create_job(request: Request, response: Response, state: StateDep) -> J
 
             job_id = await run_in_threadpool(
                 partial(submit, priority=opts.priority or Priority.NORMAL, webhook_url=opts.webhook_url),
-                state, collect, opts.models, opts.job_options(),
+                state, collect, opts.models, opts.job_options(dedup_by_default=state.settings.dedup),
             )  # fmt: skip
     elif content_type.startswith("application/json"):
         body = _validated(PathsRequest, await request.body())
@@ -155,7 +156,7 @@ async def create_job(request: Request, response: Response, state: StateDep) -> J
 
         job_id = await run_in_threadpool(
             partial(submit, priority=body.priority or Priority.BULK, webhook_url=body.webhook_url),
-            state, collect, body.models, body.job_options(),
+            state, collect, body.models, body.job_options(dedup_by_default=state.settings.dedup),
         )  # fmt: skip
     else:
         raise HTTPException(

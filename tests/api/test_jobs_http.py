@@ -188,7 +188,7 @@ def test_gradcam_maps_on_request(stack: Stack) -> None:
     response = _upload(stack, [("ct.dcm", ct)], explain_threshold="0")
     assert response.status_code == 202, response.text
     job = wait_done(stack.client, response.json()["id"])
-    assert job["options"] == {"explain_threshold": 0.0} and job["counts"]["done"] == 1
+    assert job["options"] == {"explain_threshold": 0.0, "dedup": False} and job["counts"]["done"] == 1
     study = stack.client.study_results(job["studies"][0]["study_instance_uid"])
     mine = [i for s in study["series"] for i in s["instances"] if i["job_id"] == job["id"]]
     (result,) = mine[0]["results"]

@@ -79,7 +79,7 @@ def test_submit_with_explain_returns_saliency_urls(stack: Stack) -> None:
     result = radq("submit", ct, "--wait", "--explain", "0", "--model", "radq-smoke", api_url=stack.api_url)
     assert result.returncode == 0, result.stderr
     job = stack.client.job(result.stdout.split()[0])
-    assert job["options"] == {"explain_threshold": 0.0}
+    assert job["options"] == {"explain_threshold": 0.0, "dedup": False}
     study_uid = job["studies"][0]["study_instance_uid"]
     study = json.loads(radq("results", study_uid, "--format", "json", api_url=stack.api_url).stdout)
     mine = [i for s in study["series"] for i in s["instances"] if i["job_id"] == job["id"]]

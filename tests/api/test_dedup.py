@@ -1,0 +1,61 @@
+"""Re-submitting what was already processed infers nothing; --force infers again."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import httpx
+from sqlalchemy import select
+
+from db.models import Instance, Result
+from tests.conftest import SAMPLES, Stack
+from tests.jobwait import wait_done
+
+FILES = ("CT5N_2062.dcm", "CT5N_2392.dcm", "MR_small.dcm")
+
+
+def _results(stack: Stack, job_id: str) -> list[Result]:
+    with stack.sessions() as session:
+        query = select(Result).join(Instance).where(Instance.job_id == job_id)
+        return list(session.scalars(query.order_by(Result.id)))
+
+
+def _paths(stack: Stack, paths: list[str], **extra: object) -> dict[str, object]:
+    response = httpx.post(f"{stack.api_url}/v1/jobs", json={"paths": paths, **extra})
+    assert response.status_code == 202, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_resubmission_is_all_skipped_with_results_linked(stack: Stack) -> None:
+    folder = stack.archive / f"dedup-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    for name in FILES:
+        shutil.copy(SAMPLES / "real" / name, folder / name)
+    first = wait_done(stack.client, _paths(stack, [str(folder)], force=False)["id"])
+    assert first["counts"]["done"] == 3
+    originals = {r.instance_id: r for r in _results(stack, first["id"])}
+
+    # The same content again, once by path and once uploaded: nothing is inferred.
+    upload = stack.client.http.post(
+        "/v1/jobs", data={"force": "false"}, files=[("files", (n, (folder / n).read_bytes())) for n in FILES]
+    ).json()
+    for job in (_paths(stack, [str(folder)], force=False), upload):
+        again = wait_done(stack.client, job["id"])
+        assert again["counts"]["skipped"] == 3 and again["counts"]["done"] == 0
+        reused = _results(stack, again["id"])
+        assert len(reused) == 3
+        assert {r.reused_from for r in reused} == {r.id for r in originals.values()}
+        assert all(r.outputs == next(o for o in originals.values() if o.id == r.reused_from).outputs
+                   for r in reused)  # fmt: skip
+        for inst in stack.client.instances(again["id"], "skipped"):
+            assert inst["reason"].startswith("already processed: same SOPInstanceUID and content")
+
+    # Different bytes under the same SOPInstanceUID are not a duplicate.
+    (folder / "MR_small.dcm").write_bytes((SAMPLES / "real" / "MR_small_padded.dcm").read_bytes())
+    changed = wait_done(stack.client, _paths(stack, [str(folder / "MR_small.dcm")], force=False)["id"])
+    assert changed["counts"]["done"] == 1
+
+    forced = wait_done(stack.client, _paths(stack, [str(folder)], force=True)["id"])
+    assert forced["options"] == {"dedup": False} and forced["counts"]["done"] == 3
+    assert all(r.reused_from is None for r in _results(stack, forced["id"]))
