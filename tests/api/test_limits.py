@@ -98,3 +98,35 @@ def test_path_submission_disabled_without_roots(tmp_path: Path, redis_url: str) 
         response = test_client.post("/v1/jobs", json={"paths": [str(SAMPLES)]})
     assert response.status_code == 403
     assert "set RADQ_ALLOWED_ROOTS" in response.json()["detail"]
+
+
+def test_zip_slip_member_is_stored_by_hash_not_by_name(
+    client: tuple[httpx.Client, str], tmp_path: Path
+) -> None:
+    test_client, url = client
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../../escaped.dcm", (SAMPLES / "real" / "CT5N_2062.dcm").read_bytes())
+        zf.writestr("/abs/escaped2.dcm", b"not dicom")
+    response = test_client.post("/v1/jobs", files=[("files", ("slip.zip", buf.getvalue()))])
+    # The broker is real, so the job is queued: what matters is where the bytes went.
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["counts"]["total"] == 2
+    assert not (tmp_path.parent / "escaped.dcm").exists() and not Path("/abs/escaped2.dcm").exists()
+    names = {i["file_name"] for i in test_client.get(f"/v1/jobs/{job['id']}/instances").json()["items"]}
+    assert names == {"slip.zip!../../escaped.dcm", "slip.zip!/abs/escaped2.dcm"}
+
+
+def test_truncated_multipart_body_is_refused_and_records_nothing(client: tuple[httpx.Client, str]) -> None:
+    test_client, url = client
+    body = (
+        b"--cut\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.dcm\"\r\n"
+        b"Content-Type: application/dicom\r\n\r\n" + b"\0" * 500
+    )  # no closing boundary: the client died mid-upload
+    response = test_client.post(
+        "/v1/jobs", content=body, headers={"content-type": "multipart/form-data; boundary=cut"}
+    )
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["detail"]
+    assert _jobs(url) == 0
