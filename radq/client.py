@@ -68,15 +68,22 @@ class Client:
         return response.json()
 
     def upload(
-        self, paths: Sequence[Path], models: Sequence[str] = (), explain_threshold: float | None = None
-    ) -> dict[str, Any]:
-        """Upload files, folders and archives as one job."""
+        self, paths: Sequence[Path], models: Sequence[str] = (), explain_threshold: float | None = None,
+        **options: str | bool | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Upload files, folders and archives as one job.
+
+        ``options``: ``priority``, ``webhook_url``, ``force`` (see the API).
+        """
         files = expand_paths(paths)
         if not files:
             raise ApiError("nothing to submit: the given folders are empty")
         data: dict[str, Any] = {"models": list(models)} if models else {}
         if explain_threshold is not None:
             data["explain_threshold"] = str(explain_threshold)
+        for key, value in options.items():
+            if value is not None:
+                data[key] = str(value).lower() if isinstance(value, bool) else value
         with contextlib.ExitStack() as stack:
             if len(files) > MAX_PARTS:
                 tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="radq-upload-"))
@@ -92,14 +99,29 @@ class Client:
             return self._request("POST", "/v1/jobs", files=parts, data=data or None)  # type: ignore[no-any-return]
 
     def submit_paths(
-        self, paths: Sequence[str], models: Sequence[str] = (), explain_threshold: float | None = None
-    ) -> dict[str, Any]:
+        self, paths: Sequence[str], models: Sequence[str] = (), explain_threshold: float | None = None,
+        **options: str | bool | None,
+    ) -> dict[str, Any]:  # fmt: skip
         """Ask the server to read files in place (under its RADQ_ALLOWED_ROOTS)."""
-        body = {"paths": list(paths), "models": list(models), "explain_threshold": explain_threshold}
+        body: dict[str, Any] = {"paths": list(paths), "models": list(models), "explain_threshold": explain_threshold}
+        body.update({k: v for k, v in options.items() if v is not None})
         return self._request("POST", "/v1/jobs", json=body)  # type: ignore[no-any-return]
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    def jobs(
+        self, *, status: str | None = None, since: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, "status": status, "since": since}
+        found = self._request("GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None})
+        return found["items"]  # type: ignore[no-any-return]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+
+    def retry(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/retry")  # type: ignore[no-any-return]
 
     def instances(self, job_id: str, status: str | None = None) -> list[dict[str, Any]]:
         params = {"status": status} if status else {}
