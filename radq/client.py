@@ -103,7 +103,8 @@ class Client:
         **options: str | bool | None,
     ) -> dict[str, Any]:  # fmt: skip
         """Ask the server to read files in place (under its RADQ_ALLOWED_ROOTS)."""
-        body: dict[str, Any] = {"paths": list(paths), "models": list(models), "explain_threshold": explain_threshold}
+        body: dict[str, Any] = {"paths": list(paths), "models": list(models)}
+        body["explain_threshold"] = explain_threshold
         body.update({k: v for k, v in options.items() if v is not None})
         return self._request("POST", "/v1/jobs", json=body)  # type: ignore[no-any-return]
 
