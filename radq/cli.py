@@ -107,6 +107,38 @@ def flower(
     make_celery(_settings()).start(argv=argv)
 
 
+@app.command()
+def scp(
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 11112,
+    ae_title: Annotated[str, typer.Option(help="This SCP's AE title; senders must call it.")] = "RADQ",
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: all).")] = "127.0.0.1",
+    group: Annotated[
+        str, typer.Option(help="association: one job per association, when it ends; study: one per study.")
+    ] = "association",
+    quiet_seconds: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="--group study: submit a study this long after its last instance."),
+    ] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", help="Model name (repeatable).")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run a DICOM C-STORE SCP: what modalities and PACS send becomes radq jobs."""
+    from scp.batching import Grouping
+    from scp.server import ScpConfig, run_scp
+
+    if group not in {g.value for g in Grouping}:
+        raise _fail(f"--group must be association or study, not {group!r}", 2)
+    _logging(log_level)
+    if log_level.upper() != "DEBUG":
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it logs every PDU at INFO
+    config = ScpConfig(ae_title=ae_title, host=host, port=port, grouping=Grouping(group), models=model or [])
+    try:
+        code = run_scp(_settings(scp_quiet_seconds=quiet_seconds), config)
+    except RadqError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Create or migrate the schema (Alembic)."""
@@ -152,6 +184,9 @@ def submit(
     explain: Annotated[
         float | None, typer.Option(help="Grad-CAM maps for labels scoring at least this (0-1).")
     ] = None,
+    priority: Annotated[str | None, typer.Option(help="urgent, normal or bulk.")] = None,
+    webhook: Annotated[str | None, typer.Option(help="URL POSTed the job summary when it ends.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Infer again instances already processed.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 24 * 3600,
 ) -> None:
     """Submit DICOM for inference; prints the job id."""
@@ -160,9 +195,11 @@ def submit(
     client = _client()
     try:
         if server_paths:
-            job = client.submit_paths([str(p.resolve()) for p in paths], model or [], explain)
+            options = {"priority": priority, "webhook_url": webhook, "force": force or None}
+            job = client.submit_paths([str(p.resolve()) for p in paths], model or [], explain, **options)
         else:
-            job = client.upload(paths, model or [], explain)
+            options = {"priority": priority, "webhook_url": webhook, "force": force or None}
+            job = client.upload(paths, model or [], explain, **options)
         console.print(job["id"])
         if wait:
             job = wait_for_job(client, job["id"], console, timeout=timeout)
@@ -208,6 +245,41 @@ def results(
         typer.echo(out, nl=not out.endswith("\n"))
     else:
         console.print(out)
+
+
+@app.command()
+def jobs(
+    status: Annotated[str | None, typer.Option(help="queued, running, done or cancelled.")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO 8601: jobs created at or after.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+) -> None:
+    """List jobs with their progress, throughput and ETA."""
+    from radq.render import jobs_table
+
+    try:
+        console.print(jobs_table(_client().jobs(status=status, since=since, limit=limit)))
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job: waiting work is dropped, work in progress finishes."""
+    try:
+        job = _client().cancel(job_id)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"job {job['id']}: {job['status']}")
+
+
+@app.command()
+def retry(job_id: str) -> None:
+    """Queue a job's failed instances again."""
+    try:
+        job = _client().retry(job_id)
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"job {job['id']}: {job['status']}, {job['counts']['queued']} instance(s) queued again")
 
 
 @models_app.command("list")

@@ -156,3 +156,19 @@ def format_results(study: dict[str, Any], fmt: str) -> str | Table:
         table.add_row("study summary", f"({summary['aggregation']} over {summary['instances']})",
                       f"{summary['model']} {summary['model_version']}", _top(summary["outputs"], 4))
     return table
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table(title="jobs (newest first)")
+    columns = ("id", "status", "priority", "created", "total", "done", "failed", "skipped", "img/s", "ETA s")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for job in jobs:
+        c, p = job["counts"], job["progress"]
+        eta = p["eta_seconds"]
+        table.add_row(
+            job["id"], job["status"], job["priority"], job["created_at"][:19],
+            *(str(c[k]) for k in ("total", "done", "failed", "skipped")),
+            f"{p['rate_per_s']:.1f}" if p["rate_per_s"] else "-", "-" if eta is None else f"{eta:.0f}",
+        )  # fmt: skip
+    return table

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m ruff check .
-python3 -m mypy radq api db workers
+python3 -m mypy radq api db workers scp
 python3 -m pytest -q "$@"

@@ -13,10 +13,11 @@ import sys
 import pytest
 
 from tests.conftest import SAMPLES, Stack
+from tests.jobwait import wait_done
 
 COMMANDS = [
     "api", "worker", "flower", "db", "db upgrade", "submit", "status", "results", "models list",
-    "models show", "models import", "models validate", "demo",
+    "models show", "models import", "models validate", "demo", "jobs", "cancel", "retry", "scp",
 ]
 
 
@@ -85,3 +86,23 @@ def test_submit_with_explain_returns_saliency_urls(stack: Stack) -> None:
     mine = [i for s in study["series"] for i in s["instances"] if i["job_id"] == job["id"]]
     assert all(url.endswith(".png") for url in mine[0]["results"][0]["saliency"].values())
     assert len(mine[0]["results"][0]["saliency"]) == 4
+
+
+def test_jobs_cancel_retry_commands(stack: Stack) -> None:
+    target = stack.archive / "cli-retry.dcm"
+    target.write_bytes(b"")
+    submitted = radq("submit", str(target), "--server-paths", "--priority", "urgent", "--wait",
+                     api_url=stack.api_url)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split()[0]
+    assert stack.client.job(job_id)["priority"] == "urgent"
+    listed = radq("jobs", "--status", "done", api_url=stack.api_url)
+    assert listed.returncode == 0 and job_id in listed.stdout
+    target.write_bytes((SAMPLES / "real" / "MR_small.dcm").read_bytes())
+    retried = radq("retry", job_id, api_url=stack.api_url)
+    assert retried.returncode == 0 and "queued again" in retried.stdout
+    assert wait_done(stack.client, job_id)["counts"]["done"] == 1
+    late = radq("cancel", job_id, api_url=stack.api_url)
+    assert late.returncode == 1 and "already ended" in late.stderr
+    nope = radq("cancel", "no-such-job", api_url=stack.api_url)
+    assert nope.returncode == 1 and "404" in nope.stderr
