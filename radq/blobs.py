@@ -13,6 +13,15 @@ from radq.errors import LimitExceeded
 _CHUNK = 1024 * 1024
 
 
+def sha256_of(path: Path) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class BlobStore:
     """Files under ``root/ab/cd/<sha256>``; writes are atomic (temp file + rename)."""
 

@@ -5,7 +5,6 @@ Runs in the worker's decode threads; never raises for a bad file.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from pydicom.dataset import Dataset
 
 from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
+from radq.blobs import sha256_of
 from radq.errors import InstanceError
 from workers.context import WorkerContext
 from workers.decode import DecodedImage, check_image, decode
@@ -90,14 +90,6 @@ def _recorded(out: Prepared, path: Path) -> Iterator[None]:
         out.reason = f"unexpected error while reading the file: {type(exc).__name__}: {exc}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read(claimed: Claimed, *, ctx: WorkerContext) -> Header | Prepared:
     """Read the header, check the image can be decoded at all, and hash the content.
 
@@ -109,7 +101,7 @@ def read(claimed: Claimed, *, ctx: WorkerContext) -> Header | Prepared:
         ds, meta, notes = read_header(path)
         out.metadata = _metadata_columns(claimed.id, meta, notes)
         # Uploads are stored under their hash; files read in place are hashed here.
-        sha = claimed.location if claimed.storage == StorageKind.BLOB else _sha256(path)
+        sha = claimed.location if claimed.storage == StorageKind.BLOB else sha256_of(path)
         out.metadata["content_sha256"] = sha
         check_image(ds, meta)  # a broken file is reported as broken, routed or not
         return Header(claimed, ds, meta, notes, sha, out.metadata)

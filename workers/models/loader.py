@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import warnings
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from radq.blobs import sha256_of
 from radq.errors import ModelError
 from radq.model_card import ModelCard, discover_cards, read_card
 from workers.models.arch import ARCHITECTURES
@@ -29,12 +29,6 @@ class LoadedModel:
         return f"{self.card.name}@{self.card.version}"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _weights_only_reason(exc: Exception) -> str:
