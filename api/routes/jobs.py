@@ -38,6 +38,7 @@ from db.jobs import (
     list_jobs,
     reset_failed,
 )
+from db.models import Job
 from db.session import transaction
 from db.status import InstanceStatus, JobStatus, Priority
 
@@ -69,10 +70,15 @@ _SUBMIT_BODY: dict[str, Any] = {
 }
 
 
-def job_view(session: Session, job_id: str) -> JobOut:
+def _job_or_404(session: Session, job_id: str) -> Job:
     job = get_job(session, job_id)
     if job is None:
         raise HTTPException(404, f"no job with id {job_id}")
+    return job
+
+
+def job_view(session: Session, job_id: str) -> JobOut:
+    job = _job_or_404(session, job_id)
     counts = Counts(**job_counts(session, job_id))
     created = as_utc(job.created_at)
     assert created is not None
@@ -196,9 +202,7 @@ def read_job(job_id: str, session: SessionDep) -> JobOut:
 def cancel(job_id: str, state: StateDep) -> JobOut:
     """Drop a job's waiting work; chunks already being processed finish and are counted."""
     with transaction(state.sessions) as session:
-        job = get_job(session, job_id)
-        if job is None:
-            raise HTTPException(404, f"no job with id {job_id}")
+        job = _job_or_404(session, job_id)
         if not cancel_job(session, job_id):
             raise HTTPException(409, f"job {job_id} has already ended ({job.status}); nothing to cancel")
         webhook = job.webhook_url
@@ -212,9 +216,7 @@ def cancel(job_id: str, state: StateDep) -> JobOut:
 def retry(job_id: str, state: StateDep) -> JobOut:
     """Run a job's failed instances again."""
     with transaction(state.sessions) as session:
-        job = get_job(session, job_id)
-        if job is None:
-            raise HTTPException(404, f"no job with id {job_id}")
+        job = _job_or_404(session, job_id)
         if job.status == JobStatus.CANCELLED:
             raise HTTPException(409, f"job {job_id} was cancelled; submit its files again instead")
         ids = reset_failed(session, job_id)
@@ -233,8 +235,7 @@ def read_instances(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> InstancesPage:
-    if get_job(session, job_id) is None:
-        raise HTTPException(404, f"no job with id {job_id}")
+    _job_or_404(session, job_id)
     rows = list_instances(session, job_id, status=status, limit=limit, offset=offset)
     return InstancesPage(
         job_id=job_id,
