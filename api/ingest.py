@@ -6,11 +6,14 @@ only from under the allowed roots.
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 import zipfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from db.jobs import NewInstance
 from db.status import StorageKind
@@ -30,13 +33,49 @@ def _skipped_member(name: str) -> bool:
     return name.startswith("__MACOSX/") or base.startswith(".") or not base
 
 
+RATIO_FLOOR = 64 * 1024
+"""Expanded size below which no compression ratio is refused: small blank files compress absurdly well."""
+
+_ZIP_ENCRYPTED = 0x1
+"""General-purpose flag bit 0 of a zip entry: the member is encrypted."""
+
+_READ_CHUNK = 1024 * 1024
+
+
+class _CountingReader(io.BufferedIOBase):
+    """A read-only view of a stream that counts the bytes read through it.
+
+    ``on_read`` is called with each read's length, after counting; it may raise to stop
+    the reading (the tar compression-ratio check).
+    """
+
+    def __init__(self, raw: IO[bytes], on_read: Callable[[int], None] | None = None) -> None:
+        super().__init__()
+        self.raw = raw
+        self.count = 0
+        self.on_read = on_read
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self.raw.read(-1 if size is None else size)
+        self.count += len(data)
+        if self.on_read is not None:
+            self.on_read(len(data))
+        return data
+
+
 class Ingest:
     """Collects the files of one submission, enforcing the configured limits."""
 
-    def __init__(self, blobs: BlobStore, *, max_bytes: int, max_members: int) -> None:
+    def __init__(
+        self, blobs: BlobStore, *, max_bytes: int, max_members: int, max_ratio: float = 200.0
+    ) -> None:
         self.blobs = blobs
         self.max_bytes = max_bytes
         self.max_members = max_members
+        self.max_ratio = max_ratio
         self.files: list[NewInstance] = []
         self.stored_bytes = 0
 
@@ -61,16 +100,18 @@ class Ingest:
         cannot escape anywhere (zip-slip).
 
         Raises:
-            SubmissionError: the archive cannot be read.
-            LimitExceeded: it has more members than ``RADQ_MAX_ARCHIVE_MEMBERS`` or
-                expands past ``RADQ_MAX_UPLOAD_BYTES``.
+            SubmissionError: the archive cannot be read, or a zip member is encrypted.
+            LimitExceeded: it has more members than ``RADQ_MAX_ARCHIVE_MEMBERS``, expands
+                past ``RADQ_MAX_UPLOAD_BYTES``, or expands more than
+                ``RADQ_MAX_COMPRESSION_RATIO`` times its compressed size.
         """
         try:
             if name.lower().endswith(".zip"):
                 self._add_zip(name, stream)
             else:
                 self._add_tar(name, stream)
-        except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        # NotImplementedError: a zip compression method Python cannot decode.
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, NotImplementedError) as exc:
             kind = "zip" if name.lower().endswith(".zip") else "tar"
             raise SubmissionError(f"{name}: not a readable {kind} archive ({exc})") from None
 
@@ -80,7 +121,20 @@ class Ingest:
                 f"{name} has more than {self.max_members} members (RADQ_MAX_ARCHIVE_MEMBERS)"
             )
 
+    def _check_ratio(self, what: str, expanded: int, compressed: int) -> None:
+        """Refuse ``expanded`` bytes from ``compressed`` past ``max_ratio`` (zip bombs)."""
+        if expanded < RATIO_FLOOR:
+            return
+        ratio = expanded / max(compressed, 1)
+        if ratio > self.max_ratio:
+            raise LimitExceeded(
+                f"{what} expands {ratio:.1f}:1 ({expanded} bytes from {compressed} compressed), "
+                f"over the limit of {self.max_ratio:g}:1 (RADQ_MAX_COMPRESSION_RATIO)"
+            )
+
     def _add_zip(self, name: str, stream: IO[bytes]) -> None:
+        archive_size = stream.seek(0, io.SEEK_END)  # ZipFile seeks anyway: it starts at the end
+        stream.seek(0)
         with zipfile.ZipFile(stream) as archive:
             members = [i for i in archive.infolist() if not i.is_dir() and not _skipped_member(i.filename)]
             self._check_members(name, len(members))
@@ -91,21 +145,58 @@ class Ingest:
                     "(RADQ_MAX_UPLOAD_BYTES)"
                 )
             for info in members:
+                if info.flag_bits & _ZIP_ENCRYPTED:
+                    raise SubmissionError(
+                        f"{name}: member {info.filename} is encrypted; radq cannot read "
+                        "password-protected archives"
+                    )
+                self._check_ratio(f"{name}: member {info.filename}", info.file_size, info.compress_size)
+            # Members can share compressed bytes (overlapping entries) or overstate them, so
+            # the large members together must also keep to the ratio against the whole
+            # archive. Honest archives always do: their compressed sizes add up to less.
+            large = sum(i.file_size for i in members if i.file_size >= RATIO_FLOOR)
+            self._check_ratio(f"{name} (its members together)", large, archive_size)
+            # The declared sizes checked above bound what is read, even when they lie:
+            # CPython's ZipExtFile (Lib/zipfile.py, _read2 and _read1) reads at most
+            # compress_size bytes of the archive and cuts its output at file_size, and
+            # _update_crc raises BadZipFile (refused as unreadable) when the CRC-32 of
+            # what it yielded does not match, as it won't for data cut short.
+            for info in members:
                 with archive.open(info) as member:
                     self._store(member, f"{name}!{info.filename}")
 
     def _add_tar(self, name: str, stream: IO[bytes]) -> None:
         count = 0
-        # Streaming mode ("r|*") reads members in order without seeking or listing first.
-        with tarfile.open(fileobj=stream, mode="r|*") as archive:
+        compressed = _CountingReader(stream)
+        expanded = 0  # headers and member data read out of the decompressed tar stream
+
+        def expand(where: str, size: int) -> None:
+            nonlocal expanded
+            expanded += size
+            self._check_ratio(f"{name} (the tar stream, at member {where})", expanded, compressed.count)
+
+        # Streaming mode ("r|*") reads members in order without seeking or listing first,
+        # and reads the upload in small blocks, so compressed.count follows the
+        # decompression closely. A plain tar reads about as many bytes as it yields.
+        with tarfile.open(fileobj=compressed, mode="r|*") as archive:
             for info in archive:
-                if not info.isfile() or _skipped_member(info.name):
+                expand(info.name, tarfile.BLOCKSIZE)  # its header
+                if not info.isfile():
                     continue  # directories, links and devices carry no image
+                member = archive.extractfile(info)
+                if member is None:
+                    continue
+                # Checked as it streams, so a bomb stops within one read, not after expanding.
+                guarded = _CountingReader(member, on_read=partial(expand, info.name))
+                if _skipped_member(info.name):
+                    # Skipping would decompress it anyway: read it through the check unstored.
+                    while guarded.read(_READ_CHUNK):
+                        pass
+                    continue
                 count += 1
                 self._check_members(name, count)
-                member = archive.extractfile(info)
-                if member is not None:
-                    self._store(member, f"{name}!{info.name}")
+                # The guard is read-only and put() only calls read().
+                self._store(cast(IO[bytes], guarded), f"{name}!{info.name}")
 
     def add_path(self, raw: str, roots: list[Path]) -> None:
         """A file or folder (recursively) on storage this server can read.

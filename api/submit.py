@@ -53,7 +53,10 @@ def submit(
     settings = state.settings
     names = resolve_models(state, models)
     ingest = Ingest(
-        state.blobs, max_bytes=settings.max_upload_bytes, max_members=settings.max_archive_members
+        state.blobs,
+        max_bytes=settings.max_upload_bytes,
+        max_members=settings.max_archive_members,
+        max_ratio=settings.max_compression_ratio,
     )
     collect(ingest)
     if not ingest.files:

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)
     max_archive_members: int = Field(100_000, ge=1)
+    max_compression_ratio: float = Field(
+        200.0,
+        gt=1,
+        description="Largest uncompressed/compressed size ratio accepted for an archive member (zip) "
+        "or a compressed tar stream; zip-bomb guard.",
+    )
     max_image_pixels: int = Field(
         256 * 1024 * 1024, ge=1, description="Largest rows*cols*frames*samples decoded."
     )

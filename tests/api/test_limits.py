@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import tarfile
 import threading
 import time
 import zipfile
@@ -16,9 +18,12 @@ import uvicorn
 from sqlalchemy import func, select
 
 from api.app import create_app
+from api.ingest import RATIO_FLOOR, Ingest
 from db.migrate import upgrade
 from db.models import Job
 from db.session import make_engine
+from radq.blobs import BlobStore
+from radq.errors import LimitExceeded, SubmissionError
 from radq.services import free_port
 from radq.settings import Settings
 from tests.conftest import SAMPLES, make_settings
@@ -48,6 +53,22 @@ def client(tmp_path: Path, redis_url: str) -> Iterator[tuple[httpx.Client, str]]
     settings = make_settings(tmp_path, url, redis_url, max_upload_bytes=20_000, max_archive_members=3)
     with serve(settings) as http:
         yield http, url
+
+
+@contextmanager
+def roomy_server(tmp_path: Path, redis_url: str, **overrides: object) -> Iterator[tuple[httpx.Client, str]]:
+    """A server whose size limit (10 MB) is far above the archives sent, so only the ratio can trip."""
+    url = f"sqlite:///{tmp_path / 'radq.db'}"
+    upgrade(url)
+    settings = make_settings(tmp_path, url, redis_url, max_upload_bytes=10_000_000, **overrides)
+    with serve(settings) as http:
+        yield http, url
+
+
+@pytest.fixture
+def roomy(tmp_path: Path, redis_url: str) -> Iterator[tuple[httpx.Client, str]]:
+    with roomy_server(tmp_path, redis_url) as served:
+        yield served
 
 
 def _jobs(url: str) -> int:
@@ -130,3 +151,130 @@ def test_truncated_multipart_body_is_refused_and_records_nothing(client: tuple[h
     assert 400 <= response.status_code < 500, response.text
     assert response.json()["detail"]
     assert _jobs(url) == 0
+
+
+BLANK = b"\0" * 2_000_000
+"""2 MB of zeros: deflates about 1000:1, gzips about 500:1 (the default limit is 200:1)."""
+REAL = SAMPLES / "real"
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _tar(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_zip_member_over_the_compression_ratio(roomy: tuple[httpx.Client, str], tmp_path: Path) -> None:
+    test_client, url = roomy
+    response = test_client.post("/v1/jobs", files=[("files", ("bomb.zip", _zip({"bomb.dcm": BLANK})))])
+    assert response.status_code == 413, response.text
+    detail = response.json()["detail"]
+    assert "bomb.zip: member bomb.dcm expands" in detail and "RADQ_MAX_COMPRESSION_RATIO" in detail
+    assert _jobs(url) == 0
+    blobs = tmp_path / "blobs"
+    assert not blobs.exists() or not any(blobs.rglob("*")), "refused from the declared sizes: nothing written"
+
+
+def test_tar_gz_over_the_compression_ratio(roomy: tuple[httpx.Client, str], tmp_path: Path) -> None:
+    test_client, url = roomy
+    # The ratio is the stream's so far: a real member first must not hide the bomb.
+    archive = _tar({"mr.dcm": (REAL / "MR_small.dcm").read_bytes(), "bomb.dcm": b"\0" * 5_000_000})
+    response = test_client.post("/v1/jobs", files=[("files", ("bomb.tar.gz", archive))])
+    assert response.status_code == 413, response.text
+    detail = response.json()["detail"]
+    assert "bomb.tar.gz (the tar stream, at member bomb.dcm)" in detail
+    assert "RADQ_MAX_COMPRESSION_RATIO" in detail
+    assert _jobs(url) == 0
+    assert not list((tmp_path / "blobs").rglob(".incoming-*")), "the partly written member is removed"
+
+
+def test_archives_of_real_dicom_and_plain_tars_are_accepted(roomy: tuple[httpx.Client, str]) -> None:
+    test_client, url = roomy
+    real = {n: (REAL / n).read_bytes() for n in ("CT_small.dcm", "MR_small.dcm", "examples_rgb_color.dcm")}
+    files = [
+        # examples_rgb_color.dcm (232 kB, deflates about 4:1) is over the floor, so the ratio is checked.
+        ("files", ("real.zip", _zip(real))),
+        ("files", ("real.tar.gz", _tar(real))),
+        # An uncompressed tar expands about 1:1 however blank its members are.
+        ("files", ("blank.tar", _tar({"blank.dcm": BLANK}, mode="w"))),
+    ]
+    response = test_client.post("/v1/jobs", files=files)
+    assert response.status_code == 202, response.text
+    assert response.json()["counts"]["total"] == 7
+    assert _jobs(url) == 1
+
+
+def test_compression_ratio_is_configurable(tmp_path: Path, redis_url: str) -> None:
+    with roomy_server(tmp_path, redis_url, max_compression_ratio=5000) as (test_client, url):
+        response = test_client.post("/v1/jobs", files=[("files", ("bomb.zip", _zip({"bomb.dcm": BLANK})))])
+    assert response.status_code == 202, response.text
+    assert _jobs(url) == 1
+
+
+# Without a server: cases the HTTP tests above do not reach.
+
+
+def _ingest(tmp_path: Path) -> Ingest:
+    return Ingest(BlobStore(tmp_path / "blobs"), max_bytes=10**8, max_members=100, max_ratio=200)
+
+
+def test_small_blank_members_are_never_refused_for_ratio(tmp_path: Path) -> None:
+    ingest = _ingest(tmp_path)
+    blank = b"\0" * (RATIO_FLOOR - 1)
+    ingest.add_archive("blank.zip", io.BytesIO(_zip({"a.dcm": blank, "b.dcm": blank})))
+    assert [f.size_bytes for f in ingest.files] == [RATIO_FLOOR - 1] * 2
+
+
+@pytest.mark.parametrize("mode", ["w:bz2", "w:xz"])
+def test_other_compressed_tars_are_checked_too(tmp_path: Path, mode: str) -> None:
+    with pytest.raises(LimitExceeded, match="RADQ_MAX_COMPRESSION_RATIO"):
+        _ingest(tmp_path).add_archive("bomb.tar", io.BytesIO(_tar({"bomb.dcm": BLANK}, mode=mode)))
+
+
+def test_a_bomb_in_skipped_clutter_is_refused(tmp_path: Path) -> None:
+    # Skipping a member of a compressed stream still decompresses it.
+    archive = _tar({"ok.dcm": b"x", "__MACOSX/._ok.dcm": BLANK})
+    with pytest.raises(LimitExceeded, match=r"at member __MACOSX/\._ok\.dcm"):
+        _ingest(tmp_path).add_archive("clutter.tar.gz", io.BytesIO(archive))
+
+
+def test_zip_member_longer_than_declared_is_refused(tmp_path: Path) -> None:
+    data = bytearray(_zip({"liar.dcm": b"\1" * 2_000_000}))
+    central, local = data.find(b"PK\x01\x02"), data.find(b"PK\x03\x04")
+    struct.pack_into("<I", data, central + 24, 100_000)  # uncompressed size, central directory
+    struct.pack_into("<I", data, local + 22, 100_000)  # and local header
+    ingest = _ingest(tmp_path)
+    with pytest.raises(SubmissionError, match="not a readable zip archive.*CRC"):
+        ingest.add_archive("liar.zip", io.BytesIO(bytes(data)))
+    assert ingest.files == [] and ingest.stored_bytes == 0
+    assert not [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
+
+
+def test_zip_member_overstating_its_compressed_size_is_refused(tmp_path: Path) -> None:
+    # 2 MB from a declared 20 kB passes the member's ratio (100:1); the archive is 2 kB.
+    data = bytearray(_zip({"wide.dcm": BLANK}))
+    central, local = data.find(b"PK\x01\x02"), data.find(b"PK\x03\x04")
+    struct.pack_into("<I", data, central + 20, 20_000)  # compressed size, central directory
+    struct.pack_into("<I", data, local + 18, 20_000)  # and local header
+    with pytest.raises(LimitExceeded, match=r"wide\.zip \(its members together\) expands"):
+        _ingest(tmp_path).add_archive("wide.zip", io.BytesIO(bytes(data)))
+
+
+def test_encrypted_zip_member_is_a_submission_error(tmp_path: Path) -> None:
+    data = bytearray(_zip({"secret.dcm": b"x"}))
+    for header, flags in ((b"PK\x01\x02", 8), (b"PK\x03\x04", 6)):
+        data[data.find(header) + flags] |= 0x1  # general-purpose bit 0: encrypted
+    with pytest.raises(SubmissionError, match="secret.dcm is encrypted"):
+        _ingest(tmp_path).add_archive("secret.zip", io.BytesIO(bytes(data)))
