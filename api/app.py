@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import radq
 from api.metrics import Metrics
+from api.registration import Registrar
 from api.routes import dicomweb, health, jobs, studies
 from api.state import AppState
 from db.session import make_engine, make_sessionmaker
@@ -75,9 +77,13 @@ def create_app(settings: Settings) -> FastAPI:
         blobs=BlobStore(settings.resolved_blob_dir),
     )
 
+    registrar = Registrar(state)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        registrar.start()
         yield
+        await run_in_threadpool(registrar.stop)
         engine.dispose()
 
     app = FastAPI(
@@ -87,6 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.radq = state
+    app.state.registrar = registrar
     app.state.metrics = metrics = Metrics(state)
     _install_error_handlers(app)
 

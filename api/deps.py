@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from api.registration import Registrar
 from api.state import AppState
 
 
@@ -25,3 +26,11 @@ def get_session(state: StateDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_registrar(request: Request) -> Registrar:
+    registrar: Registrar = request.app.state.registrar
+    return registrar
+
+
+RegistrarDep = Annotated[Registrar, Depends(get_registrar)]

@@ -1,24 +1,23 @@
-"""Turning a submission (uploads, archives, paths) into files to register.
+"""Turning uploaded files and archives into files to register.
 
-Uploaded bytes go into the blob store; files named by path are read in place, and
-only from under the allowed roots.
+Uploaded bytes, and the members of archives (uploaded or found on a submitted path),
+go into the blob store, checked against the size, member-count and compression-ratio
+limits. Paths are walked by :mod:`api.paths` and :mod:`api.registration`.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import zipfile
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import IO, cast
 
 from db.jobs import NewInstance
 from db.status import StorageKind
 from radq.blobs import BlobStore
-from radq.errors import LimitExceeded, PathNotAllowed, SubmissionError
+from radq.errors import LimitExceeded, SubmissionError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
@@ -197,50 +196,3 @@ class Ingest:
                 self._check_members(name, count)
                 # The guard is read-only and put() only calls read().
                 self._store(cast(IO[bytes], guarded), f"{name}!{info.name}")
-
-    def add_path(self, raw: str, roots: list[Path]) -> None:
-        """A file or folder (recursively) on storage this server can read.
-
-        Raises:
-            PathNotAllowed: path submissions are disabled, or the path (after
-                resolving symlinks) is outside every allowed root.
-            SubmissionError: the path is relative or does not exist.
-        """
-        if not roots:
-            raise PathNotAllowed(
-                "path submissions are disabled on this server: set RADQ_ALLOWED_ROOTS "
-                "to the directories radq may read"
-            )
-        if "\x00" in raw:
-            raise SubmissionError(f"{raw!r}: paths cannot contain NUL bytes")
-        path = Path(raw)
-        if not path.is_absolute():
-            raise SubmissionError(f"{raw}: paths must be absolute")
-        resolved_roots = [r.resolve() for r in roots]
-        resolved = _inside(path, resolved_roots)
-        if not resolved.exists():
-            raise SubmissionError(f"{raw}: no such file or directory")
-        if resolved.is_dir():
-            for dirpath, dirnames, filenames in os.walk(resolved):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for file_name in sorted(filenames):
-                    if not file_name.startswith("."):
-                        self._add_file(_inside(Path(dirpath) / file_name, resolved_roots))
-        else:
-            self._add_file(resolved)
-
-    def _add_file(self, path: Path) -> None:
-        if is_archive_name(path.name):
-            with path.open("rb") as stream:
-                self.add_archive(str(path), stream)
-            return
-        self.files.append(NewInstance(str(path), StorageKind.PATH, str(path), path.stat().st_size))
-
-
-def _inside(path: Path, roots: list[Path]) -> Path:
-    resolved = path.resolve()
-    if not any(resolved.is_relative_to(root) for root in roots):
-        shown = os.pathsep.join(str(r) for r in roots)
-        where = f"{path} (resolves to {resolved})" if resolved != path else str(path)
-        raise PathNotAllowed(f"{where} is outside the allowed roots {shown} (RADQ_ALLOWED_ROOTS)")
-    return resolved

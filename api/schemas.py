@@ -30,7 +30,7 @@ class StudyRef(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    status: str = Field(description="queued, running, done or cancelled")
+    status: str = Field(description="registering, queued, running, done or cancelled")
     created_at: datetime
     finished_at: datetime | None
     models: list[str]
@@ -40,6 +40,19 @@ class JobOut(BaseModel):
     counts: Counts
     progress: Progress
     studies: list[StudyRef]
+    registration: RegistrationOut | None = Field(
+        None, description="Background enumeration of a path submission; null for uploads"
+    )
+
+
+class RegistrationOut(BaseModel):
+    status: str = Field(description="registering, done, failed or cancelled")
+    files_seen: int = Field(description="Files found and recorded so far")
+    registered: int = Field(description="Instances recorded (an archive found on a path adds several)")
+    rate_per_s: float | None = Field(description="Files recorded per second")
+    errors: list[str] = Field(description="Why a path's enumeration stopped or found nothing")
+    started_at: datetime
+    finished_at: datetime | None
 
 
 class SubmitOptions(BaseModel):

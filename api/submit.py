@@ -8,10 +8,12 @@ from typing import Any
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from api.ingest import Ingest
+from api.paths import resolve_submitted
 from api.state import AppState
 from db.jobs import add_instances, create_job, mark_queued
 from db.session import transaction
-from db.status import MESSAGE_PRIORITY, Priority
+from db.sources import SourceRef, add_sources
+from db.status import MESSAGE_PRIORITY, JobStatus, Priority
 from radq.errors import BrokerUnavailable, SubmissionError
 from radq.model_card import AUTO, discover_cards
 from radq.queue import publish_chunks
@@ -68,6 +70,44 @@ def submit(
         ids = add_instances(session, job_id=job.id, files=ingest.files)
     enqueue(state, job.id, ids, priority)
     return job.id
+
+
+def submit_paths(
+    state: AppState,
+    paths: Sequence[str],
+    models: Sequence[str] | None,
+    options: dict[str, Any] | None = None,
+    *,
+    priority: str = Priority.BULK,
+    webhook_url: str | None = None,
+) -> tuple[str, list[SourceRef]]:
+    """Record a job over paths on shared storage, to be enumerated in the background.
+
+    Only the submitted paths themselves are checked here, so this returns in
+    milliseconds whatever the size of the trees below them.
+
+    Returns:
+        The job id and its sources, leased to the caller, who must start walking them.
+
+    Raises:
+        SubmissionError: unknown model, or a path that is relative or missing.
+        PathNotAllowed: a path outside ``RADQ_ALLOWED_ROOTS``.
+    """
+    names = resolve_models(state, models)
+    roots = state.settings.allowed_roots
+    resolved = list(dict.fromkeys(str(resolve_submitted(p, roots)) for p in paths))
+    with transaction(state.sessions) as session:
+        job = create_job(
+            session,
+            models=names,
+            options=options,
+            priority=priority,
+            webhook_url=webhook_url,
+            status=JobStatus.REGISTERING,
+        )
+        lease = state.settings.registration_lease_seconds
+        sources = add_sources(session, job_id=job.id, paths=resolved, lease_seconds=lease)
+    return job.id, sources
 
 
 def enqueue(state: AppState, job_id: str, ids: Sequence[int], priority: str) -> None:

@@ -22,6 +22,7 @@ from db.migrate import upgrade
 from db.session import make_engine
 from radq.client import Client
 from radq.errors import ConfigurationError, RadqError
+from radq.queue import redis_queue_keys
 from radq.services import ensure_redis, free_port, spawn, stop, wait_for_http
 from radq.settings import Settings
 
@@ -46,7 +47,7 @@ class Stack:
     client: Client
     engine: Engine
     api: subprocess.Popen[bytes]
-    worker: subprocess.Popen[bytes]
+    worker: subprocess.Popen[bytes] | None
     logs: Path
 
     def check_alive(self) -> None:
@@ -56,7 +57,7 @@ class Stack:
             BenchError: one of them exited; the message quotes its log.
         """
         for name, proc in (("worker", self.worker), ("api", self.api)):
-            if proc.poll() is not None:
+            if proc is not None and proc.poll() is not None:
                 raise BenchError(
                     f"the {name} exited with code {proc.returncode}:\n{log_tail(self.logs / f'{name}.log')}"
                 )
@@ -86,8 +87,10 @@ def _drop_postgres_database(admin_url: str, url: str) -> None:
 
 
 @contextlib.contextmanager
-def embedded_stack(base: Settings, *, home: Path, database: str, postgres_admin_url: str) -> Iterator[Stack]:
-    """Start Redis if needed, a fresh migrated database, the API and one worker process.
+def embedded_stack(
+    base: Settings, *, home: Path, database: str, postgres_admin_url: str, worker: bool = True
+) -> Iterator[Stack]:
+    """Start Redis if needed, a fresh migrated database, the API and (unless told not) one worker.
 
     Args:
         base: settings to start from; home, database URL and queue are replaced.
@@ -120,12 +123,10 @@ def embedded_stack(base: Settings, *, home: Path, database: str, postgres_admin_
         port = free_port()
         api = spawn(["api", "--port", str(port)], env=env, log_file=logs / "api.log")
         cleanup.callback(_quietly, stop, api)
-        worker = spawn(
-            ["worker", "--concurrency", "1", "--hostname", f"bench-{tag}@%h"],
-            env=env,
-            log_file=logs / "worker.log",
-        )
-        cleanup.callback(_quietly, stop, worker)
+        worker_proc = None
+        if worker:
+            worker_proc = start_worker(settings, logs / "worker.log")
+            cleanup.callback(_quietly, stop, worker_proc)
         api_url = f"http://127.0.0.1:{port}"
         try:
             wait_for_http(f"{api_url}/healthz", api)
@@ -135,11 +136,18 @@ def embedded_stack(base: Settings, *, home: Path, database: str, postgres_admin_
         cleanup.callback(engine.dispose)
         client = Client(api_url, timeout=600)
         cleanup.callback(client.close)
-        yield Stack(settings, api_url, client, engine, api, worker, logs)
+        yield Stack(settings, api_url, client, engine, api, worker_proc, logs)
+
+
+def start_worker(settings: Settings, log_file: Path) -> subprocess.Popen[bytes]:
+    """One ``radq worker --concurrency 1`` on the stack's queue; the caller stops it."""
+    name = f"bench-{uuid.uuid4().hex[:8]}@%h"
+    args = ["worker", "--concurrency", "1", "--hostname", name]
+    return spawn(args, env=settings.to_env(), log_file=log_file)
 
 
 def _delete_queue(settings: Settings) -> None:
-    redis.Redis.from_url(settings.broker_url).delete(settings.queue)
+    redis.Redis.from_url(settings.broker_url).delete(*redis_queue_keys(settings.queue))
 
 
 def _quietly(func: Callable[..., object], *args: object) -> None:

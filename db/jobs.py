@@ -12,7 +12,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Instance, Job, utcnow
-from db.status import WAITING_STATUSES, InstanceStatus, JobStatus, Priority
+from db.status import OPEN_JOB_STATUSES, WAITING_STATUSES, InstanceStatus, JobStatus, Priority
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class NewInstance:
     storage: str
     location: str
     size_bytes: int | None = None
+    failure: str | None = None  # set when the file is refused at registration: recorded failed
 
 
 def create_job(
@@ -32,10 +33,11 @@ def create_job(
     options: dict[str, Any] | None = None,
     priority: str = Priority.NORMAL,
     webhook_url: str | None = None,
+    status: JobStatus = JobStatus.QUEUED,
 ) -> Job:
     job = Job(
         id=str(uuid.uuid4()),
-        status=JobStatus.QUEUED,
+        status=status,
         models=list(models),
         options=options or None,
         priority=priority,
@@ -49,7 +51,10 @@ def create_job(
 def add_instances(
     session: Session, *, job_id: str, files: Sequence[NewInstance], batch: int = 1000
 ) -> list[int]:
-    """Insert instances in bulk and return their ids, in the order given."""
+    """Insert instances in bulk and return the ids of those left ``pending``, in order.
+
+    Files with a ``failure`` are recorded ``failed`` with it as the reason.
+    """
     ids: list[int] = []
     for start in range(0, len(files), batch):
         rows = [
@@ -59,13 +64,16 @@ def add_instances(
                 "storage": f.storage,
                 "location": f.location,
                 "size_bytes": f.size_bytes,
-                "status": InstanceStatus.PENDING,
+                "status": InstanceStatus.FAILED if f.failure else InstanceStatus.PENDING,
+                "reason": f.failure,
                 "attempts": 0,
             }
             for f in files[start : start + batch]
         ]
-        result = session.execute(insert(Instance).returning(Instance.id, sort_by_parameter_order=True), rows)
-        ids.extend(result.scalars().all())
+        result = session.execute(
+            insert(Instance).returning(Instance.id, Instance.status, sort_by_parameter_order=True), rows
+        )
+        ids.extend(i for i, status in result.all() if status == InstanceStatus.PENDING)
     return ids
 
 
@@ -125,7 +133,7 @@ def cancel_job(session: Session, job_id: str) -> bool:
     """Cancel a job: waiting instances end ``skipped``; claimed ones finish. False if it had ended."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+        .where(Job.id == job_id, Job.status.in_(OPEN_JOB_STATUSES))
         .values(status=JobStatus.CANCELLED, finished_at=utcnow())
     )
     if not getattr(result, "rowcount", 0):
@@ -139,7 +147,10 @@ def cancel_job(session: Session, job_id: str) -> bool:
 
 
 def reset_failed(session: Session, job_id: str) -> list[int]:
-    """Put a job's failed instances back to pending and reopen the job; returns their ids."""
+    """Put a job's failed instances back to pending and reopen the job; returns their ids.
+
+    A job still registering keeps that status: its enumeration closes it later.
+    """
     ids = list(
         session.scalars(
             select(Instance.id).where(Instance.job_id == job_id, Instance.status == InstanceStatus.FAILED)
@@ -153,7 +164,9 @@ def reset_failed(session: Session, job_id: str) -> list[int]:
                 .values(status=InstanceStatus.PENDING, reason=None, lease_expires_at=None)
             )
         session.execute(
-            update(Job).where(Job.id == job_id).values(status=JobStatus.QUEUED, finished_at=None)
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.DONE)
+            .values(status=JobStatus.QUEUED, finished_at=None)
         )
     return ids
 

@@ -17,7 +17,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from db.status import InstanceStatus, JobStatus
+from db.status import InstanceStatus, JobStatus, SourceStatus
 
 
 def utcnow() -> datetime:
@@ -49,6 +49,7 @@ class Instance(Base):
         Index("ix_instances_job_status", "job_id", "status"),
         Index("ix_instances_study", "study_instance_uid"),
         Index("ix_instances_sop", "sop_instance_uid"),
+        Index("ix_instances_status_updated", "status", "updated_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -95,6 +96,28 @@ class Result(Base):
     saliency: Mapped[dict[str, str] | None] = mapped_column(JSON)  # label -> PNG sha256 in the blob store
     reused_from: Mapped[int | None] = mapped_column(Integer)  # result id copied on deduplication
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JobSource(Base):
+    """A path a job was submitted with, enumerated and registered in the background.
+
+    ``files_seen`` counts the files of the (deterministic) walk already registered, so
+    an enumeration interrupted by an API restart resumes where it stopped.
+    """
+
+    __tablename__ = "job_sources"
+    __table_args__ = (Index("ix_job_sources_status_lease", "status", "lease_expires_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=SourceStatus.REGISTERING)
+    files_seen: Mapped[int] = mapped_column(Integer, default=0)
+    registered: Mapped[int] = mapped_column(Integer, default=0)  # instances (an archive adds many)
+    error: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class WebhookDelivery(Base):

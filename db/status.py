@@ -19,10 +19,23 @@ WAITING_STATUSES = (InstanceStatus.PENDING, InstanceStatus.QUEUED)
 
 
 class JobStatus(StrEnum):
+    REGISTERING = "registering"  # a path submission is still being enumerated
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     CANCELLED = "cancelled"
+
+
+OPEN_JOB_STATUSES = (JobStatus.REGISTERING, JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class SourceStatus(StrEnum):
+    """Where the background enumeration of one submitted path stands."""
+
+    REGISTERING = "registering"
+    DONE = "done"
+    FAILED = "failed"  # the walk itself failed (the path vanished, a permission error)
+    CANCELLED = "cancelled"  # the job was cancelled while it was being enumerated
 
 
 class StorageKind(StrEnum):

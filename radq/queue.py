@@ -13,6 +13,14 @@ from celery import Celery
 from radq.settings import Settings
 from radq.tasks import INFER_CHUNK
 
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+"""kombu's Redis transport keeps one list per step; message priorities round down to one."""
+
+
+def redis_queue_keys(queue: str) -> list[str]:
+    """The Redis lists holding one queue's messages, highest priority (0) first."""
+    return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in KOMBU_PRIORITY_STEPS]
+
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("radq", broker=settings.broker_url, set_as_current=False)

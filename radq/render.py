@@ -47,6 +47,9 @@ def wait_for_job(
             c = job["counts"]
             finished = sum(c[k] for k in FINAL)
             detail = f"done {c['done']} failed {c['failed']} skipped {c['skipped']}"
+            registration = job.get("registration") or {}
+            if registration.get("status") == "registering":
+                detail = f"registering: {registration['files_seen']} files found; {detail}"
             progress.update(task, total=c["total"], completed=finished, detail=detail)
             if job["status"] in ("done", "cancelled"):
                 return job

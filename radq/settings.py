@@ -73,6 +73,21 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(
         900, ge=10, description="How long a claimed instance is held before re-delivery may retake it."
     )
+    registration_lease_seconds: int = Field(
+        120,
+        ge=2,
+        le=3600,
+        description="How long an API process holds a path submission it is enumerating without "
+        "renewing; after that another API process (or the restarted one) resumes it.",
+    )
+    maintenance_seconds: float = Field(
+        10.0, gt=0, le=3600, description="How often the API resumes abandoned enumerations and re-queues."
+    )
+    requeue_after_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="An instance recorded but never published (broker down) is published again after this.",
+    )
     scp_spool_dir: Path | None = Field(
         None,
         description="Where `radq scp` keeps received files until their job is recorded; default: "

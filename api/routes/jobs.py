@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData, UploadFile
 
-from api.deps import SessionDep, StateDep
+from api.deps import RegistrarDep, SessionDep, StateDep
 from api.ingest import Ingest
 from api.schemas import (
     Counts,
@@ -23,11 +23,12 @@ from api.schemas import (
     JobsPage,
     PathsRequest,
     Progress,
+    RegistrationOut,
     StudyRef,
     SubmitOptions,
 )
 from api.state import AppState
-from api.submit import enqueue, notify_ended, submit
+from api.submit import enqueue, notify_ended, submit, submit_paths
 from db.jobs import (
     as_utc,
     cancel_job,
@@ -40,6 +41,7 @@ from db.jobs import (
 )
 from db.models import Job
 from db.session import transaction
+from db.sources import registration_of
 from db.status import InstanceStatus, JobStatus, Priority
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -94,6 +96,25 @@ def job_view(session: Session, job_id: str) -> JobOut:
         counts=counts,
         progress=_progress(counts, created, as_utc(job.finished_at)),
         studies=[StudyRef.model_validate(s) for s in job_studies(session, job_id)],
+        registration=_registration(session, job_id),
+    )
+
+
+def _registration(session: Session, job_id: str) -> RegistrationOut | None:
+    found = registration_of(session, job_id)
+    if found is None:
+        return None
+    started, finished = as_utc(found.started_at), as_utc(found.finished_at)
+    assert started is not None
+    elapsed = ((finished or datetime.now(UTC)) - started).total_seconds()
+    return RegistrationOut(
+        status=found.status,
+        files_seen=found.files_seen,
+        registered=found.registered,
+        rate_per_s=round(found.files_seen / elapsed, 1) if elapsed > 0 else None,
+        errors=found.errors,
+        started_at=started,
+        finished_at=finished,
     )
 
 
@@ -133,8 +154,14 @@ def _validated(model: type[Options], data: object) -> Options:
     responses={400: {"model": ErrorOut}, 403: {"model": ErrorOut}, 413: {"model": ErrorOut},
                415: {"model": ErrorOut}, 503: {"model": ErrorOut}},
 )
-async def create_job(request: Request, response: Response, state: StateDep) -> JobOut:
-    """Submit files (multipart upload) or paths on shared storage (JSON)."""
+async def create_job(
+    request: Request, response: Response, state: StateDep, registrar: RegistrarDep
+) -> JobOut:
+    """Submit files (multipart upload) or paths on shared storage (JSON).
+
+    A path submission answers at once with status ``registering``; its files are
+    enumerated, recorded and queued in the background (see ``registration``).
+    """
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         limit = state.settings.max_archive_members
@@ -154,16 +181,11 @@ async def create_job(request: Request, response: Response, state: StateDep) -> J
             )  # fmt: skip
     elif content_type.startswith("application/json"):
         body = _validated(PathsRequest, await request.body())
-        roots = state.settings.allowed_roots
-
-        def collect(ingest: Ingest) -> None:
-            for path in body.paths:
-                ingest.add_path(path, roots)
-
-        job_id = await run_in_threadpool(
-            partial(submit, priority=body.priority or Priority.BULK, webhook_url=body.webhook_url),
-            state, collect, body.models, body.job_options(dedup_by_default=state.settings.dedup),
+        job_id, sources = await run_in_threadpool(
+            partial(submit_paths, priority=body.priority or Priority.BULK, webhook_url=body.webhook_url),
+            state, body.paths, body.models, body.job_options(dedup_by_default=state.settings.dedup),
         )  # fmt: skip
+        registrar.register(sources)
     else:
         raise HTTPException(
             415,

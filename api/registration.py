@@ -1,0 +1,207 @@
+"""Enumerating path submissions in the background, and keeping recorded work queued.
+
+``POST /v1/jobs`` with paths records the job and its sources and returns; a
+:class:`Registrar` thread then walks each source, inserts its files in batches and
+publishes their chunks as it goes, so the first chunks are being inferred while the
+walk is still running and memory stays flat whatever the archive's size.
+
+The same registrar runs a maintenance loop in every API process: it resumes sources
+whose registering process died (their lease expired) and re-publishes instances left
+``pending`` because the broker was down when they were recorded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sqlalchemy.exc import OperationalError
+
+from api.ingest import Ingest, is_archive_name
+from api.paths import inside_roots, walk_files
+from api.state import AppState
+from api.submit import enqueue, notify_ended
+from db.jobs import NewInstance
+from db.session import transaction
+from db.sources import (
+    SourceRef,
+    claim_stale_sources,
+    finish_source,
+    job_priorities,
+    record_batch,
+    release_sources,
+    stale_pending,
+)
+from db.status import SourceStatus, StorageKind
+from radq.errors import RadqError, SubmissionError, TransientError
+
+log = logging.getLogger(__name__)
+
+BATCH_FILES = 1000
+"""Files registered per transaction (and published right after it)."""
+
+
+class Registrar:
+    """Background enumeration of path submissions for one API process."""
+
+    def __init__(self, state: AppState, *, threads: int = 2) -> None:
+        self.state = state
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="radq-register")
+        self._stop = threading.Event()
+        self._active: set[int] = set()
+        self._lock = threading.Lock()
+        self._loop: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._loop = threading.Thread(target=self._maintain, name="radq-maintenance", daemon=True)
+        self._loop.start()
+
+    def stop(self) -> None:
+        """Stop walking; unfinished sources are released for the next process to resume."""
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.join(timeout=10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            left = sorted(self._active)
+        if left:
+            try:
+                with transaction(self.state.sessions) as session:
+                    release_sources(session, left)
+            except OperationalError:
+                log.warning("could not release sources %s; they resume when their lease expires", left)
+
+    def register(self, sources: Sequence[SourceRef]) -> None:
+        """Start walking these sources (their leases are already held by this process)."""
+        for source in sources:
+            with self._lock:
+                self._active.add(source.id)
+            self._pool.submit(self._run, source)
+
+    # -- the walk -------------------------------------------------------------------
+
+    def _run(self, source: SourceRef) -> None:
+        try:
+            self._walk(source)
+        except TransientError as exc:
+            log.warning("registration of %s paused (%s); it resumes when its lease expires", source.path, exc)
+        except OperationalError as exc:
+            log.warning("registration of %s paused: database unreachable (%s)", source.path, exc.orig)
+        except Exception:  # a bug must not kill the pool thread silently
+            log.exception("registration of %s (job %s) failed", source.path, source.job_id)
+        finally:
+            with self._lock:
+                self._active.discard(source.id)
+
+    def _walk(self, source: SourceRef) -> None:
+        settings = self.state.settings
+        roots = [r.resolve() for r in settings.allowed_roots]
+        seen = source.files_seen
+        lease = settings.registration_lease_seconds
+        log.info("registering %s for job %s (from file %d)", source.path, source.job_id, seen)
+        try:
+            files = itertools.islice(walk_files(Path(source.path)), source.files_seen, None)
+            for batch in _batches(files, BATCH_FILES):
+                if self._stop.is_set():
+                    return  # released in stop(); the next process resumes after `seen`
+                rows = [row for item in batch for row in self._instances(item, roots)]
+                seen += len(batch)
+                with transaction(self.state.sessions) as session:
+                    ids = record_batch(session, source, rows, files_seen=seen, lease_seconds=lease)
+                if ids is None:
+                    self._finish(source, SourceStatus.CANCELLED, "job cancelled during enumeration")
+                    return
+                self._publish(source, ids)
+        except OSError as exc:
+            self._finish(source, SourceStatus.FAILED, f"enumeration stopped after {seen} files: {exc}")
+            return
+        self._finish(source, SourceStatus.DONE, None if seen else "no files found")
+
+    def _publish(self, source: SourceRef, ids: list[int]) -> None:
+        if not ids:
+            return
+        try:
+            enqueue(self.state, source.job_id, ids, source.priority)
+        except TransientError as exc:
+            # Recorded as pending: the maintenance loop publishes them once the broker is back.
+            log.warning("%s", exc)
+
+    def _finish(self, source: SourceRef, status: SourceStatus, note: str | None) -> None:
+        with transaction(self.state.sessions) as session:
+            notify = finish_source(session, source.id, status, note)
+        log.info("registration of %s for job %s: %s", source.path, source.job_id, status)
+        if notify:
+            try:
+                notify_ended(self.state, notify)
+            except TransientError as exc:
+                log.warning("%s", exc)
+
+    def _instances(self, item: os.DirEntry[str] | Path, roots: list[Path]) -> list[NewInstance]:
+        """The instances one walked file becomes: one, an archive's members, or a recorded refusal."""
+        path = Path(item) if isinstance(item, Path) else Path(item.path)
+        try:
+            resolved = path
+            if isinstance(item, Path) or item.is_symlink():
+                resolved = inside_roots(path, roots)
+                if resolved.is_dir():
+                    return []  # symlinked folders are not followed
+            if is_archive_name(resolved.name):
+                return self._archive_members(resolved)
+            size = (resolved.stat() if isinstance(item, Path) else item.stat()).st_size
+            return [NewInstance(str(resolved), StorageKind.PATH, str(resolved), size)]
+        except SubmissionError as exc:
+            return [_refused(path, str(exc))]
+        except OSError as exc:
+            return [_refused(path, f"cannot read {path}: {exc.strerror or exc}")]
+
+    def _archive_members(self, path: Path) -> list[NewInstance]:
+        settings = self.state.settings
+        ingest = Ingest(
+            self.state.blobs,
+            max_bytes=settings.max_upload_bytes,
+            max_members=settings.max_archive_members,
+            max_ratio=settings.max_compression_ratio,
+        )
+        with path.open("rb") as stream:
+            ingest.add_archive(str(path), stream)
+        return ingest.files
+
+    # -- maintenance ----------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.maintain_once()
+            except (OperationalError, RadqError) as exc:
+                log.warning("maintenance skipped a round: %s", exc)
+            except Exception:
+                log.exception("maintenance round failed")
+            self._stop.wait(self.state.settings.maintenance_seconds)
+
+    def maintain_once(self) -> None:
+        """Resume abandoned sources; publish instances whose publication failed."""
+        with transaction(self.state.sessions) as session:
+            stale = claim_stale_sources(session, lease_seconds=self.state.settings.registration_lease_seconds)
+        if stale:
+            log.info("resuming %d abandoned registration(s)", len(stale))
+            self.register(stale)
+        with transaction(self.state.sessions) as session:
+            waiting = stale_pending(session, older_than_seconds=self.state.settings.requeue_after_seconds)
+            priorities = job_priorities(session, list(waiting))
+        for job_id, ids in waiting.items():
+            log.info("publishing %d instance(s) of job %s that were never queued", len(ids), job_id)
+            enqueue(self.state, job_id, ids, priorities[job_id])
+
+
+def _refused(path: Path, reason: str) -> NewInstance:
+    return NewInstance(str(path), StorageKind.PATH, str(path), None, failure=reason)
+
+
+def _batches(items: Iterator[os.DirEntry[str] | Path], size: int) -> Iterator[list[os.DirEntry[str] | Path]]:
+    while batch := list(itertools.islice(items, size)):
+        yield batch

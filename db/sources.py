@@ -1,0 +1,228 @@
+"""Background registration of path submissions: the sources a job enumerates.
+
+A job submitted by path is recorded at once with one ``job_sources`` row per path and
+status ``registering``; whoever holds a source's lease walks it and registers its
+files in batches (:func:`record_batch`). Leases make the walk resumable: a source
+whose holder died is claimed again by :func:`claim_stale_sources` and resumes after
+the ``files_seen`` files it had registered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import case, exists, select, update
+from sqlalchemy.orm import Session
+
+from db.jobs import NewInstance, add_instances
+from db.models import Instance, Job, JobSource, utcnow
+from db.status import OPEN_JOB_STATUSES, WAITING_STATUSES, InstanceStatus, JobStatus, SourceStatus
+from db.work import close_finished_jobs
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """What a registrar needs to (re)start walking one source."""
+
+    id: int
+    job_id: str
+    path: str
+    files_seen: int
+    priority: str
+
+
+def add_sources(
+    session: Session, *, job_id: str, paths: Sequence[str], lease_seconds: int
+) -> list[SourceRef]:
+    """Record a job's paths, leased to the caller, who starts walking them now."""
+    lease = utcnow() + timedelta(seconds=lease_seconds)
+    job = session.get(Job, job_id)
+    assert job is not None
+    rows = [
+        JobSource(job_id=job_id, path=p, files_seen=0, registered=0, lease_expires_at=lease) for p in paths
+    ]
+    session.add_all(rows)
+    session.flush()
+    return [SourceRef(r.id, job_id, r.path, 0, job.priority) for r in rows]
+
+
+def claim_stale_sources(session: Session, *, lease_seconds: int, limit: int = 10) -> list[SourceRef]:
+    """Take over sources still registering whose holder stopped renewing its lease."""
+    now = utcnow()
+    stale = (
+        select(JobSource.id)
+        .where(JobSource.status == SourceStatus.REGISTERING, JobSource.lease_expires_at < now)
+        .limit(limit)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        update(JobSource)
+        .where(JobSource.id.in_(stale), JobSource.lease_expires_at < now)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(JobSource.id, JobSource.job_id, JobSource.path, JobSource.files_seen)
+        .execution_options(synchronize_session=False)
+    ).all()
+    priorities = dict(
+        session.execute(select(Job.id, Job.priority).where(Job.id.in_({r.job_id for r in rows})))
+        .tuples()
+        .all()
+    )
+    return [SourceRef(r.id, r.job_id, r.path, r.files_seen, priorities[r.job_id]) for r in rows]
+
+
+def record_batch(
+    session: Session,
+    source: SourceRef,
+    files: Sequence[NewInstance],
+    *,
+    files_seen: int,
+    lease_seconds: int,
+) -> list[int] | None:
+    """Register one batch of a source's files and move its resume point to ``files_seen``.
+
+    Returns:
+        The ids of the new pending instances, or None when the job is no longer
+        registering (cancelled): nothing is inserted then.
+    """
+    # Touching the job row first takes its lock (PostgreSQL) or the write lock
+    # (SQLite), so a concurrent cancel either sees this batch or stops it.
+    still_open = session.execute(
+        update(Job)
+        .where(Job.id == source.job_id, Job.status == JobStatus.REGISTERING)
+        .values(status=JobStatus.REGISTERING)
+        .execution_options(synchronize_session=False)
+    )
+    if not getattr(still_open, "rowcount", 0):
+        return None
+    ids = add_instances(session, job_id=source.job_id, files=files)
+    session.execute(
+        update(JobSource)
+        .where(JobSource.id == source.id)
+        .values(
+            files_seen=files_seen,
+            registered=JobSource.registered + len(files),
+            lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
+        )
+    )
+    return ids
+
+
+def finish_source(
+    session: Session, source_id: int, status: SourceStatus, error: str | None = None
+) -> str | None:
+    """Close one source; when it was the job's last, the job leaves ``registering``.
+
+    Returns:
+        The job id when this closed the whole job and the job has a webhook to call.
+    """
+    source = session.get(JobSource, source_id)
+    assert source is not None
+    source.status = status
+    source.error = error
+    source.finished_at = utcnow()
+    source.lease_expires_at = None
+    session.flush()
+    job_id = source.job_id
+    others = exists().where(JobSource.job_id == job_id, JobSource.status == SourceStatus.REGISTERING)
+    started = exists().where(Instance.job_id == job_id, Instance.status.not_in(WAITING_STATUSES))
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.REGISTERING, ~others)
+        .values(status=case((started, JobStatus.RUNNING), else_=JobStatus.QUEUED))
+        .execution_options(synchronize_session=False)
+    )
+    closed = close_finished_jobs(session, [job_id])
+    return closed[0] if closed else None
+
+
+def release_sources(session: Session, source_ids: Sequence[int]) -> None:
+    """Give up leases at shutdown so the next API process resumes these at once."""
+    if source_ids:
+        session.execute(
+            update(JobSource)
+            .where(JobSource.id.in_(source_ids), JobSource.status == SourceStatus.REGISTERING)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+@dataclass(frozen=True)
+class Registration:
+    """How far a job's background enumeration has come (``GET /v1/jobs/{id}``)."""
+
+    status: str
+    files_seen: int
+    registered: int
+    errors: list[str]
+    started_at: datetime
+    finished_at: datetime | None
+
+
+def registration_of(session: Session, job_id: str) -> Registration | None:
+    """The job's registration summary, or None for a job that was not submitted by path."""
+    rows = session.scalars(select(JobSource).where(JobSource.job_id == job_id).order_by(JobSource.id)).all()
+    if not rows:
+        return None
+    statuses = {r.status for r in rows}
+    for status in (SourceStatus.REGISTERING, SourceStatus.FAILED, SourceStatus.CANCELLED):
+        if status in statuses:
+            overall = status
+            break
+    else:
+        overall = SourceStatus.DONE
+    finished = [r.finished_at for r in rows]
+    return Registration(
+        status=overall,
+        files_seen=sum(r.files_seen for r in rows),
+        registered=sum(r.registered for r in rows),
+        errors=[f"{r.path}: {r.error}" for r in rows if r.error],
+        started_at=min(r.created_at for r in rows),
+        finished_at=None if None in finished else max(f for f in finished if f is not None),
+    )
+
+
+def stale_pending(
+    session: Session, *, older_than_seconds: float, limit: int = 10_000
+) -> dict[str, list[int]]:
+    """Claim instances left ``pending`` (their message was never published) for re-publishing.
+
+    Touching ``updated_at`` is the claim, so two API processes never publish the same
+    instance twice in one round.
+
+    Returns:
+        Instance ids per job id.
+    """
+    now = utcnow()
+    cutoff = now - timedelta(seconds=older_than_seconds)
+    live = select(Job.id).where(Job.status.in_(OPEN_JOB_STATUSES))
+    candidates = (
+        select(Instance.id)
+        .where(
+            Instance.status == InstanceStatus.PENDING, Instance.updated_at < cutoff, Instance.job_id.in_(live)
+        )
+        .order_by(Instance.id)
+        .limit(limit)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        update(Instance)
+        .where(
+            Instance.id.in_(candidates),
+            Instance.status == InstanceStatus.PENDING,
+            Instance.updated_at < cutoff,
+        )
+        .values(updated_at=now)
+        .returning(Instance.id, Instance.job_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    by_job: dict[str, list[int]] = {}
+    for instance_id, job_id in rows:
+        by_job.setdefault(job_id, []).append(instance_id)
+    for ids in by_job.values():
+        ids.sort()
+    return by_job
+
+
+def job_priorities(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
+    return dict(session.execute(select(Job.id, Job.priority).where(Job.id.in_(job_ids))).tuples().all())
