@@ -128,7 +128,8 @@ def enqueue(state: AppState, job_id: str, ids: Sequence[int], priority: str) -> 
         )
     except (KombuOperationalError, OSError) as exc:
         raise BrokerUnavailable(
-            f"job {job_id} is recorded but could not be queued: the broker is unreachable ({exc})"
+            f"job {job_id} is recorded but could not be queued: the broker is unreachable ({exc}); "
+            "it is queued automatically once the broker answers again"
         ) from None
     with transaction(state.sessions) as session:
         mark_queued(session, ids)

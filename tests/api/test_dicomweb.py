@@ -36,7 +36,7 @@ from db.models import Job, Result
 from db.session import make_engine
 from radq.blobs import BlobStore
 from radq.errors import LimitExceeded
-from tests.api.test_limits import serve
+from tests.apiserver import serve
 from tests.conftest import SAMPLES, Stack, make_settings
 from tests.jobwait import wait_done
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import struct
 import tarfile
-import threading
-import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,36 +12,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import func, select
 
-from api.app import create_app
 from api.ingest import RATIO_FLOOR, Ingest
 from db.migrate import upgrade
 from db.models import Job
 from db.session import make_engine
 from radq.blobs import BlobStore
 from radq.errors import LimitExceeded, SubmissionError
-from radq.services import free_port
-from radq.settings import Settings
+from tests.apiserver import serve
 from tests.conftest import SAMPLES, make_settings
-
-
-@contextmanager
-def serve(settings: Settings) -> Iterator[httpx.Client]:
-    """The real app under uvicorn in a thread, on a free port."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            yield http
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture
