@@ -13,16 +13,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 import radq
+from api.maintenance import Maintenance
 from api.metrics import Metrics
 from api.registration import Registrar
 from api.routes import dicomweb, health, jobs, studies
 from api.state import AppState
-from db.session import make_engine, make_sessionmaker
-from radq.blobs import BlobStore
 from radq.errors import LimitExceeded, PathNotAllowed, SubmissionError, TransientError
-from radq.queue import make_celery
 from radq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,28 +60,39 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(422, f"invalid {where}: {first.get('msg', 'invalid value')}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return _error(exc.status_code, str(exc.detail), headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method served at the request's path, for ``Allow``.
+
+    Starlette's 405 names only the methods of the first route matching the path, so
+    ``PUT /v1/jobs`` would answer ``Allow: POST`` although ``GET /v1/jobs`` exists too.
+    """
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods))
 
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the API. Engines and the broker producer are created here, not at import."""
-    settings.ensure_dirs()
-    engine = make_engine(settings.resolved_database_url)
-    state = AppState(
-        settings=settings,
-        engine=engine,
-        sessions=make_sessionmaker(engine),
-        celery=make_celery(settings),
-        blobs=BlobStore(settings.resolved_blob_dir),
-    )
+    state = AppState.build(settings)
+    engine = state.engine
 
     registrar = Registrar(state)
+    maintenance = Maintenance(state, registrar)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        registrar.start()
+        maintenance.start()
         yield
+        await run_in_threadpool(maintenance.stop)
         await run_in_threadpool(registrar.stop)
         engine.dispose()
 

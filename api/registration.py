@@ -5,9 +5,8 @@
 publishes their chunks as it goes, so the first chunks are being inferred while the
 walk is still running and memory stays flat whatever the archive's size.
 
-The same registrar runs a maintenance loop in every API process: it resumes sources
-whose registering process died (their lease expired) and re-publishes instances left
-``pending`` because the broker was down when they were recorded.
+Sources whose API process died are handed back to a registrar by the maintenance
+loop (:mod:`api.maintenance`) once their lease expires.
 """
 
 from __future__ import annotations
@@ -28,17 +27,9 @@ from api.state import AppState
 from api.submit import enqueue, notify_ended
 from db.jobs import NewInstance
 from db.session import transaction
-from db.sources import (
-    SourceRef,
-    claim_stale_sources,
-    finish_source,
-    job_priorities,
-    record_batch,
-    release_sources,
-    stale_pending,
-)
+from db.sources import SourceRef, finish_source, record_batch, release_sources
 from db.status import SourceStatus, StorageKind
-from radq.errors import RadqError, SubmissionError, TransientError
+from radq.errors import SubmissionError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +46,10 @@ class Registrar:
         self._stop = threading.Event()
         self._active: set[int] = set()
         self._lock = threading.Lock()
-        self._loop: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._loop = threading.Thread(target=self._maintain, name="radq-maintenance", daemon=True)
-        self._loop.start()
 
     def stop(self) -> None:
         """Stop walking; unfinished sources are released for the next process to resume."""
         self._stop.set()
-        if self._loop is not None:
-            self._loop.join(timeout=10)
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             left = sorted(self._active)
@@ -170,32 +154,6 @@ class Registrar:
         with path.open("rb") as stream:
             ingest.add_archive(str(path), stream)
         return ingest.files
-
-    # -- maintenance ----------------------------------------------------------------
-
-    def _maintain(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.maintain_once()
-            except (OperationalError, RadqError) as exc:
-                log.warning("maintenance skipped a round: %s", exc)
-            except Exception:
-                log.exception("maintenance round failed")
-            self._stop.wait(self.state.settings.maintenance_seconds)
-
-    def maintain_once(self) -> None:
-        """Resume abandoned sources; publish instances whose publication failed."""
-        with transaction(self.state.sessions) as session:
-            stale = claim_stale_sources(session, lease_seconds=self.state.settings.registration_lease_seconds)
-        if stale:
-            log.info("resuming %d abandoned registration(s)", len(stale))
-            self.register(stale)
-        with transaction(self.state.sessions) as session:
-            waiting = stale_pending(session, older_than_seconds=self.state.settings.requeue_after_seconds)
-            priorities = job_priorities(session, list(waiting))
-        for job_id, ids in waiting.items():
-            log.info("publishing %d instance(s) of job %s that were never queued", len(ids), job_id)
-            enqueue(self.state, job_id, ids, priorities[job_id])
 
 
 def _refused(path: Path, reason: str) -> NewInstance:

@@ -8,7 +8,9 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.session import make_engine, make_sessionmaker
 from radq.blobs import BlobStore
+from radq.queue import make_celery
 from radq.settings import Settings
 
 
@@ -19,3 +21,16 @@ class AppState:
     sessions: sessionmaker[Session]
     celery: Celery
     blobs: BlobStore
+
+    @classmethod
+    def build(cls, settings: Settings) -> AppState:
+        """Engine, sessions, broker producer and blob store for ``settings``."""
+        settings.ensure_dirs()
+        engine = make_engine(settings.resolved_database_url)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=make_sessionmaker(engine),
+            celery=make_celery(settings),
+            blobs=BlobStore(settings.resolved_blob_dir),
+        )

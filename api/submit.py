@@ -110,8 +110,10 @@ def submit_paths(
     return job.id, sources
 
 
-def enqueue(state: AppState, job_id: str, ids: Sequence[int], priority: str) -> None:
-    """Publish a job's instances in chunks, then mark them queued.
+def enqueue(
+    state: AppState, job_id: str, ids: Sequence[int], priority: str, *, chunk_size: int | None = None
+) -> None:
+    """Publish a job's instances in chunks (``RADQ_CHUNK_SIZE`` unless given), then mark them queued.
 
     Raises:
         BrokerUnavailable: the broker is unreachable; the instances stay ``pending``.
@@ -122,7 +124,7 @@ def enqueue(state: AppState, job_id: str, ids: Sequence[int], priority: str) -> 
             state.celery,
             job_id=job_id,
             instance_ids=ids,
-            chunk_size=settings.chunk_size,
+            chunk_size=chunk_size or settings.chunk_size,
             queue=settings.queue,
             priority=MESSAGE_PRIORITY[Priority(priority)],
         )

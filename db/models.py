@@ -63,6 +63,8 @@ class Instance(Base):
     reason: Mapped[str | None] = mapped_column(Text)  # why it failed or was skipped
     notes: Mapped[str | None] = mapped_column(Text)  # tolerated deviations of a readable file
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Leases that ran out while this file was processing (its worker died or hung).
+    lost_leases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(String(64))

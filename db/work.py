@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, exists, or_, select, update
+from sqlalchemy import Table, bindparam, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -32,10 +32,12 @@ class Claimed:
 def claim(
     session: Session, job_id: str, instance_ids: Sequence[int], *, lease_seconds: int
 ) -> list[Claimed]:
-    """Take the instances that are waiting (or whose lease expired) for this worker.
+    """Take the instances that are waiting, for this worker.
 
-    Instances already final, held under a live lease, or in a cancelled job are left
-    alone: that is what makes a re-delivered message harmless.
+    Instances already final, being processed, or in a cancelled job are left alone:
+    that is what makes a re-delivered message harmless. An instance whose worker died
+    is not retaken here but by the reaper (:func:`db.recovery.reap_expired_leases`),
+    which sends it on its own so that a file that kills workers takes no others down.
     """
     now = utcnow()
     live_jobs = select(Job.id).where(Job.status != JobStatus.CANCELLED)
@@ -45,13 +47,7 @@ def claim(
             Instance.id.in_(instance_ids),
             Instance.job_id == job_id,
             Instance.job_id.in_(live_jobs),
-            or_(
-                Instance.status.in_(WAITING_STATUSES),
-                and_(
-                    Instance.status == InstanceStatus.PROCESSING,
-                    Instance.lease_expires_at < now,
-                ),
-            ),
+            Instance.status.in_(WAITING_STATUSES),
         )
         .values(
             status=InstanceStatus.PROCESSING,
@@ -91,6 +87,17 @@ class ResultRow:
     outputs: Mapping[str, float]
     saliency: Mapping[str, str] | None = None  # label -> PNG sha256
     reused_from: int | None = None  # the result this one copies (deduplication)
+
+
+def renew_leases(session: Session, instance_ids: Sequence[int], *, lease_seconds: int) -> int:
+    """Extend the leases of instances this worker still processes; returns how many."""
+    result = session.execute(
+        update(Instance)
+        .where(Instance.id.in_(instance_ids), Instance.status == InstanceStatus.PROCESSING)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def record_metadata(session: Session, metadata: Sequence[Mapping[str, Any]]) -> None:

@@ -139,6 +139,32 @@ def scp(
     raise typer.Exit(code)
 
 
+@app.command()
+def reconcile(
+    grace: Annotated[
+        float, typer.Option(help="Only instances queued at least this many seconds are compared with Redis.")
+    ] = 30.0,
+) -> None:
+    """Re-queue what the database says is waiting but nothing is doing (after a Redis loss)."""
+    from api.maintenance import publish_pending, reap
+    from api.maintenance import reconcile as reconcile_broker
+    from api.state import AppState
+
+    state = AppState.build(_settings())
+    try:
+        published = publish_pending(state)
+        reaped, failed = reap(state)
+        missing = reconcile_broker(state, grace_seconds=grace)
+    except RadqError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        state.engine.dispose()
+    console.print(
+        f"published {published} never-queued instance(s); re-sent {reaped} whose worker was lost "
+        f"({failed} failed after RADQ_MAX_LOST_LEASES); re-published {missing} that no message carried"
+    )
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Create or migrate the schema (Alembic)."""

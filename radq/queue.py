@@ -6,8 +6,12 @@ their task bodies to it.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Sequence
+from typing import Any
 
+import redis
 from celery import Celery
 
 from radq.settings import Settings
@@ -20,6 +24,31 @@ KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 def redis_queue_keys(queue: str) -> list[str]:
     """The Redis lists holding one queue's messages, highest priority (0) first."""
     return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in KOMBU_PRIORITY_STEPS]
+
+
+def instance_ids_in_broker(broker_url: str, queue: str) -> set[int]:
+    """Every instance id a chunk message carries in ``queue``, waiting or delivered but unacked.
+
+    Reads kombu's Redis layout: one list per priority step and the ``unacked`` hash of
+    messages handed to a worker and not yet acknowledged. A message in the instant between
+    the two is missed; re-publishing its instances is harmless (claims are conditional).
+    """
+    client = redis.Redis.from_url(broker_url)
+    messages: list[dict[str, Any]] = []
+    for key in redis_queue_keys(queue):
+        for start in range(0, int(client.llen(key)), 1000):
+            messages.extend(json.loads(raw) for raw in client.lrange(key, start, start + 999))
+    for raw in client.hvals("unacked"):
+        message, _exchange, routing_key = json.loads(raw)
+        if routing_key == queue:
+            messages.append(message)
+    ids: set[int] = set()
+    for message in messages:
+        if message.get("headers", {}).get("task") != INFER_CHUNK:
+            continue
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        ids.update(int(i) for i in args[1])
+    return ids
 
 
 def make_celery(settings: Settings) -> Celery:

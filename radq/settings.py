@@ -71,7 +71,26 @@ class Settings(BaseSettings):
         True, description="Reuse results for instances already processed (same SOPInstanceUID and content)."
     )
     lease_seconds: int = Field(
-        900, ge=10, description="How long a claimed instance is held before re-delivery may retake it."
+        60,
+        ge=3,
+        le=86_400,
+        description="A claimed instance's lease; its worker renews it every third of this. When a "
+        "worker dies or hangs, the reaper takes its instances back after at most this long.",
+    )
+    max_lost_leases: int = Field(
+        3, ge=1, le=100, description="Leases a file may lose (its worker died or hung) before it is failed."
+    )
+    chunk_time_limit: float = Field(
+        1800.0,
+        gt=0,
+        description="Seconds a worker may spend on one message before its process is killed and replaced "
+        "(a file that hangs a codec); the chunk's instances then go back through the reaper.",
+    )
+    reconcile_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="How often the API re-publishes instances the database says are queued but that no "
+        "message in the broker carries (after Redis lost its data).",
     )
     registration_lease_seconds: int = Field(
         120,

@@ -10,16 +10,18 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from db.jobs import get_job
 from db.session import transaction
 from db.status import InstanceStatus
-from db.work import claim, close_finished_jobs, finish, record_metadata, write_results
+from db.work import Claimed, claim, close_finished_jobs, finish, record_metadata, write_results
 from radq.errors import ModelError
 from radq.model_card import AUTO
 from workers.batching import Batcher, Pending
 from workers.context import WorkerContext
 from workers.dedup import reuse_known
+from workers.leases import LeaseKeeper
 from workers.prepare import Header, prepare, read
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,23 @@ def run_chunk(ctx: WorkerContext, job_id: str, instance_ids: Sequence[int]) -> C
     report.claimed = len(claimed)
     if not claimed:
         return report
+    with LeaseKeeper(ctx.sessions, [c.id for c in claimed], ctx.settings.lease_seconds):
+        _process(ctx, job_id, claimed, model_names, options, report)
+    log.info(
+        "job %s chunk done: claimed=%d done=%d failed=%d skipped=%d",
+        job_id, report.claimed, report.done, report.failed, report.skipped,
+    )
+    return report
 
+
+def _process(
+    ctx: WorkerContext,
+    job_id: str,
+    claimed: list[Claimed],
+    model_names: list[str],
+    options: dict[str, Any],
+    report: ChunkReport,
+) -> None:
     pending = Pending()
     if AUTO in model_names:
         expanded = (ctx.models.auto_names() if name == AUTO else [name] for name in model_names)
@@ -71,7 +89,7 @@ def run_chunk(ctx: WorkerContext, job_id: str, instance_ids: Sequence[int]) -> C
     except ModelError as exc:
         pending.outcomes.extend((c.id, InstanceStatus.FAILED, f"model unavailable: {exc}") for c in claimed)
         _flush(ctx, job_id, pending, report)
-        return report
+        return
 
     batcher = Batcher(
         models,
@@ -101,8 +119,3 @@ def run_chunk(ctx: WorkerContext, job_id: str, instance_ids: Sequence[int]) -> C
             _flush(ctx, job_id, pending, report)
     batcher.drain()
     _flush(ctx, job_id, pending, report)
-    log.info(
-        "job %s chunk done: claimed=%d done=%d failed=%d skipped=%d",
-        job_id, report.claimed, report.done, report.failed, report.skipped,
-    )
-    return report

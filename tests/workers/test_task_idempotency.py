@@ -63,9 +63,9 @@ def test_same_chunk_twice_gives_one_row_per_instance(eager: tuple[Celery, Settin
     assert counts["done"] == 3 and results == 3 and status == JobStatus.DONE
 
 
-def test_expired_lease_is_retaken_live_lease_is_not(eager: tuple[Celery, Settings]) -> None:
+def test_redelivered_message_leaves_held_instances_to_their_lease(eager: tuple[Celery, Settings]) -> None:
     app, settings = eager
-    job_id, ids = _job(settings, ["CT_small.dcm", "MR_small.dcm"])
+    job_id, ids = _job(settings, ["CT_small.dcm", "MR_small.dcm", "CR2_6247.dcm"])
     engine = make_engine(settings.resolved_database_url)
     with transaction(make_sessionmaker(engine)) as session:
         # A worker died holding the first (lease expired); another still holds the second.
@@ -78,10 +78,12 @@ def test_expired_lease_is_retaken_live_lease_is_not(eager: tuple[Celery, Setting
             .values(status=InstanceStatus.PROCESSING, lease_expires_at=utcnow() + timedelta(hours=1))
         )
     engine.dispose()
+    # The message comes back (a visibility timeout, a dead worker): only the waiting
+    # instance is processed; held ones are the reaper's business, never inferred twice.
     report = app.tasks[INFER_CHUNK].apply(args=[job_id, ids]).get()
     assert report["claimed"] == 1 and report["done"] == 1
     counts, results, status = _state(settings, job_id)
-    assert counts["done"] == 1 and counts["processing"] == 1 and results == 1
+    assert counts["done"] == 1 and counts["processing"] == 2 and results == 1
     assert status == JobStatus.RUNNING
 
 

@@ -1,0 +1,170 @@
+"""Keeping recorded work moving: the API's maintenance loop and ``radq reconcile``.
+
+The database is the source of truth; every round compares it with what is happening:
+
+- path walks whose API process died are resumed (their lease expired);
+- instances recorded but never published (the broker was down) are published;
+- instances whose worker died or hung (their lease expired) are published again, one
+  per message, so a file that kills workers cannot take its chunk-mates with it; after
+  ``RADQ_MAX_LOST_LEASES`` such losses the file is failed with that cause;
+- every ``RADQ_RECONCILE_SECONDS``, instances the database says are queued but that no
+  message in Redis carries (Redis restarted without its data, a flushed queue) are
+  published again.
+
+Every step claims its rows with a conditional UPDATE, so any number of API processes
+can run the loop side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+from sqlalchemy.exc import OperationalError
+
+from api.registration import Registrar
+from api.state import AppState
+from api.submit import enqueue, notify_ended
+from db.recovery import queued_before, reap_expired_leases, take_back_unqueued
+from db.session import transaction
+from db.sources import claim_stale_sources, job_priorities, stale_pending
+from db.work import close_finished_jobs
+from radq.errors import BrokerUnavailable, RadqError
+from radq.queue import instance_ids_in_broker
+
+log = logging.getLogger(__name__)
+
+RECONCILE_GRACE_SECONDS = 10.0
+"""Only instances queued at least this long are compared with the broker (publishing lag)."""
+
+
+@dataclass
+class RoundReport:
+    """What one maintenance round did (counts of instances, or of sources)."""
+
+    resumed_sources: int = 0
+    published_pending: int = 0
+    reaped: int = 0
+    failed_after_lost_leases: int = 0
+    reconciled: int | None = None  # None: not compared with the broker this round
+    errors: list[str] = field(default_factory=list)
+
+
+def reap(state: AppState) -> tuple[int, int]:
+    """Send again, one per message, instances whose lease expired; fail the repeat offenders.
+
+    Returns:
+        (instances re-published, instances failed).
+    """
+    settings = state.settings
+    with transaction(state.sessions) as session:
+        reaped = reap_expired_leases(session, max_lost=settings.max_lost_leases)
+        closed = close_finished_jobs(session, list(reaped.failed)) if reaped.failed else []
+        priorities = job_priorities(session, list(reaped.requeue))
+    for job_id, ids in reaped.requeue.items():
+        log.warning("job %s: %d instance(s) lost their worker; sending each on its own", job_id, len(ids))
+        enqueue(state, job_id, ids, priorities[job_id], chunk_size=1)
+    for job_id in closed:
+        notify_ended(state, job_id)
+    return sum(map(len, reaped.requeue.values())), sum(map(len, reaped.failed.values()))
+
+
+def reconcile(state: AppState, *, grace_seconds: float = RECONCILE_GRACE_SECONDS) -> int:
+    """Publish again the queued instances that no message in the broker carries.
+
+    Returns:
+        How many instances were published again.
+    """
+    settings = state.settings
+    with state.sessions() as session:
+        queued = queued_before(session, older_than_seconds=grace_seconds)
+    if not queued:
+        return 0
+    try:
+        carried = instance_ids_in_broker(settings.broker_url, settings.queue)
+    except (redis.RedisError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot read the queue {settings.queue!r} from the broker: {exc}") from None
+    missing = [i for i in queued if i not in carried]
+    if not missing:
+        return 0
+    with transaction(state.sessions) as session:
+        moved = take_back_unqueued(session, missing, older_than_seconds=grace_seconds)
+        priorities = job_priorities(session, list({queued[i] for i in moved}))
+    by_job: dict[str, list[int]] = {}
+    for instance_id in moved:
+        by_job.setdefault(queued[instance_id], []).append(instance_id)
+    for job_id, ids in by_job.items():
+        log.warning(
+            "job %s: %d queued instance(s) were in no message; publishing them again", job_id, len(ids)
+        )
+        enqueue(state, job_id, ids, priorities[job_id])
+    return len(moved)
+
+
+def publish_pending(state: AppState) -> int:
+    """Publish instances recorded but never published (the broker was down)."""
+    with transaction(state.sessions) as session:
+        waiting = stale_pending(session, older_than_seconds=state.settings.requeue_after_seconds)
+        priorities = job_priorities(session, list(waiting))
+    for job_id, ids in waiting.items():
+        log.info("publishing %d instance(s) of job %s that were never queued", len(ids), job_id)
+        enqueue(state, job_id, ids, priorities[job_id])
+    return sum(map(len, waiting.values()))
+
+
+class Maintenance:
+    """The loop every API process runs beside its requests."""
+
+    def __init__(self, state: AppState, registrar: Registrar) -> None:
+        self.state = state
+        self.registrar = registrar
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_reconcile = time.monotonic()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="radq-maintenance", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            due = time.monotonic() - self._last_reconcile >= self.state.settings.reconcile_seconds
+            report = self.run_once(reconcile_broker=due)
+            if report.reconciled is not None:
+                self._last_reconcile = time.monotonic()
+            for error in report.errors:
+                log.warning("maintenance: %s", error)
+            self._stop.wait(self.state.settings.maintenance_seconds)
+
+    def run_once(self, *, reconcile_broker: bool = True) -> RoundReport:
+        """One round; a step whose service is down is reported and skipped, not raised."""
+        report = RoundReport()
+        try:
+            with transaction(self.state.sessions) as session:
+                stale = claim_stale_sources(
+                    session, lease_seconds=self.state.settings.registration_lease_seconds
+                )
+            if stale:
+                log.info("resuming %d abandoned registration(s)", len(stale))
+                self.registrar.register(stale)
+            report.resumed_sources = len(stale)
+            report.published_pending = publish_pending(self.state)
+            report.reaped, report.failed_after_lost_leases = reap(self.state)
+            if reconcile_broker:
+                report.reconciled = reconcile(self.state)
+        except OperationalError as exc:
+            report.errors.append(f"database unreachable: {exc.orig}")
+        except RadqError as exc:
+            report.errors.append(str(exc))
+        except Exception as exc:  # the loop must outlive a bug in one round
+            log.exception("maintenance round failed")
+            report.errors.append(f"{type(exc).__name__}: {exc}")
+        return report

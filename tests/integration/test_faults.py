@@ -1,0 +1,180 @@
+"""Faults in the middle of a job: a worker killed, Redis losing its data, a file that hangs.
+
+Each test runs its own `radq api` and `radq worker` processes (short leases, a fast
+maintenance loop) and asserts the end state in SQL: every instance final, exactly one
+result row per done instance and model version, the cause recorded for the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from db.models import Instance, Result
+from db.session import make_engine
+from radq.client import Client
+from radq.services import ensure_redis, free_port, spawn, stop, wait_for_http
+from radq.settings import Settings
+from tests.conftest import SAMPLES, make_settings
+from tests.integration.test_scale import SLICES, STUDIES, _generate
+from tests.jobwait import wait_done
+
+FAST = {
+    "lease_seconds": 3,
+    "maintenance_seconds": 0.5,
+    "reconcile_seconds": 1.0,
+    "requeue_after_seconds": 1.0,
+    "chunk_size": 16,
+}
+
+
+@dataclass
+class Processes:
+    settings: Settings
+    url: str
+    api: subprocess.Popen[bytes]
+    worker: subprocess.Popen[bytes]
+    client: Client
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        name = f"faults-{uuid.uuid4().hex[:6]}@%h"
+        log = self.settings.home / f"worker-{name[:13]}.log"
+        self.worker = spawn(["worker", "--concurrency", "1", "--hostname", name], env=self.settings.to_env(),
+                            log_file=log)  # fmt: skip
+        return self.worker
+
+
+@contextmanager
+def processes(settings: Settings) -> Iterator[Processes]:
+    env = settings.to_env()
+    port = free_port()
+    api = spawn(["api", "--port", str(port)], env=env, log_file=settings.home / "api.log")
+    url = f"http://127.0.0.1:{port}"
+    running = Processes(settings, url, api, api, Client(url, timeout=60))
+    running.start_worker()
+    try:
+        wait_for_http(f"{url}/healthz", api)
+        yield running
+    finally:
+        running.client.close()
+        stop(running.worker)
+        stop(api)
+
+
+def submit_paths(url: str, paths: list[Path]) -> str:
+    response = httpx.post(f"{url}/v1/jobs", json={"paths": [str(p) for p in paths]}, timeout=60)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def sql_state(database_url: str, job_id: str) -> dict[str, int]:
+    """Rows as SQL holds them: instances, done, results, duplicates, instances with lost leases."""
+    engine = make_engine(database_url)
+    with engine.connect() as conn:
+        instances = conn.scalar(select(func.count()).where(Instance.job_id == job_id))
+        done = conn.scalar(select(func.count()).where(Instance.job_id == job_id, Instance.status == "done"))
+        results = conn.scalar(
+            select(func.count()).select_from(Result).join(Instance).where(Instance.job_id == job_id)
+        )
+        per_key = (
+            select(Result.instance_id, Result.model, Result.model_version, func.count().label("n"))
+            .join(Instance)
+            .where(Instance.job_id == job_id)
+            .group_by(Result.instance_id, Result.model, Result.model_version)
+            .subquery()
+        )
+        duplicates = conn.scalar(select(func.count()).select_from(per_key).where(per_key.c.n > 1))
+        lost = conn.scalar(select(func.count()).where(Instance.job_id == job_id, Instance.lost_leases > 0))
+    engine.dispose()
+    return {"instances": instances or 0, "done": done or 0, "results": results or 0,
+            "duplicates": duplicates or 0, "lost_leases": lost or 0}  # fmt: skip
+
+
+def test_worker_killed_mid_job_loses_and_doubles_nothing(
+    tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    settings = make_settings(tmp_path, database_url, redis_url, **FAST)
+    root = settings.allowed_roots[0] / "killed"
+    _generate(root)
+    with processes(settings) as running:
+        job_id = submit_paths(running.url, [root])
+        wait_for(lambda: running.client.job(job_id)["counts"]["done"] >= 32, 120, "the first results")
+        os.killpg(running.worker.pid, signal.SIGKILL)  # main process and its pool child, no warning
+        running.worker.wait(10)
+        running.start_worker()
+        job = wait_done(running.client, job_id, timeout=300)
+    total = STUDIES * SLICES
+    assert job["counts"]["done"] == total
+    state = sql_state(database_url, job_id)
+    assert state["results"] == state["done"] == state["instances"] == total
+    assert state["duplicates"] == 0
+    assert state["lost_leases"] > 0  # the killed worker's chunk came back through the reaper
+
+
+def test_redis_restarted_without_its_data_mid_job(tmp_path: Path, database_url: str) -> None:
+    broker = f"redis://127.0.0.1:{free_port()}/0"
+    server = ensure_redis(broker, tmp_path / "redis")
+    assert server is not None
+    settings = make_settings(tmp_path, database_url, broker, **FAST)
+    root = settings.allowed_roots[0] / "flushed"
+    _generate(root)
+    try:
+        with processes(settings) as running:
+            job_id = submit_paths(running.url, [root])
+            wait_for(lambda: running.client.job(job_id)["counts"]["done"] >= 16, 120, "the first results")
+            server.kill()  # Redis dies; what it held (the queued chunks) is gone with it
+            server.wait(10)
+            server = ensure_redis(broker, tmp_path / "redis")  # an empty Redis comes back
+            assert server is not None
+            job = wait_done(running.client, job_id, timeout=300)
+    finally:
+        if server is not None:
+            stop(server)
+    total = STUDIES * SLICES
+    assert job["counts"]["done"] == total
+    state = sql_state(database_url, job_id)
+    assert state["results"] == state["done"] == total and state["duplicates"] == 0
+
+
+def test_file_that_hangs_the_reader_fails_alone(tmp_path: Path, database_url: str, redis_url: str) -> None:
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs a FIFO")
+    settings = make_settings(
+        tmp_path, database_url, redis_url, **{**FAST, "chunk_time_limit": 4.0, "max_lost_leases": 2}
+    )
+    folder = settings.allowed_roots[0] / "hang"
+    folder.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm", "CR2_6247.dcm"):
+        shutil.copy(SAMPLES / "real" / name, folder / name)
+    # Reading a FIFO with no writer blocks forever: a stand-in for a stalled mount or a
+    # codec that never returns.
+    os.mkfifo(folder / "BB_hangs.dcm")
+    with processes(settings) as running:
+        job = wait_done(running.client, submit_paths(running.url, [folder]), timeout=180)
+        assert running.worker.poll() is None  # the worker replaced its child and went on
+        failed = running.client.instances(job["id"], "failed")
+    assert job["counts"]["done"] == 3 and job["counts"]["failed"] == 1
+    assert failed[0]["file_name"].endswith("BB_hangs.dcm")
+    assert "died or timed out 2 times" in failed[0]["reason"]
+    state = sql_state(database_url, job["id"])
+    assert state["results"] == 3 and state["duplicates"] == 0
