@@ -7,14 +7,16 @@ result row per done instance and model version, the cause recorded for the rest.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,13 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from db.migrate import upgrade
 from db.models import Instance, Result
 from db.session import make_engine
 from radq.client import Client
 from radq.services import ensure_redis, free_port, spawn, stop, wait_for_http
 from radq.settings import Settings
-from tests.conftest import SAMPLES, make_settings
+from tests.conftest import SAMPLES, make_settings, unavailable
 from tests.integration.test_scale import SLICES, STUDIES, _generate
 from tests.jobwait import wait_done
 
@@ -57,7 +60,7 @@ class Processes:
         return self.worker
 
 
-@contextmanager
+@contextlib.contextmanager
 def processes(settings: Settings) -> Iterator[Processes]:
     env = settings.to_env()
     port = free_port()
@@ -178,3 +181,91 @@ def test_file_that_hangs_the_reader_fails_alone(tmp_path: Path, database_url: st
     assert "died or timed out 2 times" in failed[0]["reason"]
     state = sql_state(database_url, job["id"])
     assert state["results"] == 3 and state["duplicates"] == 0
+
+
+def test_sigterm_finishes_the_chunk_and_a_restart_loses_nothing(
+    tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    settings = make_settings(tmp_path, database_url, redis_url, **FAST)
+    root = settings.allowed_roots[0] / "sigterm"
+    _generate(root)
+    with processes(settings) as running:
+        job_id = submit_paths(running.url, [root])
+        wait_for(lambda: running.client.job(job_id)["counts"]["done"] >= 16, 120, "the first results")
+        running.worker.send_signal(signal.SIGTERM)  # what systemd, docker stop and k8s send
+        assert running.worker.wait(60) == 0  # warm shutdown: the chunk in hand is finished
+        counts = running.client.job(job_id)["counts"]
+        assert counts["processing"] == 0, counts  # nothing left held by the stopped worker
+        running.start_worker()
+        job = wait_done(running.client, job_id, timeout=300)
+    assert job["counts"]["done"] == STUDIES * SLICES
+    state = sql_state(database_url, job_id)
+    assert state["results"] == state["done"] == STUDIES * SLICES and state["duplicates"] == 0
+    assert state["lost_leases"] == 0  # handed over cleanly, not recovered by the reaper
+
+
+class PrivateCluster:
+    """A PostgreSQL cluster of the test's own (initdb in a temp dir), so it can be stopped."""
+
+    def __init__(self) -> None:
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not bins:
+            unavailable("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        self.bin = Path(bins[-1]).parent
+        self.dir = Path(tempfile.mkdtemp(prefix="radq-pg-"))  # /tmp: reachable by the postgres user
+        self.port = free_port()
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_postgres:
+            shutil.chown(self.dir, "postgres")
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_postgres, str(self.bin / tool), *args], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            "pg_ctl", "-D", str(self.dir / "data"), "-o", options, "-l", str(self.dir / "log"), "-w", "start"
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_postgresql_down_for_20_seconds_mid_job(tmp_path: Path, redis_url: str) -> None:
+    cluster = PrivateCluster()
+    try:
+        cluster.start()
+        upgrade(cluster.url)
+        settings = make_settings(tmp_path, cluster.url, redis_url, **FAST)
+        root = settings.allowed_roots[0] / "outage"
+        _generate(root)
+        with processes(settings) as running:
+            job_id = submit_paths(running.url, [root])
+            wait_for(lambda: running.client.job(job_id)["counts"]["done"] >= 16, 120, "the first results")
+            cluster.stop()
+            down_at = time.monotonic()
+            health = httpx.get(f"{running.url}/healthz", timeout=30)
+            assert health.status_code == 503 and health.json()["database"].startswith("unreachable")
+            status = httpx.get(f"{running.url}/v1/jobs/{job_id}", timeout=30)
+            assert status.status_code == 503 and status.headers["retry-after"]
+            time.sleep(max(0.0, 20 - (time.monotonic() - down_at)))
+            cluster.start()
+            job = wait_done(running.client, job_id, timeout=300)
+            assert running.worker.poll() is None and running.api.poll() is None
+        total = STUDIES * SLICES
+        assert job["counts"]["done"] == total
+        state = sql_state(cluster.url, job_id)
+        assert state["results"] == state["done"] == total and state["duplicates"] == 0
+    finally:
+        cluster.remove()
