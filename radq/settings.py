@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         description="Seconds a worker may spend on one message before its process is killed and replaced "
         "(a file that hangs a codec); the chunk's instances then go back through the reaper.",
     )
+    visibility_timeout: int = Field(
+        3600,
+        ge=1,
+        description="Redis: seconds before a delivered but unacknowledged message is delivered again. "
+        "Leases make such a redelivery harmless, even while the first worker is still at it.",
+    )
     reconcile_seconds: float = Field(
         300.0,
         gt=0,
