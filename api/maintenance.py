@@ -30,8 +30,8 @@ from api.state import AppState
 from api.submit import enqueue, notify_ended
 from db.recovery import queued_before, reap_expired_leases, take_back_unqueued
 from db.session import transaction
-from db.sources import claim_stale_sources, job_priorities, stale_pending
-from db.work import close_finished_jobs
+from db.sources import claim_stale_sources, job_routes, stale_pending
+from db.work import close_finished_jobs, open_jobs_with_nothing_left
 from radq.errors import BrokerUnavailable, RadqError
 from radq.queue import instance_ids_in_broker
 
@@ -49,6 +49,7 @@ class RoundReport:
     published_pending: int = 0
     reaped: int = 0
     failed_after_lost_leases: int = 0
+    closed: int = 0
     reconciled: int | None = None  # None: not compared with the broker this round
     errors: list[str] = field(default_factory=list)
 
@@ -63,10 +64,11 @@ def reap(state: AppState) -> tuple[int, int]:
     with transaction(state.sessions) as session:
         reaped = reap_expired_leases(session, max_lost=settings.max_lost_leases)
         closed = close_finished_jobs(session, list(reaped.failed)) if reaped.failed else []
-        priorities = job_priorities(session, list(reaped.requeue))
+        routes = job_routes(session, list(reaped.requeue))
     for job_id, ids in reaped.requeue.items():
         log.warning("job %s: %d instance(s) lost their worker; sending each on its own", job_id, len(ids))
-        enqueue(state, job_id, ids, priorities[job_id], chunk_size=1)
+        priority, queue = routes[job_id]
+        enqueue(state, job_id, ids, priority, queue=queue, chunk_size=1)
     for job_id in closed:
         notify_ended(state, job_id)
     return sum(map(len, reaped.requeue.values())), sum(map(len, reaped.failed.values()))
@@ -81,18 +83,20 @@ def reconcile(state: AppState, *, grace_seconds: float = RECONCILE_GRACE_SECONDS
     settings = state.settings
     with state.sessions() as session:
         queued = queued_before(session, older_than_seconds=grace_seconds)
+        routes = job_routes(session, list(set(queued.values())))
     if not queued:
         return 0
-    try:
-        carried = instance_ids_in_broker(settings.broker_url, settings.queue)
-    except (redis.RedisError, OSError) as exc:
-        raise BrokerUnavailable(f"cannot read the queue {settings.queue!r} from the broker: {exc}") from None
+    carried: set[int] = set()
+    for name in {q or settings.queue for _, q in routes.values()}:
+        try:
+            carried |= instance_ids_in_broker(settings.broker_url, name)
+        except (redis.RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"cannot read the queue {name!r} from the broker: {exc}") from None
     missing = [i for i in queued if i not in carried]
     if not missing:
         return 0
     with transaction(state.sessions) as session:
         moved = take_back_unqueued(session, missing, older_than_seconds=grace_seconds)
-        priorities = job_priorities(session, list({queued[i] for i in moved}))
     by_job: dict[str, list[int]] = {}
     for instance_id in moved:
         by_job.setdefault(queued[instance_id], []).append(instance_id)
@@ -100,18 +104,30 @@ def reconcile(state: AppState, *, grace_seconds: float = RECONCILE_GRACE_SECONDS
         log.warning(
             "job %s: %d queued instance(s) were in no message; publishing them again", job_id, len(ids)
         )
-        enqueue(state, job_id, ids, priorities[job_id])
+        priority, queue = routes[job_id]
+        enqueue(state, job_id, ids, priority, queue=queue)
     return len(moved)
+
+
+def close_forgotten(state: AppState) -> int:
+    """Close jobs whose instances are all final but that are still open; returns how many."""
+    with transaction(state.sessions) as session:
+        ids = open_jobs_with_nothing_left(session)
+        notify = close_finished_jobs(session, ids) if ids else []
+    for job_id in notify:
+        notify_ended(state, job_id)
+    return len(ids)
 
 
 def publish_pending(state: AppState) -> int:
     """Publish instances recorded but never published (the broker was down)."""
     with transaction(state.sessions) as session:
         waiting = stale_pending(session, older_than_seconds=state.settings.requeue_after_seconds)
-        priorities = job_priorities(session, list(waiting))
+        routes = job_routes(session, list(waiting))
     for job_id, ids in waiting.items():
         log.info("publishing %d instance(s) of job %s that were never queued", len(ids), job_id)
-        enqueue(state, job_id, ids, priorities[job_id])
+        priority, queue = routes[job_id]
+        enqueue(state, job_id, ids, priority, queue=queue)
     return sum(map(len, waiting.values()))
 
 
@@ -158,6 +174,7 @@ class Maintenance:
             report.resumed_sources = len(stale)
             report.published_pending = publish_pending(self.state)
             report.reaped, report.failed_after_lost_leases = reap(self.state)
+            report.closed = close_forgotten(self.state)
             if reconcile_broker:
                 report.reconciled = reconcile(self.state)
         except OperationalError as exc:

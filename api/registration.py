@@ -110,7 +110,7 @@ class Registrar:
         if not ids:
             return
         try:
-            enqueue(self.state, source.job_id, ids, source.priority)
+            enqueue(self.state, source.job_id, ids, source.priority, queue=source.queue)
         except TransientError as exc:
             # Recorded as pending: the maintenance loop publishes them once the broker is back.
             log.warning("%s", exc)

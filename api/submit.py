@@ -65,10 +65,15 @@ def submit(
         raise SubmissionError("the submission contains no files")
     with transaction(state.sessions) as session:
         job = create_job(
-            session, models=names, options=options, priority=priority, webhook_url=webhook_url
+            session,
+            models=names,
+            options=options,
+            priority=priority,
+            webhook_url=webhook_url,
+            queue=settings.queue,
         )
         ids = add_instances(session, job_id=job.id, files=ingest.files)
-    enqueue(state, job.id, ids, priority)
+    enqueue(state, job.id, ids, priority, queue=job.queue)
     return job.id
 
 
@@ -104,6 +109,7 @@ def submit_paths(
             priority=priority,
             webhook_url=webhook_url,
             status=JobStatus.REGISTERING,
+            queue=state.settings.queue,
         )
         lease = state.settings.registration_lease_seconds
         sources = add_sources(session, job_id=job.id, paths=resolved, lease_seconds=lease)
@@ -111,9 +117,17 @@ def submit_paths(
 
 
 def enqueue(
-    state: AppState, job_id: str, ids: Sequence[int], priority: str, *, chunk_size: int | None = None
+    state: AppState,
+    job_id: str,
+    ids: Sequence[int],
+    priority: str,
+    *,
+    queue: str | None = None,
+    chunk_size: int | None = None,
 ) -> None:
-    """Publish a job's instances in chunks (``RADQ_CHUNK_SIZE`` unless given), then mark them queued.
+    """Publish a job's instances in chunks, then mark them queued.
+
+    ``queue`` and ``chunk_size`` default to ``RADQ_QUEUE`` and ``RADQ_CHUNK_SIZE``.
 
     Raises:
         BrokerUnavailable: the broker is unreachable; the instances stay ``pending``.
@@ -125,7 +139,7 @@ def enqueue(
             job_id=job_id,
             instance_ids=ids,
             chunk_size=chunk_size or settings.chunk_size,
-            queue=settings.queue,
+            queue=queue or settings.queue,
             priority=MESSAGE_PRIORITY[Priority(priority)],
         )
     except (KombuOperationalError, OSError) as exc:

@@ -34,6 +34,7 @@ def create_job(
     priority: str = Priority.NORMAL,
     webhook_url: str | None = None,
     status: JobStatus = JobStatus.QUEUED,
+    queue: str | None = None,
 ) -> Job:
     job = Job(
         id=str(uuid.uuid4()),
@@ -42,6 +43,7 @@ def create_job(
         options=options or None,
         priority=priority,
         webhook_url=webhook_url,
+        queue=queue,
     )
     session.add(job)
     session.flush()

@@ -37,6 +37,8 @@ class Job(Base):
     options: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # e.g. {"explain_threshold": 0.5}
     priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    # The Celery queue its messages go to; recovery re-publishes there (null: RADQ_QUEUE).
+    queue: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

@@ -31,6 +31,7 @@ class SourceRef:
     path: str
     files_seen: int
     priority: str
+    queue: str | None
 
 
 def add_sources(
@@ -45,7 +46,7 @@ def add_sources(
     ]
     session.add_all(rows)
     session.flush()
-    return [SourceRef(r.id, job_id, r.path, 0, job.priority) for r in rows]
+    return [SourceRef(r.id, job_id, r.path, 0, job.priority, job.queue) for r in rows]
 
 
 def claim_stale_sources(session: Session, *, lease_seconds: int, limit: int = 10) -> list[SourceRef]:
@@ -64,12 +65,8 @@ def claim_stale_sources(session: Session, *, lease_seconds: int, limit: int = 10
         .returning(JobSource.id, JobSource.job_id, JobSource.path, JobSource.files_seen)
         .execution_options(synchronize_session=False)
     ).all()
-    priorities = dict(
-        session.execute(select(Job.id, Job.priority).where(Job.id.in_({r.job_id for r in rows})))
-        .tuples()
-        .all()
-    )
-    return [SourceRef(r.id, r.job_id, r.path, r.files_seen, priorities[r.job_id]) for r in rows]
+    routes = job_routes(session, [r.job_id for r in rows])
+    return [SourceRef(r.id, r.job_id, r.path, r.files_seen, *routes[r.job_id]) for r in rows]
 
 
 def record_batch(
@@ -224,5 +221,7 @@ def stale_pending(
     return by_job
 
 
-def job_priorities(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
-    return dict(session.execute(select(Job.id, Job.priority).where(Job.id.in_(job_ids))).tuples().all())
+def job_routes(session: Session, job_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """Where each job's messages go: ``job id -> (priority, queue or None for RADQ_QUEUE)``."""
+    rows = session.execute(select(Job.id, Job.priority, Job.queue).where(Job.id.in_(set(job_ids)))).all()
+    return {job_id: (priority, queue) for job_id, priority, queue in rows}

@@ -169,13 +169,20 @@ def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> list[str]:
     Returns:
         The ids of the jobs this call closed and that have a webhook to call.
     """
+    ids = sorted(set(job_ids))
+    if not ids:
+        return []
+    # Lock the job rows first: two transactions finishing the last instances of one job
+    # (two workers, or a worker and the registrar) then check one after the other, and
+    # the second sees what the first committed, so the job cannot be left open.
+    session.execute(select(Job.id).where(Job.id.in_(ids)).order_by(Job.id).with_for_update())
     unfinished = exists().where(
         Instance.job_id == Job.id, Instance.status.not_in(FINAL_STATUSES)
     )
     closed = session.execute(
         update(Job)
         .where(
-            Job.id.in_(list(job_ids)),
+            Job.id.in_(ids),
             Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
             ~unfinished,
         )
@@ -184,6 +191,18 @@ def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> list[str]:
         .execution_options(synchronize_session=False)
     ).all()
     return [job_id for job_id, url in closed if url]
+
+
+def open_jobs_with_nothing_left(session: Session, limit: int = 1000) -> list[str]:
+    """Queued or running jobs whose every instance is final (a safety net for closing)."""
+    unfinished = exists().where(Instance.job_id == Job.id, Instance.status.not_in(FINAL_STATUSES))
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)), ~unfinished)
+            .limit(limit)
+        )
+    )
 
 
 def find_reusable(

@@ -29,15 +29,20 @@ from tests.apiserver import serve
 from tests.conftest import make_settings
 
 
-def queued_instance_ids(broker_url: str, queue: str) -> list[int]:
-    """Instance ids carried by every message waiting in ``queue`` (all priority lists)."""
+def queued_instance_ids(broker_url: str, queue: str, job_id: str | None = None) -> list[int]:
+    """Instance ids carried by every message waiting in ``queue`` (all priority lists).
+
+    With ``job_id``, only that job's messages: the database is shared with other tests'
+    API processes, whose maintenance loops may publish stray instances of their own.
+    """
     client = redis.Redis.from_url(broker_url)
     ids: list[int] = []
     for key in redis_queue_keys(queue):
         for raw in client.lrange(key, 0, -1):
             message = json.loads(raw)
             args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-            ids.extend(args[1])
+            if job_id is None or args[0] == job_id:
+                ids.extend(args[1])
     return ids
 
 
@@ -79,7 +84,7 @@ def test_large_tree_is_registered_and_queued_in_the_background(settings: Setting
     assert job["registration"]["errors"] == []
     counts = job["counts"]
     assert counts["total"] == counts["queued"] == 2500 and counts["pending"] == 0
-    carried = queued_instance_ids(settings.broker_url, settings.queue)
+    carried = queued_instance_ids(settings.broker_url, settings.queue, first["id"])
     assert len(carried) == len(set(carried)) == 2500  # every instance in exactly one message
 
 
@@ -163,5 +168,5 @@ def test_registration_resumes_after_the_api_is_killed(settings: Settings, databa
         )
     engine.dispose()
     assert distinct == 30_000  # no file registered twice
-    carried = set(queued_instance_ids(settings.broker_url, settings.queue))
+    carried = set(queued_instance_ids(settings.broker_url, settings.queue, job_id))
     assert len(carried) == 30_000  # every instance is in some message (a re-published one may repeat)
