@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from starlette.routing import Match
 
 import radq
 from api.maintenance import Maintenance
@@ -25,6 +25,9 @@ from radq.errors import LimitExceeded, PathNotAllowed, SubmissionError, Transien
 from radq.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+"""Methods a 405's ``Allow`` may name."""
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -68,16 +71,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _allowed_methods(request: Request) -> str:
-    """Every method served at the request's path, for ``Allow``.
+    """The methods served at the request's path, for the ``Allow`` header of a 405.
 
     Starlette's 405 names only the methods of the first route matching the path, so
-    ``PUT /v1/jobs`` would answer ``Allow: POST`` although ``GET /v1/jobs`` exists too.
+    ``PUT /v1/jobs`` would answer ``Allow: POST`` although ``GET /v1/jobs`` exists too;
+    each method is asked of the router instead.
     """
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE:
-            methods |= route.methods or set()
-    return ", ".join(sorted(methods))
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:

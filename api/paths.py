@@ -20,7 +20,8 @@ def resolve_submitted(raw: str, roots: Sequence[Path]) -> Path:
     Raises:
         PathNotAllowed: path submissions are disabled, or the path (after resolving
             symlinks) is outside every allowed root.
-        SubmissionError: the path is relative, contains NUL, or does not exist.
+        SubmissionError: the path is relative, contains NUL, does not exist, or cannot be
+            looked up (its name is too long, a folder above it may not be searched).
     """
     if not roots:
         raise PathNotAllowed(
@@ -33,7 +34,11 @@ def resolve_submitted(raw: str, roots: Sequence[Path]) -> Path:
     if not path.is_absolute():
         raise SubmissionError(f"{raw}: paths must be absolute")
     resolved = inside_roots(path, [r.resolve() for r in roots])
-    if not resolved.exists():
+    try:
+        found = resolved.exists()
+    except OSError as exc:  # a name too long, a folder radq may not search: not "missing"
+        raise SubmissionError(f"{raw}: cannot be read ({exc.strerror})") from None
+    if not found:
         raise SubmissionError(f"{raw}: no such file or directory")
     return resolved
 

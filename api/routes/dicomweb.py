@@ -62,6 +62,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     406: {"model": ErrorOut},
     413: {"model": ErrorOut},
     415: {"model": ErrorOut},
+    422: {"model": ErrorOut},
     503: {"model": ErrorOut},
 }
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData, UploadFile
 
@@ -58,6 +59,7 @@ _SUBMIT_BODY: dict[str, Any] = {
                         "files": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
                             "description": "DICOM files and/or .zip/.tar/.tar.gz archives",
                         },
                         "models": {"type": "array", "items": {"type": "string"}},
@@ -200,11 +202,23 @@ def _view(state: AppState, job_id: str) -> JobOut:
         return job_view(session, job_id)
 
 
+def _not_a_number(value: object) -> object:
+    """Refuse a number for a date-time: pydantic would read it as Unix time, so ISO 8601's
+    basic form ``20240131`` would silently mean 1970-08-23."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+(\.\d*)?\s*", value):
+        raise ValueError("expected an ISO 8601 date-time such as 2024-01-31T00:00:00Z, not a number")
+    return value
+
+
 @router.get("", response_model=JobsPage, responses={422: {"model": ErrorOut}})
 def read_jobs(
     session: SessionDep,
     status: Annotated[JobStatus | None, Query()] = None,
-    since: Annotated[datetime | None, Query(description="ISO 8601; jobs created at or after")] = None,
+    since: Annotated[
+        datetime | None,
+        BeforeValidator(_not_a_number),
+        Query(description="ISO 8601; jobs created at or after"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobsPage:
     """Jobs, newest first."""
@@ -214,13 +228,15 @@ def read_jobs(
     return JobsPage(items=[job_view(session, j.id) for j in jobs])
 
 
-@router.get("/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}})
+@router.get("/{job_id}", response_model=JobOut,
+            responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}})  # fmt: skip
 def read_job(job_id: str, session: SessionDep) -> JobOut:
     return job_view(session, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut,
-             responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}})  # fmt: skip
+             responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut},
+                        422: {"model": ErrorOut}})  # fmt: skip
 def cancel(job_id: str, state: StateDep) -> JobOut:
     """Drop a job's waiting work; chunks already being processed finish and are counted."""
     with transaction(state.sessions) as session:
@@ -234,7 +250,8 @@ def cancel(job_id: str, state: StateDep) -> JobOut:
 
 
 @router.post("/{job_id}/retry", response_model=JobOut, status_code=202,
-             responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}})  # fmt: skip
+             responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut},
+                        422: {"model": ErrorOut}})  # fmt: skip
 def retry(job_id: str, state: StateDep) -> JobOut:
     """Run a job's failed instances again."""
     with transaction(state.sessions) as session:
@@ -242,20 +259,22 @@ def retry(job_id: str, state: StateDep) -> JobOut:
         if job.status == JobStatus.CANCELLED:
             raise HTTPException(409, f"job {job_id} was cancelled; submit its files again instead")
         ids = reset_failed(session, job_id)
-        priority = job.priority
+        priority, queue = job.priority, job.queue
     if not ids:
         raise HTTPException(409, f"job {job_id} has no failed instances to retry")
-    enqueue(state, job_id, ids, priority)
+    enqueue(state, job_id, ids, priority, queue=queue)
     return _view(state, job_id)
 
 
-@router.get("/{job_id}/instances", response_model=InstancesPage, responses={404: {"model": ErrorOut}})
+@router.get("/{job_id}/instances", response_model=InstancesPage,
+            responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}})  # fmt: skip
 def read_instances(
     job_id: str,
     session: SessionDep,
     status: Annotated[InstanceStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    # SQL's OFFSET is a signed 64-bit integer: past it SQLite and PostgreSQL raise, not answer.
+    offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
 ) -> InstancesPage:
     _job_or_404(session, job_id)
     rows = list_instances(session, job_id, status=status, limit=limit, offset=offset)

@@ -22,7 +22,7 @@ from db.models import Result
 from db.studies import study_instances, summarise
 from radq.model_card import discover_cards
 
-router = APIRouter(tags=["studies"])
+router = APIRouter(tags=["studies"], responses={422: {"model": ErrorOut}})
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
