@@ -55,7 +55,8 @@ def wait_registered(http: httpx.Client, job_id: str, timeout: float = 120) -> di
     deadline = time.monotonic() + timeout
     while True:
         job: dict[str, Any] = http.get(f"/v1/jobs/{job_id}").json()
-        if job["registration"]["status"] != "registering":
+        # Both: on SQLite each SELECT of one GET may see a different commit.
+        if job["registration"]["status"] != "registering" and job["status"] != "registering":
             return job
         if time.monotonic() > deadline:
             raise AssertionError(f"registration of {job_id} not finished after {timeout}s: {job}")
