@@ -44,6 +44,10 @@ class NotDicom(InstanceError):
     """Raised when a file is not a DICOM dataset at all."""
 
 
+class MalformedDicom(InstanceError):
+    """Raised when a DICOM file's structure is corrupt: cut short, wrong lengths, bad values."""
+
+
 class TruncatedPixelData(InstanceError):
     """Raised when Pixel Data holds fewer bytes than the header declares."""
 

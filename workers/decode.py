@@ -1,19 +1,27 @@
 """Decoding the frames a model card asks for from a dataset read by :mod:`workers.header`.
 
 Size checks come before any decoding, so a bogus header never costs memory, and only
-the frames the policy needs are decoded (:mod:`workers.frames`). Every per-file
-problem leaves as an ``InstanceError`` subclass whose ``reason`` a person can act on;
-pydicom's own warnings are added to the file's ``notes``.
+the frames the policy needs are decoded (:mod:`workers.frames`). Compressed frames are
+checked against the header before a codec allocates for them. Every per-file problem
+leaves as an ``InstanceError`` subclass whose ``reason`` a person can act on; pydicom's
+own warnings are added to the file's ``notes``.
 """
 
 from __future__ import annotations
 
+import logging
+import struct
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom.uid as uids
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import UID
@@ -21,6 +29,7 @@ from pydicom.uid import UID
 from radq.errors import (
     ImageTooLarge,
     InstanceError,
+    MalformedDicom,
     NoImage,
     TruncatedPixelData,
     UndecodablePixels,
@@ -29,6 +38,8 @@ from radq.errors import (
 from radq.model_card import FramePolicy
 from workers.frames import (
     FrameTransform,
+    check_codestreams,
+    check_fragments,
     frame_transforms,
     is_undefined_length,
     read_frames,
@@ -38,11 +49,17 @@ from workers.frames import (
 from workers.header import (
     InstanceMeta,
     add_note,
+    describe_malformed,
     element_text,
+    is_environment_error,
+    is_uid,
+    printable,
     pydicom_notes,
     read_header,
     short_error,
 )
+
+log = logging.getLogger(__name__)
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 """Elements that hold an image; a dataset with none of them has nothing to infer on."""
@@ -85,6 +102,7 @@ def unsupported_syntax_reason(uid: str) -> str:
     """The reason recorded when no installed codec decodes transfer syntax ``uid``."""
     ts = UID(uid)
     name = ts.name if ts.is_transfer_syntax else "unknown or private transfer syntax"
+    uid = printable(uid, 80)
     if ts in uids.JPEGTransferSyntaxes:
         hint = "install pylibjpeg and pylibjpeg-libjpeg (or python-gdcm)"
     elif ts in uids.JPEGLSTransferSyntaxes:
@@ -112,22 +130,27 @@ def _decoder_for(ts: UID) -> Decoder:
 
 def _describe(ds: Dataset, meta: InstanceMeta) -> str:
     sop = element_text(ds, "SOPClassUID") or element_text(ds.file_meta, "MediaStorageSOPClassUID")
-    sop_name = UID(sop).name if sop else None
+    sop_name = UID(sop).name if sop and is_uid(sop) else None
     if meta.modality and sop_name:
         return f"{meta.modality} ({sop_name})"
     return meta.modality or sop_name or "this DICOM object"
 
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
-    value = ds.get(keyword)
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # pydicom converts on access: a corrupt value fails here
+        raise UndecodablePixels(
+            f"invalid image header: {keyword} cannot be read: {describe_malformed(exc)}"
+        ) from None
     if value in (None, "") and default is not None:
         return default
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # several values, text, infinity
         number = -1
     if number < 1:
-        shown = "missing" if value is None else f"{value!r}"
+        shown = "missing" if value is None else printable(repr(value), 80)
         raise UndecodablePixels(f"invalid image header: {keyword} is {shown}")
     return number
 
@@ -136,8 +159,77 @@ def _codec_error(exc: Exception) -> str:
     """The error in one line; for pydicom's "all plugins failed", each plugin's own error."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].startswith("Unable to decode as exceptions were raised"):
-        return "; ".join(lines[1:])[:300]
+        return printable("; ".join(lines[1:]), 300)
     return short_error(exc)
+
+
+def _pixel_failure(exc: Exception) -> str:
+    """What went wrong, from an exception pydicom or a codec raised on this file's pixels.
+
+    Codecs and pydicom's checks raise ``RuntimeError``, ``ValueError``,
+    ``NotImplementedError`` and "Missing required element" ``AttributeError`` with
+    messages that say what is wrong; corrupt element values fail as in the header.
+    Any other type is named as unexpected, and logged with its traceback.
+    """
+    malformed = (RecursionError, MemoryError, struct.error, EOFError, zlib.error, BytesLengthException)
+    if isinstance(exc, malformed) or (isinstance(exc, OSError) and not is_environment_error(exc)):
+        return f"malformed DICOM: {describe_malformed(exc)}"
+    if isinstance(exc, NotImplementedError) and "Value Representation" in str(exc):
+        return f"malformed DICOM: {describe_malformed(exc)}"
+    if isinstance(exc, RuntimeError | ValueError | NotImplementedError) or (
+        isinstance(exc, AttributeError) and "element" in str(exc)
+    ):
+        return _codec_error(exc)
+    log.warning("unexpected error decoding pixel data", exc_info=exc)
+    return f"unexpected {type(exc).__name__} in the decoder: {short_error(exc)}"
+
+
+@contextmanager
+def _pixel_errors(meta: InstanceMeta) -> Iterator[None]:
+    """Turn what pydicom and its codecs raise on this file's pixels into ``UndecodablePixels``.
+
+    ``InstanceError`` and the host's own I/O errors pass through unchanged.
+    """
+    try:
+        yield
+    except InstanceError:
+        raise
+    except Exception as exc:  # translated at this boundary, each by its type (_pixel_failure)
+        if is_environment_error(exc):
+            raise
+        name = printable(UID(meta.transfer_syntax_uid or uids.ExplicitVRLittleEndian).name, 80)
+        raise UndecodablePixels(f"could not decode pixel data ({name}): {_pixel_failure(exc)}") from None
+
+
+def _check_palette(ds: Dataset) -> None:
+    """Refuse a palette that pydicom would index past its end or fail on with a bare error.
+
+    A file with no palette at all is left to pydicom, whose message says so.
+    """
+    for colour in ("Red", "Green", "Blue"):
+        descriptor = ds.get(f"{colour}PaletteColorLookupTableDescriptor")
+        if descriptor is None:
+            return
+        if f"Segmented{colour}PaletteColorLookupTableData" in ds:
+            continue  # expanded by pydicom, which checks it
+        data = ds.get(f"{colour}PaletteColorLookupTableData")
+        if data is None:
+            raise UndecodablePixels(f"PALETTE COLOR without {colour} Palette Color Lookup Table Data")
+        values = list(descriptor) if isinstance(descriptor, MultiValue | list) else []
+        if len(values) != 3 or values[2] not in (8, 16):
+            raise UndecodablePixels(
+                f"PALETTE COLOR: {colour} Palette Color Lookup Table Descriptor is "
+                f"{printable(repr(descriptor), 60)}, not 3 values with 8 or 16 bits per entry"
+            )
+        entries, depth = int(values[0]) or 65536, int(values[2])
+        if isinstance(data, bytes):
+            held = len(data) // (depth // 8)
+        else:
+            held = len(data) if isinstance(data, MultiValue | list) else 1
+        if held < entries:
+            raise UndecodablePixels(
+                f"PALETTE COLOR: the {colour} palette declares {entries} entries, its data holds {held}"
+            )
 
 
 def _check_size(ds: Dataset, keyword: str, ts: UID, geometry: tuple[int, ...]) -> None:
@@ -164,7 +256,12 @@ def _checked(ds: Dataset, meta: InstanceMeta) -> tuple[str, UID, Decoder, tuple[
     """The header-level checks: pixel data present, sane geometry, a codec, no truncation."""
     keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
     if keyword is None:
-        raise NoImage(f"no image: {_describe(ds, meta)} has no Pixel Data")
+        if meta.cut_short:  # not an object without pixels: a file that ends early
+            raise MalformedDicom(f"malformed DICOM: no Pixel Data, and {meta.cut_short}")
+        what = _describe(ds, meta)
+        if "Image Storage" in what:  # its IOD requires pixels: say what the file may be
+            raise NoImage(f"no image: {what} has no Pixel Data, which it requires (a header-only copy?)")
+        raise NoImage(f"no image: {what} has no Pixel Data")
     ts = UID(meta.transfer_syntax_uid or uids.ExplicitVRLittleEndian)
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     frames, samples = _int(ds, "NumberOfFrames", 1), _int(ds, "SamplesPerPixel", 1)
@@ -174,6 +271,13 @@ def _checked(ds: Dataset, meta: InstanceMeta) -> tuple[str, UID, Decoder, tuple[
     decoder = _decoder_for(ts)
     if decoder.is_native:  # truncation first: a file missing bytes is broken at any limit
         _check_size(ds, keyword, ts, (rows, cols, frames, samples, bits))
+    elif not is_undefined_length(ds, keyword):
+        raise UndecodablePixels(
+            f"pixel data is not encapsulated but the transfer syntax {ts} ({ts.name}) is a "
+            "compressed one: the file's Transfer Syntax UID is wrong"
+        )
+    else:
+        check_fragments(ds, keyword, frames)
     return keyword, ts, decoder, (rows, cols, frames, samples, bits)
 
 
@@ -181,9 +285,12 @@ def check_image(ds: Dataset, meta: InstanceMeta) -> None:
     """Refuse, without decoding, what can never give an image (run before routing).
 
     Raises:
-        NoImage, UndecodablePixels, UnsupportedTransferSyntax, TruncatedPixelData.
+        NoImage, MalformedDicom, UndecodablePixels, UnsupportedTransferSyntax,
+        TruncatedPixelData.
+        OSError: the file of deferred pixel data cannot be read again.
     """
-    _checked(ds, meta)
+    with _pixel_errors(meta):
+        _checked(ds, meta)
 
 
 def _decode(
@@ -199,11 +306,14 @@ def _decode(
             f"sample(s) = {rows * cols * held * samples} values, over the limit of "
             f"{max_pixels} (RADQ_MAX_IMAGE_PIXELS)"
         )
+    if not decoder.is_native:  # before any codec allocates what a codestream declares
+        check_codestreams(ds, keyword, ts, indices, (rows, cols, frames, samples, bits))
     maximum = policy == "max"
     arr, props = read_frames(ds, keyword, decoder, indices, (rows, cols, frames, samples), maximum=maximum)
     photometric = str(props.get("photometric_interpretation") or meta.photometric or "")
     bits_stored = int(props.get("bits_stored") or bits)
     if photometric == "PALETTE COLOR":
+        _check_palette(ds)
         arr, photometric = apply_color_lut(arr, ds), "RGB"
         bits_stored = 8 * arr.dtype.itemsize
         add_note(notes, "PALETTE COLOR expanded to RGB with the file's palette")
@@ -261,6 +371,7 @@ def decode(
 
     Raises:
         NoImage: the object has no pixel data (SR, waveform).
+        MalformedDicom: no pixel data because the file is cut short or corrupt.
         TruncatedPixelData: uncompressed pixel data is shorter than declared.
         ImageTooLarge: the frames to decode pass ``max_pixels``.
         UnsupportedTransferSyntax: no installed codec handles the transfer syntax.
@@ -270,14 +381,8 @@ def decode(
     """
     if max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, not {max_frames}")
-    with pydicom_notes(notes):
-        try:
-            return _decode(ds, meta, notes, max_pixels, frame, max_frames)
-        except (InstanceError, OSError):
-            raise
-        except Exception as exc:
-            name = UID(meta.transfer_syntax_uid or uids.ExplicitVRLittleEndian).name
-            raise UndecodablePixels(f"could not decode pixel data ({name}): {_codec_error(exc)}") from None
+    with pydicom_notes(notes), _pixel_errors(meta):
+        return _decode(ds, meta, notes, max_pixels, frame, max_frames)
 
 
 def read_instance(

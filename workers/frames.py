@@ -4,29 +4,48 @@ Pixel data larger than :data:`workers.header.DEFER_SIZE` stays in the file after
 :func:`workers.header.read_header`. Frames are then decoded straight from the file, one
 at a time, so memory holds the frames a policy asks for (one for ``middle``, ``first``
 and ``max``; at most ``max_frames`` for ``all``), never the whole pixel data.
+
+Compressed frames are checked before a codec sees them: the fragments must be able to
+hold the frames declared, and each frame's own codestream header (JPEG, JPEG-LS,
+JPEG 2000, RLE) must describe the image the DICOM header does. A codec allocates what
+its codestream declares, so a 1 KB JPEG claiming 65535 x 65535 pixels is refused here
+rather than costing a worker 16 GB.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
+import math
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 import numpy as np
+import pydicom.uid as uids
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames, get_frame, parse_basic_offsets, parse_fragments
 from pydicom.multival import MultiValue
 from pydicom.pixels import as_pixel_options
 from pydicom.pixels.decoders.base import Decoder
 
 from radq.errors import UndecodablePixels
 from radq.model_card import FramePolicy
-from workers.header import add_note
+from workers.header import add_note, describe_malformed, open_source, short_error
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+
+FLOAT32_SAFE = float(np.finfo(np.float32).max) / 4
+"""The largest magnitude of a rescale, a window or a rescaled value that preprocessing
+takes: twice it still fits float32, so windowing and min-max cannot overflow."""
+_JPEG_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # SOF0-15 (not DHT, JPG, DAC); JPEG-LS SOF55
+_JPEG_STANDALONE = {*range(0xD0, 0xD8), 0x01}  # RSTn, TEM: markers without a length
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_RLE_MAX_EXPANSION = 64  # a 2-byte replicate run decodes to at most 128 bytes (PS3.5 G.3.1)
 
 
 @dataclass(frozen=True)
@@ -39,7 +58,7 @@ class FrameTransform:
     window_function: str = "LINEAR"
 
 
-def select_frames(policy: FramePolicy, frames: int, max_frames: int) -> list[int]:
+def select_frames(policy: FramePolicy, frames: int, max_frames: int) -> Sequence[int]:
     """The indices of the frames a policy reads, in file order.
 
     Args:
@@ -49,14 +68,15 @@ def select_frames(policy: FramePolicy, frames: int, max_frames: int) -> list[int
         max_frames: the most frames ``all`` reads (at least 1).
 
     Returns:
-        Distinct frame indices, ascending.
+        Distinct frame indices, ascending; a ``range`` when every frame is read, so a
+        header declaring billions of frames costs no memory before it is refused.
     """
     if policy == "first":
         return [0]
     if policy == "middle" or (policy == "all" and max_frames == 1):
         return [frames // 2]
     if policy == "max" or frames <= max_frames:
-        return list(range(frames))
+        return range(frames)
     # frames > max_frames, so the rounded points are at least one frame apart
     return [int(i) for i in np.linspace(0, frames - 1, max_frames).round()]
 
@@ -79,12 +99,26 @@ def _frame_value(ds: Dataset, index: int, macro: str, keyword: str) -> Any:
     return value
 
 
-def _float(ds: Dataset, index: int, macro: str, keyword: str) -> float | None:
-    value = _frame_value(ds, index, macro, keyword)
+def _readable_value(ds: Dataset, index: int, macro: str, keyword: str, notes: list[str]) -> Any:
+    """:func:`_frame_value`, or None (noted) when pydicom cannot convert the stored value."""
     try:
-        return None if value in (None, "") else float(value)
+        return _frame_value(ds, index, macro, keyword)
+    except Exception as exc:  # a corrupt display value is ignored, as an invalid one is
+        add_note(notes, f"{keyword} ignored: unreadable ({describe_malformed(exc)})")
+        return None
+
+
+def _float(ds: Dataset, index: int, macro: str, keyword: str, notes: list[str]) -> float | None:
+    """A finite value that float32 arithmetic on pixels can use, or None (noted if invalid)."""
+    value = _readable_value(ds, index, macro, keyword, notes)
+    try:
+        number = None if value in (None, "") else float(value)
     except (TypeError, ValueError):
         return None
+    if number is not None and not (math.isfinite(number) and abs(number) <= FLOAT32_SAFE):
+        add_note(notes, f"{keyword} {number:g} ignored: not a finite number float32 can work with")
+        return None
+    return number
 
 
 def frame_transform(ds: Dataset, index: int, notes: list[str]) -> FrameTransform:
@@ -93,21 +127,22 @@ def frame_transform(ds: Dataset, index: int, notes: list[str]) -> FrameTransform
     Args:
         ds: the dataset.
         index: the frame, for per-frame functional groups of enhanced objects.
-        notes: receives a note for each value ignored as invalid.
+        notes: receives a note for each value ignored as invalid: unreadable, not a
+            number, infinite, or beyond :data:`FLOAT32_SAFE`.
 
     Returns:
         The frame's transform; identity rescale and no window where absent or invalid.
     """
-    slope = _float(ds, index, "PixelValueTransformationSequence", "RescaleSlope")
+    slope = _float(ds, index, "PixelValueTransformationSequence", "RescaleSlope", notes)
     if slope == 0:
         add_note(notes, "Rescale Slope 0 ignored (used 1)")
-    intercept = _float(ds, index, "PixelValueTransformationSequence", "RescaleIntercept")
-    center = _float(ds, index, "FrameVOILUTSequence", "WindowCenter")
-    width = _float(ds, index, "FrameVOILUTSequence", "WindowWidth")
+    intercept = _float(ds, index, "PixelValueTransformationSequence", "RescaleIntercept", notes)
+    center = _float(ds, index, "FrameVOILUTSequence", "WindowCenter", notes)
+    width = _float(ds, index, "FrameVOILUTSequence", "WindowWidth", notes)
     if width is not None and width <= 0:
         add_note(notes, f"Window Width {width} ignored: it must be positive")
     window = (center, width) if center is not None and width and width > 0 else None
-    function = _frame_value(ds, index, "FrameVOILUTSequence", "VOILUTFunction")
+    function = _readable_value(ds, index, "FrameVOILUTSequence", "VOILUTFunction", notes)
     return FrameTransform(slope or 1.0, intercept or 0.0, window, str(function or "LINEAR").strip().upper())
 
 
@@ -117,28 +152,6 @@ def _deferred(ds: Dataset, keyword: str) -> RawDataElement | None:
     if isinstance(elem, RawDataElement) and elem.value is None and elem.length != 0:
         return elem
     return None
-
-
-@contextmanager
-def _open_source(ds: Dataset) -> Iterator[BinaryIO]:
-    """The stream pydicom read ``ds`` from, chosen as its own deferred reads choose it.
-
-    An open buffer (a deflated or in-memory file) is used as is and left where it
-    was; otherwise the file is opened again by name.
-    """
-    buffer = getattr(ds, "buffer", None)
-    if buffer is not None and not getattr(buffer, "closed", False):
-        position = buffer.tell()
-        try:
-            yield cast(BinaryIO, buffer)
-        finally:
-            buffer.seek(position)
-        return
-    filename = getattr(ds, "filename", None)
-    if not filename:
-        raise UndecodablePixels("pixel data was left unread in a file that is no longer known")
-    with open(filename, "rb") as fp:
-        yield fp
 
 
 def is_undefined_length(ds: Dataset, keyword: str) -> bool:
@@ -158,7 +171,7 @@ def stored_length(ds: Dataset, keyword: str) -> int:
     elem = _deferred(ds, keyword)
     if elem is None:
         return len(ds[keyword].value or b"")
-    with _open_source(ds) as fp:
+    with open_source(ds) as fp:
         size = fp.seek(0, os.SEEK_END)
     return max(0, min(elem.length, size - elem.value_tell))
 
@@ -175,7 +188,7 @@ def _pixel_source(
     opts = as_pixel_options(ds, transfer_syntax_uid=decoder.UID, pixel_keyword=keyword)
     if elem.VR:  # explicit VR: big endian 8-bit OW data is swapped by pydicom
         opts["pixel_vr"] = elem.VR
-    with _open_source(ds) as fp:
+    with open_source(ds) as fp:
         fp.seek(elem.value_tell)
         yield fp, opts
 
@@ -196,7 +209,7 @@ def iter_frames(
         Each frame as (rows, columns[, samples]) with pydicom's decoding options
         (YCbCr converted to RGB), and its pixel properties.
     """
-    every = list(indices) == list(range(frames))
+    every = len(indices) == frames and (isinstance(indices, range) or list(indices) == list(range(frames)))
     with _pixel_source(ds, keyword, decoder) as (src, opts):
         # With no indices, encapsulated frames are decoded in one sequential pass
         # (JPEG may yield more frames than declared: those are left out).
@@ -256,9 +269,163 @@ def frame_transforms(
     ds: Dataset, indices: Sequence[int], notes: list[str], *, maximum: bool
 ) -> list[FrameTransform]:
     """Each frame's transform, or for ``maximum`` the first frame's (noting if others differ)."""
-    transforms = [frame_transform(ds, i, notes) for i in indices]
-    if maximum:
-        if len(set(transforms)) > 1:
-            add_note(notes, "frames differ in rescale or window: the maximum uses the first frame's")
-        return transforms[:1]
-    return transforms
+    if not maximum:
+        return [frame_transform(ds, i, notes) for i in indices]
+    first = frame_transform(ds, indices[0], notes)  # one held at a time, however many frames
+    if any(frame_transform(ds, i, notes) != first for i in indices[1:]):
+        add_note(notes, "frames differ in rescale or window: the maximum uses the first frame's")
+    return [first]
+
+
+@contextmanager
+def _encapsulated(ds: Dataset, keyword: str) -> Iterator[BinaryIO]:
+    """The encapsulated pixel data as a stream positioned at its Basic Offset Table item."""
+    elem = _deferred(ds, keyword)
+    if elem is None:
+        yield io.BytesIO(ds[keyword].value or b"")
+        return
+    with open_source(ds) as fp:
+        fp.seek(elem.value_tell)
+        yield fp
+
+
+def check_fragments(ds: Dataset, keyword: str, frames: int) -> None:
+    """Refuse encapsulated pixel data whose items cannot hold ``frames`` frames.
+
+    Every frame starts a fragment of its own (PS3.5 A.4), so a header declaring more
+    frames than there are fragments is wrong; checked by reading item headers only.
+
+    Raises:
+        UndecodablePixels: the items are malformed, or too few for the frames declared.
+    """
+    with _encapsulated(ds, keyword) as fp:
+        try:
+            parse_basic_offsets(fp)
+            fragments, _ = parse_fragments(fp)
+        except (ValueError, EOFError, struct.error) as exc:  # item tags or lengths that do not add up
+            raise UndecodablePixels(f"malformed encapsulated pixel data: {short_error(exc)}") from None
+    if fragments < frames:
+        raise UndecodablePixels(
+            f"invalid image header: NumberOfFrames is {frames} but the encapsulated pixel data "
+            f"holds {fragments} fragment(s), and every frame needs one of its own"
+        )
+
+
+def _u16(data: bytes, pos: int) -> int:
+    return int.from_bytes(data[pos : pos + 2], "big")
+
+
+def _jpeg_geometry(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG or JPEG-LS start-of-frame segment."""
+    if frame[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(frame):
+        if frame[pos] != 0xFF:
+            return None
+        marker = frame[pos + 1]
+        if marker == 0xFF or marker in _JPEG_STANDALONE:  # fill byte, or no length follows
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if marker in _JPEG_SOF:
+            if pos + 10 > len(frame):
+                return None
+            rows, cols = _u16(frame, pos + 5), _u16(frame, pos + 7)
+            return rows, cols, frame[pos + 9]
+        length = _u16(frame, pos + 2)
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _j2k_geometry(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG 2000 SIZ segment, in or out of a JP2 file."""
+    pos = 0
+    if frame.startswith(_JP2_SIGNATURE):  # not what DICOM asks for, but pydicom reads it
+        while True:
+            if pos + 8 > len(frame):
+                return None
+            length, kind, header = int.from_bytes(frame[pos : pos + 4], "big"), frame[pos + 4 : pos + 8], 8
+            if length == 1:  # the length follows as 8 bytes
+                length, header = int.from_bytes(frame[pos + 8 : pos + 16], "big"), 16
+            if kind == b"jp2c":
+                pos += header
+                break
+            if length < header:  # 0 ("to the end") for anything but the codestream
+                return None
+            pos += length
+    if frame[pos : pos + 4] != b"\xff\x4f\xff\x51" or pos + 42 > len(frame):
+        return None
+    xsiz, ysiz, xosiz, yosiz = (int.from_bytes(frame[pos + i : pos + i + 4], "big") for i in range(8, 24, 4))
+    return ysiz - yosiz, xsiz - xosiz, _u16(frame, pos + 40)
+
+
+def _check_codestream(frame: bytes, index: int, ts: uids.UID, geometry: tuple[int, ...]) -> None:
+    rows, cols, samples, bits = geometry
+    if ts in uids.RLETransferSyntaxes:
+        needed = rows * cols * samples * max(1, bits // 8)
+        if needed > _RLE_MAX_EXPANSION * len(frame):
+            raise UndecodablePixels(
+                f"could not decode pixel data ({ts.name}): frame {index} holds {len(frame)} bytes of "
+                f"RLE data, too few for {rows} x {cols} x {samples} sample(s) of {bits} bits"
+            )
+        return
+    if ts in uids.JPEG2000TransferSyntaxes:
+        found, kind = _j2k_geometry(frame), "JPEG 2000"
+    elif ts in uids.JPEGTransferSyntaxes or ts in uids.JPEGLSTransferSyntaxes:
+        found, kind = _jpeg_geometry(frame), "JPEG"
+    else:
+        return  # no decoder in pydicom 3.0 beyond these
+    if found is None:
+        raise UndecodablePixels(
+            f"could not decode pixel data ({ts.name}): frame {index} is not a {kind} codestream "
+            "(no start-of-image and frame header where they belong)"
+        )
+    if found[0] * found[1] * found[2] != rows * cols * samples:
+        raise UndecodablePixels(
+            f"could not decode pixel data ({ts.name}): frame {index}'s {kind} codestream is "
+            f"{found[0]} rows x {found[1]} columns x {found[2]} component(s), the header says "
+            f"{rows} x {cols} x {samples}: refused before decoding"
+        )
+
+
+def check_codestreams(
+    ds: Dataset, keyword: str, ts: uids.UID, indices: Sequence[int], geometry: tuple[int, ...]
+) -> None:
+    """Check the frames ``indices`` of encapsulated pixel data before any codec decodes them.
+
+    Reads each frame as pydicom will (the offset tables, else the fragments), one at a
+    time, and compares what its codestream header declares with the DICOM header, so
+    no codec allocates for dimensions the file does not have.
+
+    Args:
+        ds: the dataset, its pixel data in memory or deferred.
+        keyword: the pixel data element's keyword.
+        ts: the transfer syntax, an encapsulated one.
+        indices: the frames that will be decoded, ascending.
+        geometry: rows, columns, frames, samples per pixel and bits allocated.
+
+    Raises:
+        UndecodablePixels: a frame is missing, is not a codestream of its transfer
+            syntax, or declares another size than the header.
+    """
+    rows, cols, frames, samples, bits = geometry
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    with _encapsulated(ds, keyword) as fp:
+        start = fp.tell()
+
+        def one(index: int) -> bytes:
+            fp.seek(start)
+            return get_frame(fp, index, number_of_frames=frames, extended_offsets=offsets)
+
+        encoded: Iterator[tuple[int, bytes]]
+        if len(indices) == frames:  # sequentially, as pydicom decodes every frame
+            every = generate_frames(fp, number_of_frames=frames, extended_offsets=offsets)
+            encoded = zip(indices, every, strict=False)  # JPEG may hold more frames than declared
+        else:
+            encoded = ((i, one(i)) for i in indices)
+        for index, frame in encoded:
+            _check_codestream(frame, index, ts, (rows, cols, samples, bits))

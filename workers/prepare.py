@@ -21,11 +21,18 @@ from radq.blobs import sha256_of
 from radq.errors import InstanceError
 from workers.context import WorkerContext
 from workers.decode import DecodedImage, check_image, decode
-from workers.header import InstanceMeta, read_header
+from workers.header import InstanceMeta, printable, read_header, short_error
 from workers.models.loader import LoadedModel
 from workers.preprocess import preprocess
 
 log = logging.getLogger(__name__)
+
+_MAX_REASON = 1000
+
+
+def _joined(notes: Sequence[str]) -> str | None:
+    """Notes for their column; they quote file content, so none of it unstorable."""
+    return printable("; ".join(notes), 20_000) or None
 
 
 @dataclass
@@ -48,7 +55,7 @@ def _metadata_columns(instance_id: int, meta: InstanceMeta, notes: Sequence[str]
         "modality": meta.modality,
         "body_part": meta.body_part,
         "series_description": meta.series_description,
-        "notes": "; ".join(notes) or None,
+        "notes": _joined(notes),
     }
 
 
@@ -79,15 +86,17 @@ def _recorded(out: Prepared, path: Path) -> Iterator[None]:
     try:
         yield
     except InstanceError as exc:
-        out.status, out.reason = exc.status, exc.reason
+        # Reasons quote file content: never let a NUL or a kilobyte of it reach the database.
+        out.status, out.reason = exc.status, printable(exc.reason, _MAX_REASON)
     except FileNotFoundError:
         out.status, out.reason = InstanceStatus.FAILED, f"file not found: {path}"
     except OSError as exc:
-        out.status, out.reason = InstanceStatus.FAILED, f"file not readable: {path}: {exc.strerror}"
+        detail = exc.strerror or short_error(exc)
+        out.status, out.reason = InstanceStatus.FAILED, f"file not readable: {path}: {detail}"
     except Exception as exc:  # a decoder bug must cost one file, not the chunk
         log.exception("unexpected error preparing instance %s", out.claimed.id)
         out.status = InstanceStatus.FAILED
-        out.reason = f"unexpected error while reading the file: {type(exc).__name__}: {exc}"
+        out.reason = f"unexpected error while reading the file: {type(exc).__name__}: {short_error(exc)}"
 
 
 def read(claimed: Claimed, *, ctx: WorkerContext) -> Header | Prepared:
@@ -134,5 +143,5 @@ def prepare(header: Header, *, ctx: WorkerContext, models: Sequence[LoadedModel]
             if recipe not in by_recipe:  # (frames, channels, height, width)
                 by_recipe[recipe] = preprocess(images[policy], model.card.input, model.card.preprocessing)
             out.inputs[model.card.name] = by_recipe[recipe]
-        out.metadata["notes"] = "; ".join(notes) or None  # decode appended its notes
+        out.metadata["notes"] = _joined(notes)  # decode appended its notes
     return out

@@ -9,14 +9,19 @@ of every decode thread) and frames are windowed one at a time.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Collection
+
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi
 
 from radq.errors import ModelError, UndecodablePixels
 from radq.model_card import InputSpec, Preprocessing
 from workers.decode import DecodedImage
-from workers.frames import FrameTransform
+from workers.frames import FLOAT32_SAFE, FrameTransform
+from workers.header import describe_malformed, printable, short_error
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 """ITU-R BT.601 weights for RGB to grayscale."""
@@ -57,22 +62,68 @@ def _min_max(values: np.ndarray) -> np.ndarray:
     return values
 
 
+def _lut_problem(ds: Dataset, sequence: str, depths: Collection[int]) -> str | None:
+    """What makes the first item of a LUT sequence unusable, or None if it looks usable.
+
+    pydicom indexes the table without checking it against its descriptor, and fails with
+    numpy's words ("index 2 is out of bounds"), or none at all (a KeyError of a tag).
+    """
+    item = ds[sequence][0]
+    descriptor, data = item.get("LUTDescriptor"), item.get("LUTData")
+    if descriptor is None or not isinstance(descriptor, MultiValue | list) or len(descriptor) != 3:
+        return f"LUT Descriptor is {printable(repr(descriptor), 60)}, not 3 values"
+    entries, depth = int(descriptor[0]) or 65536, int(descriptor[2])
+    if depth not in depths:
+        return f"LUT Descriptor gives {depth} bits per entry, not {min(depths)} to {max(depths)}"
+    if data is None:
+        return "no LUT Data"
+    if isinstance(data, bytes):  # OW: 16-bit words; 8-bit entries may be packed two to a word
+        held = len(data) if depth == 8 else len(data) // 2
+    else:
+        held = len(data) if isinstance(data, MultiValue | list) else 1
+    if held < entries:
+        return f"LUT Descriptor declares {entries} entries, LUT Data holds {held}"
+    return None
+
+
+def _checked_lut(ds: Dataset, sequence: str, depths: Collection[int]) -> None:
+    """Refuse, with what is wrong, a LUT that pydicom would fail to apply (or misapply)."""
+    try:
+        problem = _lut_problem(ds, sequence, depths)
+    except Exception as exc:  # pydicom converts values on access: a corrupt one fails here
+        problem = f"unreadable ({describe_malformed(exc)})"
+    if problem:
+        name = "Modality LUT Sequence" if sequence == "ModalityLUTSequence" else "VOI LUT Sequence"
+        raise UndecodablePixels(f"unusable {name}: {problem}")
+
+
 def _modality_values(image: DecodedImage, row: int, transform: FrameTransform) -> np.ndarray:
     """Stored values of one row to modality units (Hounsfield units for CT), float32, a copy."""
     pixels = image.pixels[row]
     if image.modality_lut is not None:
+        _checked_lut(image.modality_lut, "ModalityLUTSequence", (8, 16))  # PS3.3 C.11.1.1.1
         try:
             mapped = apply_modality_lut(pixels, image.modality_lut)
         except Exception as exc:  # the file's table is malformed: a per-file failure
-            raise UndecodablePixels(f"unusable Modality LUT Sequence: {exc}") from None
+            raise UndecodablePixels(
+                f"unusable Modality LUT Sequence: {type(exc).__name__}: {short_error(exc)}"
+            ) from None
         return mapped.astype(np.float32)
-    values = pixels.astype(np.float32)  # always a copy: safe to scale in place
-    if pixels.dtype.kind == "f" and not np.isfinite(values).all():
-        np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    if transform.rescale_slope != 1.0:
-        values *= np.float32(transform.rescale_slope)
-    if transform.rescale_intercept != 0.0:
-        values += np.float32(transform.rescale_intercept)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a reason
+        values = pixels.astype(np.float32)  # always a copy: safe to scale in place
+        if pixels.dtype.kind == "f" and not np.isfinite(values).all():
+            np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        if transform.rescale_slope != 1.0:
+            values *= np.float32(transform.rescale_slope)
+        if transform.rescale_intercept != 0.0:
+            values += np.float32(transform.rescale_intercept)
+    low, high = float(values.min()), float(values.max())
+    if not (math.isfinite(low) and math.isfinite(high)) or max(-low, high) > FLOAT32_SAFE:
+        raise UndecodablePixels(
+            f"pixel values out of range: with Rescale Slope {transform.rescale_slope:g} and Intercept "
+            f"{transform.rescale_intercept:g} they reach {low:g} to {high:g}, past what float32 windowing "
+            f"takes (+-{FLOAT32_SAFE:.1e})"
+        )
     return values
 
 
@@ -102,10 +153,12 @@ def _grayscale(image: DecodedImage, recipe: Preprocessing, row: int) -> np.ndarr
     elif card is not None:
         out = linear_window(values, card.center, card.width)[np.newaxis]
     elif image.voi_lut is not None:
+        _checked_lut(image.voi_lut, "VOILUTSequence", (8, *range(10, 17)))  # PS3.3 C.11.2.1.1
         try:
             out = _voi_lut(values, image.voi_lut)[np.newaxis]
         except Exception as exc:
-            raise UndecodablePixels(f"unusable VOI LUT Sequence: {exc}") from None
+            reason = f"unusable VOI LUT Sequence: {type(exc).__name__}: {short_error(exc)}"
+            raise UndecodablePixels(reason) from None
     elif transform.window is not None:
         out = _window(values, *transform.window, transform.window_function)[np.newaxis]
     else:
@@ -144,7 +197,8 @@ def windowed(image: DecodedImage, recipe: Preprocessing, row: int = 0) -> np.nda
         when the card gives channel windows, else 1.
 
     Raises:
-        UndecodablePixels: the file's Modality or VOI LUT Sequence cannot be applied.
+        UndecodablePixels: the file's Modality or VOI LUT Sequence cannot be applied, or
+            its rescale takes values beyond what float32 windowing takes.
     """
     if image.pixels.ndim == 4:
         return _colour(image, row)
@@ -188,7 +242,8 @@ def preprocess(image: DecodedImage, spec: InputSpec, recipe: Preprocessing) -> n
     Raises:
         ModelError: ``mean``/``std`` or ``channel_windows`` do not fit ``spec.channels``,
             or ``std`` has a zero.
-        UndecodablePixels: the file's Modality or VOI LUT Sequence cannot be applied.
+        UndecodablePixels: the file's Modality or VOI LUT Sequence cannot be applied, or
+            its rescale takes values beyond what float32 windowing takes.
     """
     import torch  # the API and CLI import this package without paying for torch
 
