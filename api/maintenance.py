@@ -45,7 +45,6 @@ RECONCILE_GRACE_SECONDS = 10.0
 class RoundReport:
     """What one maintenance round did (counts of instances, or of sources)."""
 
-    resumed_sources: int = 0
     published_pending: int = 0
     reaped: int = 0
     failed_after_lost_leases: int = 0
@@ -60,17 +59,10 @@ def reap(state: AppState) -> tuple[int, int]:
     Returns:
         (instances re-published, instances failed).
     """
-    settings = state.settings
     with transaction(state.sessions) as session:
-        reaped = reap_expired_leases(session, max_lost=settings.max_lost_leases)
-        closed = close_finished_jobs(session, list(reaped.failed)) if reaped.failed else []
-        routes = job_routes(session, list(reaped.requeue))
-    for job_id, ids in reaped.requeue.items():
-        log.warning("job %s: %d instance(s) lost their worker; sending each on its own", job_id, len(ids))
-        priority, queue = routes[job_id]
-        enqueue(state, job_id, ids, priority, queue=queue, chunk_size=1)
-    for job_id in closed:
-        notify_ended(state, job_id)
+        reaped = reap_expired_leases(session, max_lost=state.settings.max_lost_leases)
+    # Jobs these failures finish are closed by close_forgotten in the same round.
+    _publish(state, reaped.requeue, "lost their worker; sending each on its own", chunk_size=1)
     return sum(map(len, reaped.requeue.values())), sum(map(len, reaped.failed.values()))
 
 
@@ -100,12 +92,7 @@ def reconcile(state: AppState, *, grace_seconds: float = RECONCILE_GRACE_SECONDS
     by_job: dict[str, list[int]] = {}
     for instance_id in moved:
         by_job.setdefault(queued[instance_id], []).append(instance_id)
-    for job_id, ids in by_job.items():
-        log.warning(
-            "job %s: %d queued instance(s) were in no message; publishing them again", job_id, len(ids)
-        )
-        priority, queue = routes[job_id]
-        enqueue(state, job_id, ids, priority, queue=queue)
+    _publish(state, by_job, "were queued in no message; publishing them again")
     return len(moved)
 
 
@@ -123,12 +110,22 @@ def publish_pending(state: AppState) -> int:
     """Publish instances recorded but never published (the broker was down)."""
     with transaction(state.sessions) as session:
         waiting = stale_pending(session, older_than_seconds=state.settings.requeue_after_seconds)
-        routes = job_routes(session, list(waiting))
-    for job_id, ids in waiting.items():
-        log.info("publishing %d instance(s) of job %s that were never queued", len(ids), job_id)
-        priority, queue = routes[job_id]
-        enqueue(state, job_id, ids, priority, queue=queue)
+    _publish(state, waiting, "were never queued; publishing them")
     return sum(map(len, waiting.values()))
+
+
+def _publish(
+    state: AppState, by_job: dict[str, list[int]], why: str, *, chunk_size: int | None = None
+) -> None:
+    """Publish each job's instances to that job's queue at its priority."""
+    if not by_job:
+        return
+    with state.sessions() as session:
+        routes = job_routes(session, list(by_job))
+    for job_id, ids in by_job.items():
+        log.warning("job %s: %d instance(s) %s", job_id, len(ids), why)
+        priority, queue = routes[job_id]
+        enqueue(state, job_id, ids, priority, queue=queue, chunk_size=chunk_size)
 
 
 class Maintenance:
@@ -161,27 +158,37 @@ class Maintenance:
             self._stop.wait(self.state.settings.maintenance_seconds)
 
     def run_once(self, *, reconcile_broker: bool = True) -> RoundReport:
-        """One round; a step whose service is down is reported and skipped, not raised."""
+        """One round; each step runs even when another failed (a service down is reported)."""
         report = RoundReport()
-        try:
-            with transaction(self.state.sessions) as session:
-                stale = claim_stale_sources(
-                    session, lease_seconds=self.state.settings.registration_lease_seconds
-                )
-            if stale:
-                log.info("resuming %d abandoned registration(s)", len(stale))
-                self.registrar.register(stale)
-            report.resumed_sources = len(stale)
+
+        def published() -> None:
             report.published_pending = publish_pending(self.state)
+
+        def reaped() -> None:
             report.reaped, report.failed_after_lost_leases = reap(self.state)
+
+        def closed() -> None:
             report.closed = close_forgotten(self.state)
-            if reconcile_broker:
-                report.reconciled = reconcile(self.state)
-        except OperationalError as exc:
-            report.errors.append(f"database unreachable: {exc.orig}")
-        except RadqError as exc:
-            report.errors.append(str(exc))
-        except Exception as exc:  # the loop must outlive a bug in one round
-            log.exception("maintenance round failed")
-            report.errors.append(f"{type(exc).__name__}: {exc}")
+
+        def reconciled() -> None:
+            report.reconciled = reconcile(self.state)
+
+        steps = [self._resume_sources, published, reaped, closed]
+        for step in [*steps, reconciled] if reconcile_broker else steps:
+            try:
+                step()
+            except OperationalError as exc:
+                report.errors.append(f"database unreachable: {exc.orig}")
+            except RadqError as exc:
+                report.errors.append(str(exc))
+            except Exception as exc:  # the loop must outlive a bug in one step
+                log.exception("maintenance step failed")
+                report.errors.append(f"{type(exc).__name__}: {exc}")
         return report
+
+    def _resume_sources(self) -> None:
+        with transaction(self.state.sessions) as session:
+            stale = claim_stale_sources(session, lease_seconds=self.state.settings.registration_lease_seconds)
+        if stale:
+            log.info("resuming %d abandoned registration(s)", len(stale))
+            self.registrar.register(stale)
