@@ -64,6 +64,14 @@ class UndecodablePixels(InstanceError):
     """Raised when a codec fails on the file's pixel data for another reason."""
 
 
+class DecoderCrashed(InstanceError):
+    """Raised when the process decoding a file dies while reading it (segfault, abort, OOM kill)."""
+
+
+class DecoderTimeout(InstanceError):
+    """Raised when reading a file runs past ``RADQ_DECODE_TIMEOUT`` and its process is stopped."""
+
+
 class NoImage(InstanceError):
     """Raised for a valid DICOM object with nothing to infer on (SR, waveform)."""
 
