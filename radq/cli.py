@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -60,28 +59,31 @@ def api(
 
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    concurrency: Annotated[
+        int, typer.Option(help="Messages processed at once; their instances share batches.")
+    ] = 2,
     queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default: RADQ_QUEUE).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (RADQ_DEVICE).")] = None,
-    pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo.")] = "prefork",
     hostname: Annotated[str | None, typer.Option(help="Worker name (default radq@<host>).")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
-    """Run a Celery worker that decodes, infers and writes results."""
+    """Run a worker process: decode processes, one model runner, one result writer.
+
+    Run one per GPU (RADQ_DEVICE=cuda:N), or one per CPU host: it uses every core it
+    may run on, for decoding and for torch.
+    """
     from workers.app import create_worker_app
 
     settings = _settings(device=device)
-    if settings.torch_threads == 0:
-        # Prefork children each run torch: share the cores instead of oversubscribing them.
-        cores = len(os.sched_getaffinity(0))
-        settings = settings.model_copy(update={"torch_threads": max(1, cores // concurrency)})
     _logging(log_level)
     celery_app = create_worker_app(settings)
     argv = [
         "worker",
         f"--concurrency={concurrency}",
         f"--queues={queues or settings.queue}",
-        f"--pool={pool}",
+        # Threads, not prefork: every message in flight feeds the one engine of this
+        # process (batches across messages); decoding runs in the engine's processes.
+        "--pool=threads",
         f"--loglevel={log_level.upper()}",
         "--task-events",
         "--without-gossip",

@@ -108,6 +108,9 @@ class ModelCard(BaseModel):
     input: InputSpec
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     output_activation: Literal["sigmoid", "softmax"] = "sigmoid"
+    mixed_precision: bool = Field(
+        True, description="Whether the model may run under fp16/bf16 autocast (RADQ_PRECISION)."
+    )
     study_summary: Literal["max", "mean"] = "max"
     applies_to: AppliesTo = Field(default_factory=AppliesTo)
     auto_route: bool = Field(True, description="Whether jobs asking for 'auto' run this model.")

@@ -1,114 +1,190 @@
-"""Batches across instances and studies: per-model queues of frames, one forward pass each.
+"""The inference stage: per-model queues of frames from every message, one forward pass per batch.
 
-Multi-frame inputs (card frame policy ``all``) are spread over batches; an instance's
-output per label is the maximum over its frames, with that frame's saliency map.
+Frames wait in a queue per (model, explain threshold) until it holds a batch, or until
+the oldest has waited ``deadline`` seconds (a small urgent job is not held back for
+company). Batches mix instances, studies and messages. Multi-frame inputs (card frame
+policy ``all``) are spread over batches; an instance's output per label is the maximum
+over its frames, with that frame's saliency map. A batch the device has no memory for
+is split in halves (and the model's batch size lowered) rather than failed.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import numpy as np
+import torch
 
 import radq
 from db.status import InstanceStatus
 from db.work import ResultRow
 from radq.blobs import BlobStore
+from workers.chunk import Chunk
+from workers.device_prep import RawFrame, to_batch
 from workers.gradcam import explain, to_png
-from workers.inference import predict
+from workers.inference import activate, as_label_dicts, is_out_of_memory, precision_context
 from workers.models.loader import LoadedModel
-from workers.prepare import Prepared
+from workers.writer import Writer
 
 log = logging.getLogger(__name__)
 
+_Key = tuple[str, float | None]
+"""A queue: model name and the job's explain threshold (None: no saliency maps)."""
+
 
 @dataclass
-class Pending:
-    """Writes accumulated since the last flush."""
-
-    metadata: list[dict[str, Any]] = field(default_factory=list)
-    results: list[ResultRow] = field(default_factory=list)
-    outcomes: list[tuple[int, str, str | None]] = field(default_factory=list)
+class _Frame:
+    chunk: Chunk
+    instance_id: int
+    frame: RawFrame
+    queued_at: float
 
 
 class Batcher:
-    """Per-model queues of inputs; a full queue runs one forward pass."""
+    """Not thread-safe: one inference thread owns it."""
 
     def __init__(
         self,
-        models: Sequence[LoadedModel],
         batch_size: int,
-        pending: Pending,
+        deadline: float,
+        writer: Writer,
+        blobs: BlobStore,
         *,
-        explain_threshold: float | None = None,
-        blobs: BlobStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.models = {m.card.name: m for m in models}
-        self.explain_threshold = explain_threshold
-        self.blobs = blobs
         self.batch_size = batch_size
-        # One queue entry per frame; an instance's frames may span batches.
-        self.queues: dict[str, list[tuple[int, np.ndarray]]] = {name: [] for name in self.models}
+        self.deadline = deadline
+        self.writer = writer
+        self.blobs = blobs
+        self.clock = clock
+        self.queues: dict[_Key, list[_Frame]] = {}
+        self.models: dict[_Key, LoadedModel] = {}
+        self.limit: dict[str, int] = {}
+        """Batch size per model, lowered after running out of device memory."""
         self.waiting_on: dict[int, set[str]] = {}
         self.frames_left: dict[tuple[str, int], int] = {}
         self.best: dict[tuple[str, int], tuple[dict[str, float], dict[str, str]]] = {}
-        self.pending = pending
 
-    def add(self, prepared: Prepared) -> bool:
-        """Queue every frame of an instance's inputs; True when some model's batch ran."""
-        instance_id = prepared.claimed.id
-        self.waiting_on[instance_id] = set(prepared.inputs)
-        ran = False
-        for name, frames in prepared.inputs.items():  # (F, C, H, W)
+    @property
+    def frames_queued(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def add(
+        self,
+        chunk: Chunk,
+        instance_id: int,
+        inputs: dict[str, list[RawFrame]],
+        models: dict[str, LoadedModel],
+        explain_threshold: float | None,
+    ) -> None:
+        """Queue every frame of an instance for each of its models; run the batches that fill."""
+        now = self.clock()
+        self.waiting_on[instance_id] = set(inputs)
+        for name, frames in inputs.items():
+            key = (name, explain_threshold)
+            self.models[key] = models[name]
             self.frames_left[(name, instance_id)] = len(frames)
-            for frame in frames:
-                self.queues[name].append((instance_id, frame))
-                if len(self.queues[name]) >= self.batch_size:
-                    self._run(name)
-                    ran = True
-        return ran
+            queue = self.queues.setdefault(key, [])
+            queue.extend(_Frame(chunk, instance_id, frame, now) for frame in frames)
+            while len(queue) >= self._limit(name):
+                self._run(key)
+                queue = self.queues[key]
+
+    def due_in(self) -> float | None:
+        """Seconds until the oldest partial batch is due; None when nothing waits."""
+        oldest = [q[0].queued_at for q in self.queues.values() if q]
+        if not oldest:
+            return None
+        return max(0.0, min(oldest) + self.deadline - self.clock())
+
+    def run_due(self) -> None:
+        now = self.clock()
+        for key, queue in list(self.queues.items()):
+            if queue and queue[0].queued_at + self.deadline <= now:
+                self._run(key)
 
     def drain(self) -> None:
-        for name in self.models:
-            if self.queues[name]:
-                self._run(name)
+        for key, queue in list(self.queues.items()):
+            while queue:
+                self._run(key)
+                queue = self.queues[key]
+
+    def _limit(self, name: str) -> int:
+        return self.limit.get(name, self.batch_size)
+
+    def _run(self, key: _Key) -> None:
+        size = self._limit(key[0])
+        batch, self.queues[key] = self.queues[key][:size], self.queues[key][size:]
+        self._infer(key, batch)
 
     def _predict(
-        self, model: LoadedModel, inputs: list[np.ndarray]
+        self, model: LoadedModel, threshold: float | None, batch: list[_Frame]
     ) -> tuple[list[dict[str, float]], list[dict[str, str]]]:
         """Probabilities and, when the job asks for them, Grad-CAM PNGs stored as blobs."""
-        if self.explain_threshold is None or self.blobs is None:
-            return predict(model, inputs), [{} for _ in inputs]
-        explained = explain(model, inputs, self.explain_threshold)
+        card = model.card
+        inputs = to_batch([f.frame for f in batch], card.input, card.preprocessing, model.device)
+        if model.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        if threshold is None:
+            with torch.inference_mode(), precision_context(model):
+                probs = activate(card, model.module(inputs).float())
+            return as_label_dicts(card, probs), [{} for _ in batch]
+        explained = explain(model, inputs, threshold)
         stored = [
             {label: self.blobs.put(io.BytesIO(to_png(m)))[0] for label, m in maps.items()}
             for maps in explained.saliency
         ]
         return explained.probabilities, stored
 
-    def _run(self, name: str) -> None:
-        model = self.models[name]
-        batch, self.queues[name] = self.queues[name], []
-        ids = [i for i, _ in batch]
+    def _infer(self, key: _Key, batch: list[_Frame]) -> None:
+        name, threshold = key
+        model = self.models[key]
         try:
-            outputs, saliency = self._predict(model, [a for _, a in batch])
-        except RuntimeError as exc:  # e.g. a shape the model cannot take
+            outputs, saliency = self._predict(model, threshold, batch)
+        except Exception as exc:  # a bad batch costs its instances, never the stage
+            if is_out_of_memory(exc) and len(batch) > 1:
+                half = len(batch) // 2
+                self.limit[name] = min(self._limit(name), half)
+                log.warning(
+                    "model %s: out of memory on %s at batch %d; batch size now %d",
+                    model.key, model.device, len(batch), self.limit[name],
+                )  # fmt: skip
+                if model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                rest = batch
+                while rest:  # pieces of the size that fits, as far as it is known so far
+                    size = self._limit(name)
+                    self._infer(key, rest[:size])
+                    rest = rest[size:]
+                return
             log.exception("inference failed for model %s", name)
-            for i in dict.fromkeys(ids):
-                if self.frames_left.pop((name, i), None) is None:
-                    continue  # failed in an earlier batch already
-                self.best.pop((name, i), None)
-                self.waiting_on.pop(i, None)
-                reason = f"inference failed (model {model.key}): {exc}"
-                self.pending.outcomes.append((i, InstanceStatus.FAILED, reason))
+            what = "out of memory even for one image" if is_out_of_memory(exc) else str(exc)
+            self._fail(name, batch, f"inference failed (model {model.key} on {model.device}): {what}")
             return
+        self._collect(model, batch, outputs, saliency)
+
+    def _fail(self, name: str, batch: list[_Frame], reason: str) -> None:
+        for frame in batch:
+            i = frame.instance_id
+            if self.frames_left.pop((name, i), None) is None:
+                continue  # failed in an earlier batch already
+            self.best.pop((name, i), None)
+            self.waiting_on.pop(i, None)
+            self.writer.outcome(frame.chunk, i, InstanceStatus.FAILED, reason)
+
+    def _collect(
+        self,
+        model: LoadedModel,
+        batch: list[_Frame],
+        outputs: list[dict[str, float]],
+        saliency: list[dict[str, str]],
+    ) -> None:
         card = model.card
-        for instance_id, probs, maps in zip(ids, outputs, saliency, strict=True):
-            key = (name, instance_id)
+        for frame, probs, maps in zip(batch, outputs, saliency, strict=True):
+            key = (card.name, frame.instance_id)
             if key not in self.frames_left:
                 continue  # its other frames failed in an earlier batch
             # Per label, the maximum over frames, with the saliency map of that frame.
@@ -124,9 +200,10 @@ class Batcher:
             if self.frames_left[key]:
                 continue
             del self.frames_left[key], self.best[key]
-            self.pending.results.append(
+            self.writer.result(
+                frame.chunk,
                 ResultRow(
-                    instance_id=instance_id,
+                    instance_id=frame.instance_id,
                     model=card.name,
                     model_version=card.version,
                     weights_sha256=card.sha256,
@@ -134,11 +211,11 @@ class Batcher:
                     preprocessing=card.preprocessing_recipe,
                     outputs=best,
                     saliency=best_maps or None,
-                )
+                ),
             )
-            waiting = self.waiting_on.get(instance_id)
+            waiting = self.waiting_on.get(frame.instance_id)
             if waiting is not None:
-                waiting.discard(name)
+                waiting.discard(card.name)
                 if not waiting:
-                    del self.waiting_on[instance_id]
-                    self.pending.outcomes.append((instance_id, InstanceStatus.DONE, None))
+                    del self.waiting_on[frame.instance_id]
+                    self.writer.outcome(frame.chunk, frame.instance_id, InstanceStatus.DONE)

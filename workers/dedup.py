@@ -5,41 +5,54 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sqlalchemy.orm import Session, sessionmaker
+
 import radq
 from db.status import InstanceStatus
 from db.work import ResultRow, find_reusable
-from workers.batching import Pending
-from workers.context import WorkerContext
-from workers.models.loader import LoadedModel
-from workers.prepare import Header, applies
+from radq.model_card import ModelCard
+from workers.chunk import Chunk
+from workers.prepare import Prepared, applies
+from workers.writer import Writer
 
 
 def reuse_known(
-    ctx: WorkerContext, headers: Sequence[Header], models: Sequence[LoadedModel], pending: Pending
-) -> list[Header]:
+    sessions: sessionmaker[Session],
+    headers: Sequence[Prepared],
+    cards: Sequence[ModelCard],
+    writer: Writer,
+    chunk: Chunk,
+) -> list[Prepared]:
     """Record reused results for already-processed instances; return the rest.
 
-    One query for the whole chunk. An instance is reused only when every model that
-    applies to it has an earlier result for the same content.
+    ``headers`` come from :func:`workers.prepare.inspect`. One query for the whole chunk.
+    An instance is reused only when every model that applies to it has an earlier
+    result for the same content.
     """
-    keys = [(h.meta.sop_instance_uid, h.content_sha256) for h in headers if h.meta.sop_instance_uid]
-    versions = [(m.card.name, m.card.version) for m in models]
-    with ctx.sessions() as session:
-        known = find_reusable(session, [(uid, sha) for uid, sha in keys if uid], versions)
+    keys = [
+        (h.meta.sop_instance_uid, h.metadata["content_sha256"])
+        for h in headers
+        if h.meta is not None and h.meta.sop_instance_uid
+    ]
+    versions = [(card.name, card.version) for card in cards]
+    with sessions() as session:
+        known = find_reusable(session, keys, versions) if keys else {}
     if not known:
         return list(headers)
     fresh = []
     for header in headers:
-        uid, sha = header.meta.sop_instance_uid, header.content_sha256
-        wanted = [m for m in models if applies(m, header.meta)]
-        earlier = [known.get((uid or "", sha, m.card.name)) for m in wanted]
+        assert header.meta is not None
+        uid, sha = header.meta.sop_instance_uid, header.metadata["content_sha256"]
+        wanted = [card for card in cards if applies(card, header.meta)]
+        earlier = [known.get((uid or "", sha, card.name)) for card in wanted]
         if not wanted or any(r is None for r in earlier):
             fresh.append(header)
             continue
-        pending.metadata.append(header.metadata)
+        writer.metadata(chunk, header.metadata)
         for result in earlier:
             assert result is not None
-            pending.results.append(
+            writer.result(
+                chunk,
                 ResultRow(
                     instance_id=header.claimed.id,
                     model=result.model,
@@ -50,10 +63,9 @@ def reuse_known(
                     outputs=result.outputs,
                     saliency=result.saliency,
                     reused_from=result.id,
-                )
+                ),
             )
         used = ", ".join(f"{r.model} {r.model_version} (result {r.id})" for r in earlier if r)
         reason = f"already processed: same SOPInstanceUID and content; reused {used}"
-        pending.outcomes.append((header.claimed.id, InstanceStatus.SKIPPED, reason))
+        writer.outcome(chunk, header.claimed.id, InstanceStatus.SKIPPED, reason)
     return fresh
-

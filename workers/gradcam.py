@@ -8,7 +8,6 @@ each image its own gradient (Selvaraju et al., 2017).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from radq.errors import ModelError
-from workers.inference import activate, as_label_dicts, to_batch
+from workers.inference import activate, as_label_dicts
 from workers.models.loader import LoadedModel
 
 DEFAULT_LAYERS = {
@@ -55,8 +54,11 @@ def _normalised_cam(activations: Tensor, size: torch.Size) -> Tensor:
     return torch.where(peak > 0, cam / peak.clamp_min(1e-12), cam)
 
 
-def explain(model: LoadedModel, inputs: Sequence[np.ndarray], threshold: float) -> Explained:
-    """Predict a batch and, for every (image, label) at or above ``threshold``, a saliency map."""
+def explain(model: LoadedModel, batch: Tensor, threshold: float) -> Explained:
+    """Predict a batch and, for every (image, label) at or above ``threshold``, a saliency map.
+
+    ``batch`` is (B, C, H, W) on the model's device; gradients run in float32.
+    """
     layer = _target_layer(model)
     captured: list[Tensor] = []
 
@@ -64,8 +66,7 @@ def explain(model: LoadedModel, inputs: Sequence[np.ndarray], threshold: float) 
         output.retain_grad()
         captured.append(output)
 
-    batch = to_batch(model, inputs)
-    maps: list[dict[str, np.ndarray]] = [{} for _ in inputs]
+    maps: list[dict[str, np.ndarray]] = [{} for _ in range(batch.shape[0])]
     handle = layer.register_forward_hook(keep)
     try:
         with torch.enable_grad():

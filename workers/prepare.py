@@ -1,6 +1,9 @@
-"""Reading, decoding and preprocessing one claimed instance for the models that apply.
+"""Reading and decoding one claimed instance, in a decode process; never raises for a bad file.
 
-Runs in the worker's decode threads; never raises for a bad file.
+Both functions are module-level so :class:`workers.procpool.ProcessPool` can run them by
+reference. They take model cards, not loaded models: decode processes never import torch
+(pixels leave as the decoded integers; :mod:`workers.device_prep` finishes them on the
+model's device).
 """
 
 from __future__ import annotations
@@ -12,18 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pydicom.dataset import Dataset
-
 from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
 from radq.blobs import sha256_of
 from radq.errors import InstanceError
-from workers.context import WorkerContext
+from radq.model_card import ModelCard
 from workers.decode import DecodedImage, check_image, decode
+from workers.device_prep import RawFrame, raw_frames
 from workers.header import InstanceMeta, printable, read_header, short_error
-from workers.models.loader import LoadedModel
-from workers.preprocess import preprocess
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +36,22 @@ def _joined(notes: Sequence[str]) -> str | None:
 
 @dataclass
 class Prepared:
-    """One claimed instance after decoding: model inputs, or why there are none."""
+    """One claimed instance after reading: its columns, its model inputs, or why there are none.
+
+    ``status`` None means usable: ``inputs`` holds the frames of every applicable model
+    (after :func:`load`), or nothing yet (after :func:`inspect`).
+    """
 
     claimed: Claimed
     metadata: dict[str, Any] = field(default_factory=dict)
-    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: InstanceMeta | None = None
+    inputs: dict[str, list[RawFrame]] = field(default_factory=dict)
     status: str | None = None
     reason: str | None = None
+
+    def fail(self, status: str, reason: str) -> None:
+        # Reasons quote file content: never let a NUL or a kilobyte of it reach the database.
+        self.status, self.reason = status, printable(reason, _MAX_REASON)
 
 
 def _metadata_columns(instance_id: int, meta: InstanceMeta, notes: Sequence[str]) -> dict[str, Any]:
@@ -59,25 +67,13 @@ def _metadata_columns(instance_id: int, meta: InstanceMeta, notes: Sequence[str]
     }
 
 
-def applies(model: LoadedModel, meta: InstanceMeta) -> bool:
-    return model.card.applies_to.matches(
+def applies(card: ModelCard, meta: InstanceMeta) -> bool:
+    return card.applies_to.matches(
         modality=meta.modality,
         body_part=meta.body_part,
         sop_class=meta.sop_class_uid,
         photometric=meta.photometric,
     )
-
-
-@dataclass
-class Header:
-    """Phase one: a readable instance's dataset (pixels left in the file) and identity."""
-
-    claimed: Claimed
-    ds: Dataset
-    meta: InstanceMeta
-    notes: list[str]
-    content_sha256: str
-    metadata: dict[str, Any]
 
 
 @contextmanager
@@ -86,62 +82,70 @@ def _recorded(out: Prepared, path: Path) -> Iterator[None]:
     try:
         yield
     except InstanceError as exc:
-        # Reasons quote file content: never let a NUL or a kilobyte of it reach the database.
-        out.status, out.reason = exc.status, printable(exc.reason, _MAX_REASON)
+        out.fail(exc.status, exc.reason)
     except FileNotFoundError:
-        out.status, out.reason = InstanceStatus.FAILED, f"file not found: {path}"
+        out.fail(InstanceStatus.FAILED, f"file not found: {path}")
     except OSError as exc:
         detail = exc.strerror or short_error(exc)
-        out.status, out.reason = InstanceStatus.FAILED, f"file not readable: {path}: {detail}"
+        out.fail(InstanceStatus.FAILED, f"file not readable: {path}: {detail}")
     except Exception as exc:  # a decoder bug must cost one file, not the chunk
         log.exception("unexpected error preparing instance %s", out.claimed.id)
-        out.status = InstanceStatus.FAILED
-        out.reason = f"unexpected error while reading the file: {type(exc).__name__}: {short_error(exc)}"
+        out.fail(
+            InstanceStatus.FAILED,
+            f"unexpected error while reading the file: {type(exc).__name__}: {short_error(exc)}",
+        )
 
 
-def read(claimed: Claimed, *, ctx: WorkerContext) -> Header | Prepared:
-    """Read the header, check the image can be decoded at all, and hash the content.
+def inspect(claimed: Claimed, path: Path) -> Prepared:
+    """Header, content hash and a check that the image can be decoded at all; no pixels.
 
-    Returns a :class:`Prepared` carrying the failure when the file is unusable.
+    What a chunk asking for reuse of earlier results needs before deciding what to decode.
     """
     out = Prepared(claimed)
-    path = ctx.locate(claimed.storage, claimed.location)
     with _recorded(out, path):
         ds, meta, notes = read_header(path)
-        out.metadata = _metadata_columns(claimed.id, meta, notes)
+        out.meta, out.metadata = meta, _metadata_columns(claimed.id, meta, notes)
         # Uploads are stored under their hash; files read in place are hashed here.
         sha = claimed.location if claimed.storage == StorageKind.BLOB else sha256_of(path)
         out.metadata["content_sha256"] = sha
         check_image(ds, meta)  # a broken file is reported as broken, routed or not
-        return Header(claimed, ds, meta, notes, sha, out.metadata)
     return out
 
 
-def prepare(header: Header, *, ctx: WorkerContext, models: Sequence[LoadedModel]) -> Prepared:
-    """Decode and preprocess one instance for every model that applies to it.
+def load(
+    claimed: Claimed,
+    path: Path,
+    cards: Sequence[ModelCard],
+    max_pixels: int,
+    content_sha256: str | None = None,
+) -> Prepared:
+    """Read, check, route and decode one instance into raw frames for every card that applies.
 
-    Never raises for a bad file: the failure is returned with its reason.
+    ``content_sha256`` skips hashing a file :func:`inspect` already hashed.
     """
-    out = Prepared(header.claimed, metadata=header.metadata)
-    meta, notes = header.meta, header.notes
-    applicable = [m for m in models if applies(m, meta)]
-    if not applicable:
-        what = " ".join(filter(None, [meta.modality, meta.body_part])) or "an instance without Modality"
-        names = ", ".join(m.card.name for m in models) or "none"
-        out.status, out.reason = InstanceStatus.SKIPPED, f"no model for {what} (models tried: {names})"
-        return out
-    with _recorded(out, ctx.locate(header.claimed.storage, header.claimed.location)):
+    out = Prepared(claimed)
+    with _recorded(out, path):
+        ds, meta, notes = read_header(path)
+        out.meta, out.metadata = meta, _metadata_columns(claimed.id, meta, notes)
+        if content_sha256 is None:
+            content_sha256 = claimed.location if claimed.storage == StorageKind.BLOB else sha256_of(path)
+        out.metadata["content_sha256"] = content_sha256
+        check_image(ds, meta)
+        applicable = [card for card in cards if applies(card, meta)]
+        if not applicable:
+            what = " ".join(filter(None, [meta.modality, meta.body_part])) or "an instance without Modality"
+            names = ", ".join(card.name for card in cards) or "none"
+            out.fail(InstanceStatus.SKIPPED, f"no model for {what} (models tried: {names})")
+            return out
         images: dict[str, DecodedImage] = {}  # one decode per frame policy
-        by_recipe: dict[str, np.ndarray] = {}
-        for model in applicable:
-            policy = model.card.preprocessing.frame
+        by_recipe: dict[str, list[RawFrame]] = {}
+        for card in applicable:
+            policy = card.preprocessing.frame
             if policy not in images:
-                images[policy] = decode(
-                    header.ds, meta, notes, max_pixels=ctx.settings.max_image_pixels, frame=policy
-                )
-            recipe = model.card.preprocessing_recipe
-            if recipe not in by_recipe:  # (frames, channels, height, width)
-                by_recipe[recipe] = preprocess(images[policy], model.card.input, model.card.preprocessing)
-            out.inputs[model.card.name] = by_recipe[recipe]
+                images[policy] = decode(ds, meta, notes, max_pixels=max_pixels, frame=policy)
+            recipe = card.preprocessing_recipe
+            if recipe not in by_recipe:
+                by_recipe[recipe] = raw_frames(images[policy], card.input, card.preprocessing)
+            out.inputs[card.name] = by_recipe[recipe]
         out.metadata["notes"] = _joined(notes)  # decode appended its notes
     return out

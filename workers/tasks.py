@@ -30,9 +30,6 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         retry_backoff=True,
         retry_backoff_max=60,
         max_retries=10,
-        # A hung codec cannot be interrupted in a thread: the child process is replaced
-        # and the reaper sends the chunk's unfinished instances again, one per message.
-        time_limit=settings.chunk_time_limit,
     )
     def infer_chunk(job_id: str, instance_ids: list[int]) -> dict[str, object]:
         report = run_chunk(get_context(settings), job_id, instance_ids)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from radq.settings import BUNDLED_MODEL_DIR
 from workers.gradcam import explain, to_png
-from workers.inference import predict
+from workers.inference import predict, to_batch
 from workers.models.loader import LoadedModel, load_model
 
 
@@ -27,10 +27,10 @@ def _inputs(n: int) -> list[np.ndarray]:
 
 def test_batched_maps_equal_single_image_maps(model: LoadedModel) -> None:
     inputs = _inputs(4)
-    batched = explain(model, inputs, threshold=0.0)
+    batched = explain(model, to_batch(model, inputs), threshold=0.0)
     assert batched.probabilities == predict(model, inputs)
     for i, x in enumerate(inputs):
-        alone = explain(model, [x], threshold=0.0)
+        alone = explain(model, to_batch(model, [x]), threshold=0.0)
         assert set(alone.saliency[0]) == set(model.card.labels)
         for label, m in alone.saliency[0].items():
             assert m.shape == (224, 224) and m.dtype == np.float32
@@ -42,10 +42,10 @@ def test_threshold_selects_labels(model: LoadedModel) -> None:
     inputs = _inputs(3)
     probs = predict(model, inputs)
     threshold = float(np.median([p for row in probs for p in row.values()]))
-    explained = explain(model, inputs, threshold)
+    explained = explain(model, to_batch(model, inputs), threshold)
     for row, maps in zip(probs, explained.saliency, strict=True):
         assert set(maps) == {label for label, p in row.items() if p >= threshold}
-    assert explain(model, inputs, 1.0).saliency == [{}, {}, {}]
+    assert explain(model, to_batch(model, inputs), 1.0).saliency == [{}, {}, {}]
 
 
 def test_png_is_8_bit_grayscale_of_the_map() -> None:

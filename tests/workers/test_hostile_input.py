@@ -21,16 +21,13 @@ import re
 import resource
 import subprocess
 import sys
-import threading
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-import torch
 from hypothesis import HealthCheck, currently_in_test_context, event, given, note, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import DataElement
@@ -55,12 +52,11 @@ from tests.conftest import REPO, Stack
 from tests.jobwait import wait_done
 from tests.workers import hostile_files as hostile
 from tests.workers.dicom_files import write_image
-from workers.context import WorkerContext
 from workers.decode import MAX_FRAMES, check_image, decode
 from workers.header import MAX_INFLATED_BYTES, is_storable, read_header
-from workers.models.loader import LoadedModel
-from workers.prepare import Header, prepare, read
+from workers.prepare import inspect, load
 from workers.preprocess import preprocess
+from workers.procpool import ProcessPool
 
 MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 EXAMPLES = int(os.environ.get("RADQ_FUZZ_EXAMPLES", "1000"))
@@ -535,10 +531,8 @@ COLUMNS = {  # db.models.Instance: the columns metadata goes to, and their sizes
 
 
 def test_the_worker_phases_record_each_hostile_file_with_its_reason(tmp_path: Path) -> None:
-    """``read`` then ``prepare``, as run_chunk calls them, from a thread pool of two."""
+    """``inspect`` and ``load`` as the engine runs them: in its decode processes."""
     settings = Settings(home=tmp_path / "home")
-    ctx = WorkerContext(settings, None, None, None, ThreadPoolExecutor(2))  # type: ignore[arg-type]
-    models = [LoadedModel(card, torch.nn.Identity(), torch.device("cpu")) for card in CARDS]
     files = [make() for make, _, _ in CASES.values()] + list(_db_hostile_files().values())
     files += [hostile.truncate(s.data, len(s.data) // 2) for s in SOURCES]
     claimed = []
@@ -546,16 +540,15 @@ def test_the_worker_phases_record_each_hostile_file_with_its_reason(tmp_path: Pa
         path = tmp_path / f"{n}.dcm"
         path.write_bytes(data)
         claimed.append(Claimed(n, "job", path.name, StorageKind.PATH, str(path), 1))
-
-    def one(item: Claimed) -> tuple[str | None, str | None, dict[str, object]]:
-        header = read(item, ctx=ctx)
-        if isinstance(header, Header):
-            header = prepare(header, ctx=ctx, models=models)
-        assert threading.current_thread().name.startswith("ThreadPoolExecutor")
-        return header.status, header.reason, header.metadata
-
-    with ctx.executor:
-        outcomes = list(ctx.executor.map(one, claimed))
+    with ProcessPool(2, task_timeout=120, preload=("workers.prepare",)) as pool:
+        headers = [pool.submit(inspect, c, Path(c.location)) for c in claimed]
+        loads = [pool.submit(load, c, Path(c.location), CARDS, settings.max_image_pixels) for c in claimed]
+        outcomes = []
+        for header, loaded in zip(headers, loads, strict=True):
+            first, second = header.result(), loaded.result()
+            if first.status:  # what fails the header check fails the full read the same way
+                assert (second.status, second.reason) == (first.status, first.reason)
+            outcomes.append((second.status, second.reason, second.metadata))
     for item, (status, reason, metadata) in zip(claimed, outcomes, strict=True):
         # what the worker writes to its database columns: storable, and within their sizes
         for column, limit in COLUMNS.items():

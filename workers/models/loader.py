@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pickle
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,6 +24,10 @@ class LoadedModel:
     card: ModelCard
     module: nn.Module
     device: torch.device
+    channels_last: bool = False
+    """Inputs go in channels-last memory format (the module was converted)."""
+    autocast: torch.dtype | None = None
+    """Mixed-precision dtype of the forward pass; None runs float32."""
 
     @property
     def key(self) -> str:
@@ -144,22 +149,54 @@ def load_model(model_dir: Path, device: torch.device) -> LoadedModel:
     return LoadedModel(card=card, module=module, device=device)
 
 
-class ModelRegistry:
-    """Models of one worker process, each loaded once on first use."""
+@dataclass(frozen=True)
+class Runtime:
+    """How a worker runs its models: settings that apply to every model it loads."""
 
-    def __init__(self, root: Path, device: torch.device) -> None:
+    device: torch.device
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+
+    def autocast_for(self, card: ModelCard) -> torch.dtype | None:
+        if not card.mixed_precision or self.precision == "fp32":
+            return None
+        if self.precision == "auto":
+            return torch.float16 if self.device.type == "cuda" else None
+        return torch.float16 if self.precision == "fp16" else torch.bfloat16
+
+
+def prepare_for_runtime(model: LoadedModel, runtime: Runtime) -> LoadedModel:
+    """Apply the runtime's memory format, precision and compilation to a loaded model."""
+    module = model.module
+    channels_last = runtime.channels_last and model.card.weights_format == "state_dict"
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if runtime.compile:
+        module = cast(nn.Module, torch.compile(module))
+    return LoadedModel(model.card, module, model.device, channels_last, runtime.autocast_for(model.card))
+
+
+class ModelRegistry:
+    """Models of one worker process, each loaded once on first use (from any thread)."""
+
+    def __init__(self, root: Path, runtime: Runtime) -> None:
         self.root = root
-        self.device = device
+        self.runtime = runtime
+        self.device = runtime.device
         self._loaded: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
 
     def auto_names(self) -> list[str]:
         """The models a job asking for ``auto`` runs (cards with ``auto_route``)."""
         return [name for name, (_, card) in discover_cards(self.root).items() if card.auto_route]
 
     def get(self, name: str) -> LoadedModel:
-        if name not in self._loaded:
-            cards = discover_cards(self.root)
-            if name not in cards:
-                raise ModelError(f"model {name!r} not found in {self.root}")
-            self._loaded[name] = load_model(cards[name][0], self.device)
-        return self._loaded[name]
+        with self._lock:
+            if name not in self._loaded:
+                cards = discover_cards(self.root)
+                if name not in cards:
+                    raise ModelError(f"model {name!r} not found in {self.root}")
+                loaded = load_model(cards[name][0], self.device)
+                self._loaded[name] = prepare_for_runtime(loaded, self.runtime)
+            return self._loaded[name]

@@ -1,0 +1,144 @@
+"""workers.batching: batches across messages, the partial-batch deadline, out-of-memory splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from radq.blobs import BlobStore
+from radq.model_card import discover_cards
+from radq.settings import BUNDLED_MODEL_DIR
+from tests.conftest import SAMPLES
+from workers.batching import Batcher
+from workers.chunk import Chunk
+from workers.decode import read_instance
+from workers.device_prep import RawFrame, raw_frames
+from workers.inference import predict
+from workers.models.loader import LoadedModel, load_model
+from workers.writer import Writer
+
+
+class Recorder(Writer):
+    """What the batcher hands to the writing stage, kept in order instead of written."""
+
+    def __init__(self) -> None:  # no database thread: the batcher is under test
+        self.calls: list[tuple[str, int, Any]] = []
+
+    def result(self, chunk: Chunk, row: Any) -> None:
+        self.calls.append(("result", row.instance_id, row.outputs))
+
+    def outcome(self, chunk: Chunk, instance_id: int, status: str, reason: str | None = None) -> None:
+        self.calls.append(("outcome", instance_id, (status, reason)))
+
+    def outcomes(self) -> dict[int, tuple[str, str | None]]:
+        return {i: v for kind, i, v in self.calls if kind == "outcome"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class OutOfMemoryAbove(nn.Module):
+    """A model that, like a GPU with too little memory, refuses batches over ``limit``."""
+
+    def __init__(self, inner: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.inner, self.limit, self.sizes = inner, limit, []  # type: ignore[var-annotated]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.inner(x)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def smoke() -> LoadedModel:
+    return load_model(discover_cards(BUNDLED_MODEL_DIR)["radq-smoke"][0], torch.device("cpu"))
+
+
+def _frames(model: LoadedModel, name: str) -> list[RawFrame]:
+    card = model.card
+    image = read_instance(SAMPLES / "real" / name, max_pixels=1 << 28, frame=card.preprocessing.frame)
+    return raw_frames(image, card.input, card.preprocessing)
+
+
+def _batcher(
+    tmp_path: Path, clock: Clock, batch_size: int = 4, deadline: float = 0.5
+) -> tuple[Batcher, Recorder]:
+    writer = Recorder()
+    return Batcher(batch_size, deadline, writer, BlobStore(tmp_path), clock=clock), writer
+
+
+def test_a_partial_batch_waits_for_company_until_its_deadline(tmp_path: Path, smoke: LoadedModel) -> None:
+    clock = Clock()
+    batcher, writer = _batcher(tmp_path, clock)
+    chunk = Chunk("job", {1, 2})
+    for i, name in ((1, "CT_small.dcm"), (2, "MR_small.dcm")):
+        batcher.add(chunk, i, {"radq-smoke": _frames(smoke, name)}, {"radq-smoke": smoke}, None)
+    assert writer.calls == [] and batcher.due_in() == pytest.approx(0.5)
+    clock.now += 0.3
+    batcher.run_due()
+    assert writer.calls == [] and batcher.due_in() == pytest.approx(0.2)
+    clock.now += 0.2
+    batcher.run_due()
+    assert writer.outcomes() == {1: ("done", None), 2: ("done", None)}
+    assert batcher.due_in() is None
+
+
+def test_a_full_batch_runs_at_once_across_chunks_and_matches_the_model(
+    tmp_path: Path, smoke: LoadedModel
+) -> None:
+    batcher, writer = _batcher(tmp_path, Clock(), batch_size=3)
+    names = ["CT_small.dcm", "MR_small.dcm", "CR2_6247.dcm"]
+    frames = [_frames(smoke, n) for n in names]
+    for i, f in enumerate(frames):  # one instance per message: the batch still fills
+        batcher.add(Chunk(f"job-{i}", {i}), i, {"radq-smoke": f}, {"radq-smoke": smoke}, None)
+    results = {i: outputs for kind, i, outputs in writer.calls if kind == "result"}
+    card = smoke.card
+    for i, f in enumerate(frames):
+        alone = predict(smoke, [to_numpy(f, smoke)])[0]
+        assert results[i] == pytest.approx(alone, abs=1e-5), names[i]
+    assert set(writer.outcomes()) == {0, 1, 2} and card.name == "radq-smoke"
+
+
+def to_numpy(frames: list[RawFrame], model: LoadedModel) -> Any:
+    from workers.device_prep import to_batch
+
+    card = model.card
+    return to_batch(frames, card.input, card.preprocessing, torch.device("cpu"))[0].numpy()
+
+
+def test_an_out_of_memory_batch_is_split_not_failed(tmp_path: Path, smoke: LoadedModel) -> None:
+    picky = OutOfMemoryAbove(smoke.module, limit=2)
+    model = LoadedModel(smoke.card, picky, smoke.device)
+    batcher, writer = _batcher(tmp_path, Clock(), batch_size=8)
+    chunk = Chunk("job", set(range(8)))
+    frames = _frames(smoke, "CT_small.dcm")
+    for i in range(8):
+        batcher.add(chunk, i, {"radq-smoke": frames}, {"radq-smoke": model}, None)
+    assert writer.outcomes() == {i: ("done", None) for i in range(8)}
+    assert picky.sizes == [8, 4, 2, 2, 2, 2]
+    assert batcher.limit["radq-smoke"] == 2  # later batches start at the size that fitted
+    batcher.add(Chunk("job2", {9}), 9, {"radq-smoke": frames}, {"radq-smoke": model}, None)
+    batcher.add(Chunk("job2", {10}), 10, {"radq-smoke": frames}, {"radq-smoke": model}, None)
+    assert picky.sizes[-1] == 2 and writer.outcomes()[10] == ("done", None)
+
+
+def test_one_image_that_does_not_fit_fails_with_the_reason(tmp_path: Path, smoke: LoadedModel) -> None:
+    model = LoadedModel(smoke.card, OutOfMemoryAbove(smoke.module, limit=0), smoke.device)
+    batcher, writer = _batcher(tmp_path, Clock(), batch_size=2)
+    chunk = Chunk("job", {1, 2})
+    for i in (1, 2):
+        batcher.add(chunk, i, {"radq-smoke": _frames(smoke, "CT_small.dcm")}, {"radq-smoke": model}, None)
+    outcomes = writer.outcomes()
+    assert {status for status, _ in outcomes.values()} == {"failed"}
+    assert all("out of memory even for one image" in (reason or "") for _, reason in outcomes.values())

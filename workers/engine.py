@@ -1,0 +1,212 @@
+"""A worker process's pipeline: decode processes feed one inference thread, one writer stores.
+
+Celery runs each message in a thread of its own (``--pool threads``); the message's
+thread claims its instances and hands them to the engine, which every message of the
+process shares, so batches form across messages, instances and studies:
+
+1. decode: :class:`workers.procpool.ProcessPool` reads and decodes files in processes
+   (pydicom holds the GIL), at most ``decode_ahead`` instances ahead of the model, so
+   memory stays flat whatever the backlog;
+2. infer: one thread finishes preprocessing on the model's device and runs the batches
+   (:class:`workers.batching.Batcher`);
+3. write: one thread commits outcomes in bulk (:class:`workers.writer.Writer`).
+
+The message's thread returns once every instance it claimed has its outcome in SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.status import InstanceStatus, StorageKind
+from db.work import Claimed
+from radq.blobs import BlobStore
+from radq.errors import InstanceError, ModelError
+from radq.model_card import AUTO
+from radq.settings import Settings
+from workers.batching import Batcher
+from workers.chunk import Chunk, ChunkReport
+from workers.dedup import reuse_known
+from workers.header import printable
+from workers.models.loader import LoadedModel, ModelRegistry
+from workers.prepare import Prepared, inspect, load
+from workers.procpool import ProcessPool
+from workers.writer import Writer
+
+log = logging.getLogger(__name__)
+
+DECODE_PRELOAD = ("workers.prepare",)
+"""Imported once by the decode processes' server, so each new decode process starts warm."""
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass
+class _Decoded:
+    chunk: Chunk
+    claimed: Claimed
+    future: Future[Prepared]
+    models: dict[str, LoadedModel]
+    explain_threshold: float | None
+
+
+def _outcome_of(item: _Decoded) -> Prepared:
+    """The decode process's answer, or the failure that took the process with it."""
+    try:
+        return item.future.result()
+    except InstanceError as exc:  # the file crashed or hung its decode process
+        out = Prepared(item.claimed)
+        out.fail(exc.status, exc.reason)
+        return out
+    except Exception as exc:
+        log.exception("decoding instance %s failed outside the decoder", item.claimed.id)
+        out = Prepared(item.claimed)
+        out.fail(InstanceStatus.FAILED, f"could not decode: {type(exc).__name__}: {printable(str(exc), 300)}")
+        return out
+
+
+class Engine:
+    """The three stages of one worker process; started after any fork, in the process that uses it."""
+
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], models: ModelRegistry, blobs: BlobStore
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.models = models
+        self.blobs = blobs
+        processes = settings.decode_processes or usable_cores()
+        self.decoders = ProcessPool(processes, task_timeout=settings.decode_timeout, preload=DECODE_PRELOAD)
+        self.writer = Writer(sessions)
+        self.batcher = Batcher(settings.batch_size, settings.batch_deadline, self.writer, blobs)
+        ahead = settings.decode_ahead or 2 * settings.batch_size + processes
+        self._slots = threading.Semaphore(ahead)
+        self._ready: queue.SimpleQueue[_Decoded | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._infer_loop, name="radq-infer", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the stages (tests and orderly shutdown)."""
+        self._ready.put(None)
+        self._thread.join()
+        self.writer.close()
+        self.decoders.shutdown()
+
+    def locate(self, claimed: Claimed) -> Path:
+        """Where an instance's bytes are on this host."""
+        if claimed.storage == StorageKind.BLOB:
+            return self.blobs.path_for(claimed.location)
+        return Path(claimed.location)
+
+    # --- a message's thread -----------------------------------------------------------
+
+    def process(self, job_id: str, claimed: Sequence[Claimed], model_names: Sequence[str],
+                options: dict[str, Any]) -> ChunkReport:  # fmt: skip
+        """Decode, infer and write ``claimed``; returns once all their outcomes are in SQL
+        (or after ``chunk_time_limit``, leaving the rest to the reaper)."""
+        chunk = Chunk(job_id, {c.id for c in claimed})
+        try:
+            models = self._models(model_names)
+        except ModelError as exc:
+            for c in claimed:
+                self.writer.outcome(chunk, c.id, InstanceStatus.FAILED, f"model unavailable: {exc}")
+            return self._wait(chunk)
+        todo: list[tuple[Claimed, str | None]] = [(c, None) for c in claimed]
+        if options.get("dedup"):
+            todo = self._reuse_known(chunk, claimed, models)
+        threshold = options.get("explain_threshold")
+        by_name = {m.card.name: m for m in models}
+        cards = [m.card for m in models]
+        pixels = self.settings.max_image_pixels
+        for c, sha in todo:
+            self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
+            future = self.decoders.submit(load, c, self.locate(c), cards, pixels, sha)
+            item = _Decoded(chunk, c, future, by_name, threshold)
+            future.add_done_callback(partial(self._decoded, item))
+        return self._wait(chunk)
+
+    def _models(self, names: Sequence[str]) -> list[LoadedModel]:
+        if AUTO in names:
+            expanded = (self.models.auto_names() if name == AUTO else [name] for name in names)
+            names = list(dict.fromkeys(n for group in expanded for n in group))
+        return [self.models.get(name) for name in names]
+
+    def _reuse_known(
+        self, chunk: Chunk, claimed: Sequence[Claimed], models: Sequence[LoadedModel]
+    ) -> list[tuple[Claimed, str | None]]:
+        """Headers and hashes first (no pixels); record reused results; return what to decode."""
+        futures = [(c, self.decoders.submit(inspect, c, self.locate(c))) for c in claimed]
+        readable: list[Prepared] = []
+        for c, future in futures:
+            header = _outcome_of(_Decoded(chunk, c, future, {}, None))
+            if header.status:
+                self.writer.metadata(chunk, header.metadata)
+                self.writer.outcome(chunk, c.id, header.status, header.reason)
+            else:
+                readable.append(header)
+        fresh = reuse_known(self.sessions, readable, [m.card for m in models], self.writer, chunk)
+        return [(p.claimed, p.metadata["content_sha256"]) for p in fresh]
+
+    def _wait(self, chunk: Chunk) -> ChunkReport:
+        if not chunk.done.wait(self.settings.chunk_time_limit):
+            log.error(
+                "job %s: %d instance(s) not finished after %.0f s (RADQ_CHUNK_TIME_LIMIT); "
+                "their leases lapse and the reaper sends them again",
+                chunk.job_id, chunk.unsettled, self.settings.chunk_time_limit,
+            )  # fmt: skip
+        return chunk.report
+
+    # --- the decode processes' dispatcher thread --------------------------------------
+
+    def _decoded(self, item: _Decoded, _future: Future[Prepared]) -> None:
+        self._ready.put(item)
+
+    # --- the inference thread ---------------------------------------------------------
+
+    def _infer_loop(self) -> None:
+        while True:
+            try:
+                item = self._ready.get(timeout=self.batcher.due_in())
+            except queue.Empty:
+                item = None
+                stop = False
+            else:
+                stop = item is None
+            try:
+                while item is not None:  # take everything decoded so far before flushing
+                    self._slots.release()
+                    self._add(item)
+                    try:
+                        item = self._ready.get_nowait()
+                    except queue.Empty:
+                        item = None
+                    else:
+                        stop = stop or item is None
+                self.batcher.run_due()
+                if stop:
+                    self.batcher.drain()
+                    return
+            except Exception:  # never let the stage die: the reaper re-sends what is lost
+                log.exception("inference stage error")
+
+    def _add(self, item: _Decoded) -> None:
+        prepared = _outcome_of(item)
+        self.writer.metadata(item.chunk, prepared.metadata)
+        if prepared.status:
+            self.writer.outcome(item.chunk, item.claimed.id, prepared.status, prepared.reason)
+            return
+        self.batcher.add(item.chunk, item.claimed.id, prepared.inputs, item.models, item.explain_threshold)

@@ -1,0 +1,137 @@
+"""The writing stage: one thread per worker process stores outcomes in bulk transactions.
+
+Everything the other stages produce (header columns, result rows, final statuses) is
+queued here and written in transactions of up to :data:`MAX_ROWS` items, so SQL costs
+one round trip per batch of instances, not per instance. Items keep their order, so an
+instance's results always commit no later than its final status. An unreachable
+database is retried until it comes back; meanwhile the leases of waiting instances run
+out and the reaper hands them to other workers, whose writes are idempotent with ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.session import transaction
+from db.work import ResultRow, close_finished_jobs, finish, record_metadata, write_results
+from workers.chunk import Chunk
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 512
+"""Most queued items written in one transaction."""
+LINGER_S = 0.02
+"""How long the writer waits for more items once it has some, so bursts share a transaction."""
+RETRY_MAX_S = 30.0
+"""Longest pause between attempts while the database is unreachable."""
+
+
+@dataclass
+class _Batch:
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+    results: list[ResultRow] = field(default_factory=list)
+    outcomes: list[tuple[Chunk, int, str, str | None]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.metadata) + len(self.results) + len(self.outcomes)
+
+
+_Item = tuple[str, Chunk, Any]
+
+
+class Writer:
+    """Queue writes from any thread; a background thread commits them in order."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], *, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self._sessions = sessions
+        self._sleep = sleep
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="radq-writer", daemon=True)
+        self._thread.start()
+
+    def metadata(self, chunk: Chunk, row: dict[str, Any]) -> None:
+        if row:
+            self._queue.put(("metadata", chunk, row))
+
+    def result(self, chunk: Chunk, row: ResultRow) -> None:
+        self._queue.put(("result", chunk, row))
+
+    def outcome(self, chunk: Chunk, instance_id: int, status: str, reason: str | None = None) -> None:
+        self._queue.put(("outcome", chunk, (instance_id, status, reason)))
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _collect(self, first: _Item) -> tuple[_Batch, bool]:
+        batch, stop = _Batch(), False
+        item: _Item | None = first
+        deadline = time.monotonic() + LINGER_S
+        while item is not None:
+            kind, chunk, payload = item
+            if kind == "metadata":
+                batch.metadata.append(payload)
+            elif kind == "result":
+                batch.results.append(payload)
+            else:
+                batch.outcomes.append((chunk, *payload))
+            if len(batch) >= MAX_ROWS:
+                break
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            stop = item is None
+        return batch, stop
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, stop = self._collect(first)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: _Batch) -> None:
+        delay = 1.0
+        while True:
+            try:
+                closed = self._write(batch)
+                break
+            except OperationalError as exc:
+                log.warning("could not write %d item(s), retrying in %.0f s: %s", len(batch), delay, exc.orig)
+            except Exception:  # a bug must not stop the stage: the reaper re-sends what is unsettled
+                log.exception(
+                    "writing %d item(s) failed; their instances go back through the reaper", len(batch)
+                )
+                return
+            self._sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+        chunks_of_job: dict[str, Chunk] = {}
+        for chunk, *_ in batch.outcomes:
+            chunks_of_job.setdefault(chunk.job_id, chunk)
+        for job_id in closed:  # the task of one chunk of the job calls its webhook
+            chunks_of_job[job_id].report.closed_with_webhook.append(job_id)
+        for chunk, instance_id, status, _ in batch.outcomes:
+            chunk.settle(instance_id, status)
+
+    def _write(self, batch: _Batch) -> list[str]:
+        with transaction(self._sessions) as session:
+            record_metadata(session, batch.metadata)
+            write_results(session, batch.results)
+            finish(session, [(i, status, reason) for _, i, status, reason in batch.outcomes])
+            return close_finished_jobs(session, {chunk.job_id for chunk, *_ in batch.outcomes})
