@@ -117,14 +117,27 @@ def _modality_values(image: DecodedImage, row: int, transform: FrameTransform) -
             values *= np.float32(transform.rescale_slope)
         if transform.rescale_intercept != 0.0:
             values += np.float32(transform.rescale_intercept)
-    low, high = float(values.min()), float(values.max())
+    check_rescaled_range(float(values.min()), float(values.max()), transform)
+    return values
+
+
+def check_rescaled_range(low: float, high: float, transform: FrameTransform) -> None:
+    """Refuse rescaled values that float32 windowing cannot take.
+
+    Args:
+        low: the smallest rescaled value of the frame.
+        high: the largest.
+        transform: the frame's rescale, for the reason.
+
+    Raises:
+        UndecodablePixels: ``low`` or ``high`` is not finite or beyond :data:`FLOAT32_SAFE`.
+    """
     if not (math.isfinite(low) and math.isfinite(high)) or max(-low, high) > FLOAT32_SAFE:
         raise UndecodablePixels(
             f"pixel values out of range: with Rescale Slope {transform.rescale_slope:g} and Intercept "
             f"{transform.rescale_intercept:g} they reach {low:g} to {high:g}, past what float32 windowing "
             f"takes (+-{FLOAT32_SAFE:.1e})"
         )
-    return values
 
 
 def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -144,23 +157,46 @@ def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
     return table[index]
 
 
+Voi = tuple[float, float, str]
+"""A window as (center, width, VOI LUT Function: ``LINEAR``, ``LINEAR_EXACT`` or ``SIGMOID``)."""
+
+
+def resolve_windows(
+    image: DecodedImage, recipe: Preprocessing, transform: FrameTransform
+) -> tuple[Voi, ...] | None:
+    """Which windows make the planes of a grayscale row, in the order the card and file give them.
+
+    Returns:
+        One window per output plane (the card's ``channel_windows``, else its window for
+        the modality, else the file's first window); ``()`` for min-max; None when the
+        file's VOI LUT Sequence applies instead.
+    """
+    card = recipe.windows.get(image.meta.modality or "")
+    if recipe.channel_windows:
+        return tuple((w.center, w.width, "LINEAR") for w in recipe.channel_windows)
+    if card is not None:
+        return ((card.center, card.width, "LINEAR"),)
+    if image.voi_lut is not None:
+        return None
+    if transform.window is not None:
+        function = transform.window_function
+        return ((*transform.window, function if function in ("LINEAR_EXACT", "SIGMOID") else "LINEAR"),)
+    return ()
+
+
 def _grayscale(image: DecodedImage, recipe: Preprocessing, row: int) -> np.ndarray:
     transform = image.transform(row)
     values = _modality_values(image, row, transform)
-    card = recipe.windows.get(image.meta.modality or "")
-    if recipe.channel_windows:
-        out = np.stack([linear_window(values, w.center, w.width) for w in recipe.channel_windows])
-    elif card is not None:
-        out = linear_window(values, card.center, card.width)[np.newaxis]
-    elif image.voi_lut is not None:
+    windows = resolve_windows(image, recipe, transform)
+    if windows is None and image.voi_lut is not None:  # None means the VOI LUT: narrows the type
         _checked_lut(image.voi_lut, "VOILUTSequence", (8, *range(10, 17)))  # PS3.3 C.11.2.1.1
         try:
             out = _voi_lut(values, image.voi_lut)[np.newaxis]
         except Exception as exc:
             reason = f"unusable VOI LUT Sequence: {type(exc).__name__}: {short_error(exc)}"
             raise UndecodablePixels(reason) from None
-    elif transform.window is not None:
-        out = _window(values, *transform.window, transform.window_function)[np.newaxis]
+    elif windows:
+        out = np.stack([_window(values, *window) for window in windows])
     else:
         out = _min_max(values)[np.newaxis]
     if image.photometric == "MONOCHROME1":  # low values display bright
@@ -168,12 +204,15 @@ def _grayscale(image: DecodedImage, recipe: Preprocessing, row: int) -> np.ndarr
     return out
 
 
+def colour_scale(image: DecodedImage) -> float:
+    """What colour samples are divided by to reach [0, 1]: ``2**bits_stored - 1``, 1 for floats."""
+    bits = image.bits_stored or 8 * image.pixels.dtype.itemsize
+    return 1.0 if image.pixels.dtype.kind == "f" else float(2**bits - 1)
+
+
 def _colour(image: DecodedImage, row: int) -> np.ndarray:
-    pixels = image.pixels[row]
-    bits = image.bits_stored or 8 * pixels.dtype.itemsize
-    scale = 1.0 if pixels.dtype.kind == "f" else float(2**bits - 1)
-    out = np.moveaxis(pixels, -1, 0).astype(np.float32)  # (3, H, W)
-    out /= np.float32(scale)
+    out = np.moveaxis(image.pixels[row], -1, 0).astype(np.float32)  # (3, H, W)
+    out /= np.float32(colour_scale(image))
     return out
 
 
@@ -211,14 +250,36 @@ def _per_channel(values: list[float], channels: int, name: str) -> np.ndarray:
     return np.broadcast_to(np.asarray(values, dtype=np.float32), (channels,)).copy()
 
 
-def _to_channels(planes: np.ndarray, channels: int, colour: bool) -> np.ndarray:
+def normalisation(recipe: Preprocessing, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The card's ``mean`` and ``std``, one float32 value per channel.
+
+    Raises:
+        ModelError: ``mean`` or ``std`` does not fit ``channels``, or ``std`` has a zero.
+    """
+    mean = _per_channel(recipe.mean, channels, "mean")
+    std = _per_channel(recipe.std, channels, "std")
+    if not np.all(std != 0):
+        raise ModelError("preprocessing.std must not contain 0")
+    return mean, std
+
+
+def check_channels(planes: int, channels: int) -> None:
+    """Refuse windowed grayscale planes that cannot feed the model (the card's fault).
+
+    Raises:
+        ModelError: ``planes`` is neither 1 (replicated) nor ``channels``.
+    """
+    if planes not in (1, channels):
+        raise ModelError(
+            f"preprocessing.channel_windows gives {planes} channels for a {channels}-channel model"
+        )
+
+
+def to_channels(planes: np.ndarray, channels: int, colour: bool) -> np.ndarray:
     """Colour to luminance for a 1-channel model; other mismatches are the card's fault."""
     if colour and channels == 1:
         return np.tensordot(LUMA, planes, axes=1)[np.newaxis].astype(np.float32, copy=False)
-    if planes.shape[0] not in (1, channels):
-        raise ModelError(
-            f"preprocessing.channel_windows gives {planes.shape[0]} channels for a {channels}-channel model"
-        )
+    check_channels(planes.shape[0], channels)
     return planes
 
 
@@ -247,14 +308,12 @@ def preprocess(image: DecodedImage, spec: InputSpec, recipe: Preprocessing) -> n
     """
     import torch  # the API and CLI import this package without paying for torch
 
-    mean = torch.from_numpy(_per_channel(recipe.mean, spec.channels, "mean"))[:, None, None]
-    std = _per_channel(recipe.std, spec.channels, "std")
-    if not np.all(std != 0):
-        raise ModelError("preprocessing.std must not contain 0")
+    mean_values, std = normalisation(recipe, spec.channels)
+    mean = torch.from_numpy(mean_values)[:, None, None]
     scale = torch.from_numpy(std)[:, None, None]
     out = np.empty((image.pixels.shape[0], spec.channels, spec.height, spec.width), np.float32)
     for row in range(out.shape[0]):
-        planes = _to_channels(windowed(image, recipe, row), spec.channels, image.pixels.ndim == 4)
+        planes = to_channels(windowed(image, recipe, row), spec.channels, image.pixels.ndim == 4)
         tensor = torch.from_numpy(np.ascontiguousarray(planes))[None]  # (1, C, H, W)
         if tuple(tensor.shape[-2:]) != (spec.height, spec.width):
             tensor = torch.nn.functional.interpolate(
