@@ -72,7 +72,7 @@ def generate(root: Path, n: int) -> list[Path]:
 def pipeline(root: Path, files: list[Path], device: str, threads: int, batch: int) -> dict[str, float]:
     url = f"sqlite:///{root / f'radq-{device}.db'}"
     upgrade(url)
-    settings = Settings(home=root, database_url=url, device=device, batch_size=batch, decode_threads=threads)
+    settings = Settings(home=root, database_url=url, device=device, batch_size=batch, decode_processes=threads)
     sessions = make_sessionmaker(make_engine(url))
     with transaction(sessions) as session:
         job = create_job(session, models=["radq-smoke"])

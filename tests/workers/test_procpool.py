@@ -127,7 +127,7 @@ def test_children_start_clean(pool: ProcessPool) -> None:
 
 
 def test_shutdown_lets_running_tasks_finish_cancels_queued_and_stops_children() -> None:
-    pool = ProcessPool(1, task_timeout=5.0, preload=PRELOAD)
+    pool = ProcessPool(1, task_timeout=5.0, preload=PRELOAD, name="radq-test-shutdown")
     running = pool.submit(tasks.pid_after, 0.5)
     queued = [pool.submit(tasks.echo, i) for i in range(3)]
     while not running.running():
@@ -138,16 +138,17 @@ def test_shutdown_lets_running_tasks_finish_cancels_queued_and_stops_children() 
         with pytest.raises(CancelledError):
             future.result(timeout=0)
     assert gone(pid, within=0)
-    assert not [p for p in multiprocessing.active_children() if p.name.startswith("radq-decode")]
+    # Only this pool's children: other tests leave worker engines (and their pools) alive.
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("radq-test-shutdown")]
     with pytest.raises(RuntimeError, match="shut down"):
         pool.submit(tasks.echo, 1)
     pool.shutdown()  # a second call is harmless
 
 
 def test_shutdown_stops_idle_children() -> None:
-    with ProcessPool(3, task_timeout=5.0, preload=PRELOAD) as pool:
+    with ProcessPool(3, task_timeout=5.0, preload=PRELOAD, name="radq-test-idle") as pool:
         busy = pool.submit(tasks.pid_after, 0.3).result(timeout=5)
-        pids = {p.pid for p in multiprocessing.active_children() if p.name.startswith("radq-decode")}
+        pids = {p.pid for p in multiprocessing.active_children() if p.name.startswith("radq-test-idle")}
     assert busy in pids and len(pids) == 3
     assert all(pid is not None and gone(pid, within=0) for pid in pids)
 
