@@ -1,57 +1,83 @@
-"""``python -m bench``: generate DICOM, measure each figure in one run, print and save the report."""
+"""``python -m bench``: measure the (model, input) matrix of issue 7 in one run; print and save the report."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import torch
 from rich.console import Console
 
-from bench import data, machine, report
-from bench.measure import Measurement, decode_preprocess, median, model_only, naive_loop
-from bench.pipeline import pipeline, warm_up
-from bench.stack import DATABASES, Stack, embedded_stack
+from bench import machine, report
+from bench.inputs import DEFAULT_CACHE, INPUTS, Corpus
+from bench.matrix import FIGURES, Outcome, Plan, run_matrix
+from bench.models import DEFAULT_MODELS, Pair, matrix, model_dir
+from bench.stack import DATABASES, decode_processes, embedded_stack
+from bench.targets import Rates, summarize
 from radq.errors import RadqError
-from radq.model_card import discover_cards
+from radq.model_card import ModelCard, discover_cards
 from radq.settings import Settings
 from workers.device import resolve_device
-from workers.models.loader import LoadedModel, load_model
 
-MODEL = "radq-smoke"
-"""The model every figure runs (bundled; 1x224x224 input)."""
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 """Where the JSON report goes unless --out says otherwise (git-ignored)."""
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 """Server used with --database postgresql; the bench creates and drops its own database there."""
-WARMUP_CT, WARMUP_CR = 2, 2
-"""Files in the untimed warm-up job, which starts the worker's child and loads the model."""
-BATCH1_IMAGES = 64
-"""Images of the batch-1 model figure, which only explains the naive loop."""
+DEFAULT_SECONDS = 20.0
+"""Seconds each figure of a row aims to take."""
+QUICK_SECONDS = 3.0
+"""--quick: seconds per figure."""
+QUICK_MODELS = ("radq-smoke",)
+"""--quick: the tiny bundled model, on every input."""
 EXIT_OK = 0
-"""Every figure was measured and every timed instance was processed."""
+"""Every row was measured and every timed instance was processed."""
 EXIT_FAILED = 1
-"""A phase failed, or some instances of a pipeline job failed or were skipped."""
+"""A model's figures stopped short, or some instances of a pipeline job failed or were skipped."""
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--n", type=int, default=400, help="DICOM files per figure (default 400)")
+    parser.add_argument(
+        "--models", type=_names, default=None, help=f"comma-separated (default {','.join(DEFAULT_MODELS)})"
+    )
+    parser.add_argument(
+        "--inputs", type=_names, default=None, help=f"comma-separated of {','.join(INPUTS)} (default all)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=None, help=f"per figure (default {DEFAULT_SECONDS:g})"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every figure; the median is shown")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help=f"smoke run: {','.join(QUICK_MODELS)} on every input, {QUICK_SECONDS:g}s per figure",
+    )  # fmt: skip
+    parser.add_argument("--max-images", type=int, default=2000, help="most files of one pipeline job")
     parser.add_argument("--database", choices=DATABASES, default="sqlite", help="database of the pipeline")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of every figure; the median is shown")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated DICOM and tensors")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where generated corpora are kept")
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES, help="PostgreSQL server for --database")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a pipeline job may take")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.repeat < 1:
-        parser.error("--n and --repeat must be at least 1")
+    args.models = args.models or list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
+    args.inputs = args.inputs or list(INPUTS)
+    args.seconds = args.seconds or (QUICK_SECONDS if args.quick else DEFAULT_SECONDS)
+    unknown = [name for name in args.inputs if name not in INPUTS]
+    if unknown:
+        parser.error(f"unknown input(s) {', '.join(unknown)}; known: {', '.join(INPUTS)}")
+    if args.repeat < 1 or args.seconds <= 0 or args.max_images < 1:
+        parser.error("--repeat and --max-images must be at least 1, --seconds above 0")
     return args
 
 
@@ -59,91 +85,119 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the stack's cleanup
 
 
-@dataclass
-class _Context:
-    """What every round works on, set up once."""
-
-    settings: Settings
-    model: LoadedModel
-    work: Path
-    corpus: data.Corpus
-    files: list[Path]
-    stack: Stack
-
-
-def _round(args: argparse.Namespace, ctx: _Context, index: int) -> dict[str, Measurement]:
-    """Every figure once; rounds interleave so that a burst of other load hits them alike."""
-    pixels = ctx.settings.max_image_pixels
-    batch = ctx.settings.batch_size
-    return {
-        "model_only": model_only(ctx.model, images=args.n, batch_size=batch, seed=args.seed + index),
-        "model_batch1": model_only(ctx.model, images=BATCH1_IMAGES, batch_size=1, seed=args.seed + index),
-        "decode_preprocess": decode_preprocess(ctx.files, ctx.model, max_pixels=pixels),
-        "naive_loop": naive_loop(
-            ctx.files, ctx.model, db_path=ctx.work / f"naive-{index}.db", max_pixels=pixels
-        ),
-        "pipeline": pipeline(
-            ctx.stack, ctx.corpus.root, files=ctx.corpus.files, model=MODEL, timeout=args.timeout
-        ),
+def _row(
+    pair: Pair, outcome: Outcome, card: ModelCard, settings: Settings, device: torch.device
+) -> dict[str, Any]:
+    medians = outcome.medians(pair)
+    row: dict[str, Any] = {
+        "model": pair.model,
+        "input": pair.input,
+        "figures": {name: medians[name].as_dict() for name in FIGURES if name in medians},
     }
+    if any(name not in medians for name in FIGURES):
+        row["summary"] = None
+        return row
+    pipe = medians["pipeline"]
+    upload_s = float(pipe.detail["upload_s"])  # type: ignore[arg-type]
+    rates = Rates(
+        model_only=medians["model_only"].rate,
+        decode=medians["decode"].rate,
+        preprocess=medians["preprocess"].rate,
+        naive=medians["naive_loop"].rate,
+        pipeline=pipe.rate,
+        upload=pipe.images / upload_s if upload_s else 0.0,
+    )
+    row["summary"] = summarize(
+        rates,
+        device=device.type,
+        architecture=card.architecture,
+        input_name=pair.input,
+        decode_processes=decode_processes(settings),
+        host_cores=os.cpu_count() or 1,
+    )
+    row["all_done"] = all(m.detail["counts"] == {"done": m.images} for m in outcome.rounds[pair]["pipeline"])
+    return row
 
 
-def run(args: argparse.Namespace, console: Console) -> dict[str, object]:
-    """Generate the corpus, start the stack, measure every figure ``--repeat`` times; return the report."""
-    settings = Settings()
-    device = resolve_device(settings.device)
-    model = load_model(discover_cards(settings.model_dir)[MODEL][0], device)
-    rounds: dict[str, list[Measurement]] = defaultdict(list)
+def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """Prepare models and inputs, start the stack, measure the matrix; return the report."""
+    base = Settings()
+    device = resolve_device(base.device)
+    torch.set_num_threads(getattr(base, "torch_threads", 0) or len(os.sched_getaffinity(0)))  # as a worker
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as a worker: fixed input sizes
     with tempfile.TemporaryDirectory(prefix="radq-bench-") as tmp:
         work = Path(tmp)
-        ct, cr = data.split(args.n)
-        console.print(f"generating {ct} CT + {cr} CR files (seed {args.seed}) ...")
-        corpus = data.generate(work / "dicom", ct_files=ct, cr_files=cr, seed=args.seed)
-        data.generate(work / "warmup", ct_files=WARMUP_CT, cr_files=WARMUP_CR, seed=args.seed, label="warmup")
-        console.print(f"starting API and worker ({args.database}), untimed warm-up job ...")
-        home = work / "home"
+        models_root = model_dir(base.model_dir, work / "models")
+        settings = base.model_copy(update={"model_dir": models_root, "dedup": False})
+        found = discover_cards(models_root)
+        missing = [name for name in args.models if name not in found]
+        if missing:
+            raise RadqError(f"unknown model(s) {', '.join(missing)}; known: {', '.join(sorted(found))}")
+        cards = {name: card for name, (_, card) in found.items()}
+        rows, notes = matrix(cards, args.models, {name: INPUTS[name] for name in args.inputs})
+        if not rows:
+            raise RadqError("no model applies to any chosen input: " + "; ".join(notes))
+        corpora = {name: Corpus(INPUTS[name], cache=args.cache, seed=args.seed) for name in args.inputs}
+        used = sorted({pair.input for pair in rows}, key=list(INPUTS).index)
+        console.print(f"preparing inputs {', '.join(used)} (cached under {args.cache}) ...")
+        for name in used:
+            corpora[name].bases()
+        plan = Plan(rows, args.seconds, args.repeat, args.max_images, args.seed, args.timeout)
+        console.print(
+            f"starting Redis/API ({args.database}); {len(rows)} rows, about {args.seconds:g}s per figure"
+        )
         with embedded_stack(
-            settings, home=home, database=args.database, postgres_admin_url=args.postgres_url
-        ) as stack:
-            warm = warm_up(
-                stack, work / "warmup", files=WARMUP_CT + WARMUP_CR, model=MODEL, timeout=args.timeout
-            )
-            ctx = _Context(settings, model, work, corpus, data.files_of(corpus), stack)
-            for index in range(args.repeat):
-                console.print(
-                    f"round {index + 1}/{args.repeat}: model only, decode, naive loop, pipeline ..."
-                )
-                for key, measurement in _round(args, ctx, index).items():
-                    rounds[key].append(measurement)
-    card = model.card
-    return report.build(
-        results={key: median(runs) for key, runs in rounds.items()},
-        machine=machine.describe(device),
-        dicom=corpus.describe(),
-        model={
-            "name": f"{card.name}@{card.version}",
-            "input": f"{card.input.channels}x{card.input.height}x{card.input.width}",
-            "architecture": card.architecture,
-        },
-        run={
-            "files": args.n,
-            "database": args.database,
+            settings, home=work / "home", database=args.database, postgres_admin_url=args.postgres_url,
+            worker=False,
+        ) as stack:  # fmt: skip
+            outcome = run_matrix(
+                plan, stack, model_dirs={name: path for name, (path, _) in found.items()},
+                corpora=corpora, device=device, work=work, say=console.print,
+            )  # fmt: skip
+    notes.extend(f"{name} stopped short: {error}" for name, error in outcome.errors.items())
+    return {
+        "run": {
+            "seconds": args.seconds,
             "rounds": args.repeat,
             "seed": args.seed,
-            "warmup": {"files": warm.files, "seconds": round(warm.total_s, 3)},
-            "pipeline_all_done": all(m.detail["counts"] == {"done": args.n} for m in rounds["pipeline"]),
+            "database": args.database,
+            "device": str(device),
+            "batch_size": settings.batch_size,
+            "decode_processes": decode_processes(settings),
+            "chunk_size": settings.chunk_size,
+            "warmup_jobs": {
+                name: {"files": w.files, "seconds": round(w.total_s, 3)}
+                for name, w in outcome.warmups.items()
+            },
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": " ".join(["python -m bench", *sys.argv[1:]]),
         },
-    )
+        "machine": machine.describe(device),
+        "figures": report.FIGURE_LABELS,
+        "models": {
+            name: {
+                "version": cards[name].version,
+                "architecture": cards[name].architecture,
+                "input": f"{cards[name].input.channels}x{cards[name].input.height}x{cards[name].input.width}",
+            }
+            for name in args.models
+        },
+        "inputs": {name: corpora[name].describe() for name in used},
+        "rows": [
+            _row(pair, outcome, cards[pair.model], settings, device) for pair in rows if outcome.rounds[pair]
+        ],
+        "notes": notes,
+        "complete": not outcome.errors,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     console = Console()
-    if not console.is_terminal:  # piped or captured: wide enough that the tables do not wrap
-        console = Console(width=150)
+    if not console.is_terminal:  # piped or captured: wide enough that the table does not wrap
+        console = Console(width=200)
     try:
         result = run(args, console)
     except RadqError as exc:
@@ -152,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.write(result, args.out)  # first: a closed stdout must not cost the figures
     report.render(result, console)
     console.print(f"report written to {args.out}")
-    return EXIT_OK if result["run"]["pipeline_all_done"] else EXIT_FAILED  # type: ignore[index]
+    ok = result["complete"] and all(row.get("all_done") for row in result["rows"])
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import torch
 
-LIBRARIES = ("torch", "pydicom", "numpy", "celery", "sqlalchemy", "fastapi", "redis", "psycopg")
+LIBRARIES = (
+    "torch", "pydicom", "numpy", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pyjpegls",
+    "celery", "sqlalchemy", "fastapi", "redis", "psycopg",
+)  # fmt: skip
 """Packages whose versions a report lists."""
 
 
@@ -45,6 +48,7 @@ def describe(device: torch.device) -> dict[str, object]:
     info: dict[str, object] = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
         "ram_gib": _ram_gib(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -55,6 +59,10 @@ def describe(device: torch.device) -> dict[str, object]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    elif torch.cuda.is_available():
+        info["gpu"] = f"{torch.cuda.get_device_name(0)} (not used: device {device})"
+    else:
+        info["gpu"] = "none"
     return info
 
 

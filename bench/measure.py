@@ -1,31 +1,48 @@
-"""In-process measurements: the model alone, decoding alone, and the naive one-file loop."""
+"""In-process figures: the model alone, decoding and preprocessing alone, the naive one-file loop.
+
+Each runs for about a given number of seconds (after an untimed warm-up) rather than a
+given number of images, so that one budget fits a 2 img/s DenseNet on a laptop CPU and
+a 2,000 img/s one on a GPU.
+"""
 
 from __future__ import annotations
 
-import math
+import contextlib
+import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, insert
 
 from bench.machine import load_average
-from workers.decode import read_instance
+from bench.models import as_model_input, forward_context
+from workers.decode import DecodedImage, decode
+from workers.header import read_header
 from workers.inference import predict
 from workers.models.loader import LoadedModel
 from workers.preprocess import preprocess
 
-MIN_BATCHES = 10
-"""Fewest timed forward passes of the model-only figure, so a small --n still gives a stable rate."""
+T = TypeVar("T")
+
+MIN_BATCHES = 2
+"""Fewest timed forward passes of the model-only figure."""
+MAX_WARMUP_BATCHES = 3
+"""Most untimed passes before the model-only figure (fewer when one pass is slow)."""
+SYNC_EVERY = 8
+"""Passes queued on a GPU between synchronisations of the model-only figure."""
+MIN_FILES = 2
+"""Fewest files a decode, preprocess or naive-loop figure times."""
 
 
 @dataclass
 class Measurement:
-    """``images`` handled in ``seconds`` of wall time, with phase-specific details."""
+    """``images`` handled in ``seconds`` of wall time, with figure-specific details."""
 
     images: int
     seconds: float
@@ -65,52 +82,111 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def model_only(
-    model: LoadedModel, *, images: int, batch_size: int, warmup: int = 3, seed: int = 0
-) -> Measurement:
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread (preprocessing resizes with torch): a per-core figure."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_only(model: LoadedModel, *, batch_size: int, seconds: float, seed: int = 0) -> Measurement:
     """Forward passes on random float32 batches already on the model's device; no I/O.
 
     Args:
-        model: the loaded model.
-        images: at least this many images are pushed through, in whole batches
-            (and at least :data:`MIN_BATCHES` batches).
+        model: the loaded model (as the worker loads it: memory format, precision).
         batch_size: images per forward pass.
-        warmup: untimed passes first (allocator, oneDNN/cuDNN kernel choice).
+        seconds: time the passes for about this long, and at least :data:`MIN_BATCHES`.
         seed: seeds the random inputs.
     """
     load = load_average()
     spec = model.card.input
     generator = torch.Generator().manual_seed(seed)
-    count = max(math.ceil(images / batch_size), MIN_BATCHES)
-    batches = [
-        torch.randn(batch_size, spec.channels, spec.height, spec.width, generator=generator).to(model.device)
-        for _ in range(count)
+    ring = [  # a few distinct batches, used in turn
+        as_model_input(
+            model,
+            torch.randn(batch_size, spec.channels, spec.height, spec.width, generator=generator).to(
+                model.device
+            ),
+        )
+        for _ in range(3)
     ]
-    with torch.inference_mode():
-        for i in range(warmup):
-            model.module(batches[i % count])
-        _sync(model.device)
+    batches = itertools.cycle(ring)
+    with forward_context(model):
+        warm_start = time.perf_counter()
+        warmup = 0  # the first pass picks kernels and allocates; stop early when passes are slow
+        while warmup < MAX_WARMUP_BATCHES and (warmup == 0 or time.perf_counter() - warm_start < seconds / 4):
+            model.module(next(batches))
+            _sync(model.device)
+            warmup += 1
+        group = 1 if model.device.type == "cpu" else SYNC_EVERY  # let the GPU queue a few passes
+        count = 0
         start = time.perf_counter()
-        for batch in batches:
-            model.module(batch)
-        _sync(model.device)
+        while count < MIN_BATCHES or time.perf_counter() - start < seconds:
+            for _ in range(group):
+                model.module(next(batches))
+            count += group
+            _sync(model.device)  # the clock must not stop while the device still has work queued
         elapsed = time.perf_counter() - start
     detail: dict[str, object] = {"batch_size": batch_size, "batches": count, "warmup_batches": warmup}
     return Measurement(count * batch_size, elapsed, detail, load)
 
 
-def decode_preprocess(files: Sequence[Path], model: LoadedModel, *, max_pixels: int) -> Measurement:
-    """Read, decode and preprocess every file in this thread, as the model card says; no model."""
-    load = load_average()
-    card = model.card
-    frame = card.preprocessing.frame
-    preprocess(read_instance(files[0], max_pixels=max_pixels, frame=frame), card.input, card.preprocessing)
+def _timed_loop(items: Sequence[T], seconds: float) -> Iterator[T]:
+    """Items in turn (cycling), until ``seconds`` have passed and at least :data:`MIN_FILES` were given."""
     start = time.perf_counter()
-    for path in files:
-        image = read_instance(path, max_pixels=max_pixels, frame=frame)
-        preprocess(image, card.input, card.preprocessing)
-    elapsed = time.perf_counter() - start
-    return Measurement(len(files), elapsed, {"threads": 1}, load)
+    for count, item in enumerate(itertools.cycle(items)):
+        if count >= MIN_FILES and time.perf_counter() - start >= seconds:
+            return
+        yield item
+
+
+def decode_only(
+    files: Sequence[Path], model: LoadedModel, *, max_pixels: int, seconds: float
+) -> tuple[Measurement, list[DecodedImage]]:
+    """``read_header`` + ``decode`` of the frame the card asks for, one thread, no model, cycling files.
+
+    Returns:
+        The figure, and the decoded images of the first pass over ``files`` (for
+        :func:`preprocess_only`).
+    """
+    frame = model.card.preprocessing.frame
+
+    def read(path: Path) -> DecodedImage:
+        ds, meta, notes = read_header(path)
+        return decode(ds, meta, notes, max_pixels=max_pixels, frame=frame)
+
+    load = load_average()
+    with one_thread():
+        read(files[0])  # untimed: imports the codec
+        kept: list[DecodedImage] = []
+        count = 0
+        start = time.perf_counter()
+        for path in _timed_loop(files, seconds):
+            image = read(path)
+            if len(kept) < len(files):
+                kept.append(image)
+            count += 1
+        elapsed = time.perf_counter() - start
+    return Measurement(count, elapsed, {"threads": 1, "files": len(files)}, load), kept
+
+
+def preprocess_only(images: Sequence[DecodedImage], model: LoadedModel, *, seconds: float) -> Measurement:
+    """``workers.preprocess.preprocess`` of decoded images for the card, one thread, cycling images."""
+    card = model.card
+    load = load_average()
+    with one_thread():
+        preprocess(images[0], card.input, card.preprocessing)
+        count = 0
+        start = time.perf_counter()
+        for image in _timed_loop(images, seconds):
+            preprocess(image, card.input, card.preprocessing)
+            count += 1
+        elapsed = time.perf_counter() - start
+    return Measurement(count, elapsed, {"threads": 1}, load)
 
 
 def _results_table(metadata: MetaData) -> Table:
@@ -126,11 +202,14 @@ def _results_table(metadata: MetaData) -> Table:
     )
 
 
-def naive_loop(files: Sequence[Path], model: LoadedModel, *, db_path: Path, max_pixels: int) -> Measurement:
+def naive_loop(
+    files: Sequence[Path], model: LoadedModel, *, db_path: Path, max_pixels: int, seconds: float
+) -> Measurement:
     """One file at a time: read, preprocess, forward pass of one, INSERT and COMMIT one row.
 
-    The database is a fresh SQLite file with SQLite's defaults (rollback journal,
-    synchronous=FULL), as a script written without radq would have it.
+    Runs through ``files`` in turn for about ``seconds``. The database is a fresh SQLite
+    file with SQLite's defaults (rollback journal, synchronous=FULL), as a script written
+    without radq would have it.
     """
     load = load_average()
     card = model.card
@@ -141,12 +220,14 @@ def naive_loop(files: Sequence[Path], model: LoadedModel, *, db_path: Path, max_
     metadata.create_all(engine)
     predict(model, [np.zeros((card.input.channels, card.input.height, card.input.width), np.float32)])
     spent = {"decode_preprocess_s": 0.0, "model_s": 0.0, "db_s": 0.0}
+    count = 0
     try:
         with engine.connect() as conn:
             start = time.perf_counter()
-            for path in files:
+            for path in _timed_loop(files, seconds):
                 t0 = time.perf_counter()
-                image = read_instance(path, max_pixels=max_pixels, frame=frame)
+                ds, meta, notes = read_header(path)
+                image = decode(ds, meta, notes, max_pixels=max_pixels, frame=frame)
                 frames = preprocess(image, card.input, card.preprocessing)  # (F, C, H, W), F=1 here
                 t1 = time.perf_counter()
                 outputs = predict(model, [frames[0]])[0]
@@ -164,13 +245,14 @@ def naive_loop(files: Sequence[Path], model: LoadedModel, *, db_path: Path, max_
                 spent["decode_preprocess_s"] += t1 - t0
                 spent["model_s"] += t2 - t1
                 spent["db_s"] += t3 - t2
+                count += 1
             elapsed = time.perf_counter() - start
     finally:
         engine.dispose()
     detail: dict[str, object] = {
         "batch_size": 1,
-        "commits": len(files),
+        "commits": count,
         "database": "sqlite (defaults: rollback journal, synchronous=FULL)",
         **{key: round(value, 3) for key, value in spent.items()},
     }
-    return Measurement(len(files), elapsed, detail, load)
+    return Measurement(count, elapsed, detail, load)

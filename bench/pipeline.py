@@ -1,4 +1,4 @@
-"""The full-pipeline figure: upload a folder over HTTP, wait until SQL says every instance is final."""
+"""The full-pipeline figure: upload files over HTTP, wait until SQL says every instance is final."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 
 from bench.machine import load_average
 from bench.measure import Measurement
-from bench.stack import BenchError, Stack, log_tail
+from bench.memory import TreePeak
+from bench.stack import BenchError, Stack, decode_processes, log_tail
 from db.jobs import as_utc
 from db.models import Instance, Result
 from db.status import FINAL_STATUSES
@@ -63,8 +64,11 @@ def _result_span(stack: Stack, job_id: str, started: datetime) -> tuple[float | 
     )
 
 
-def run_job(stack: Stack, folder: Path, *, expected: int, models: Sequence[str], timeout: float) -> JobRun:
-    """Upload ``folder`` as one job and wait until all ``expected`` instances are final.
+def run_job(stack: Stack, files: Sequence[Path], *, models: Sequence[str], timeout: float) -> JobRun:
+    """Upload ``files`` as one job and wait until every instance is final.
+
+    The job is sent with ``force``: its instances are inferred even when the same
+    instance was processed before (the bench uploads the same files in every round).
 
     Raises:
         BenchError: the API registered a different number of files, a service exited,
@@ -72,11 +76,11 @@ def run_job(stack: Stack, folder: Path, *, expected: int, models: Sequence[str],
     """
     started_at = datetime.now(UTC)
     start = time.perf_counter()
-    job = stack.client.upload([folder], models=models)
+    job = stack.client.upload(list(files), models=models, force=True)
     upload_s = time.perf_counter() - start
     job_id, total = str(job["id"]), int(job["counts"]["total"])
-    if total != expected:
-        raise BenchError(f"job {job_id} registered {total} instances; {expected} files were uploaded")
+    if total != len(files):
+        raise BenchError(f"job {job_id} registered {total} instances; {len(files)} files were uploaded")
     while _final_count(stack, job_id) < total:
         stack.check_alive()
         if time.perf_counter() - start > timeout:
@@ -90,40 +94,51 @@ def run_job(stack: Stack, folder: Path, *, expected: int, models: Sequence[str],
     return JobRun(job_id, total, upload_s, total_s, _counts(stack, job_id), first, last)
 
 
-def warm_up(stack: Stack, folder: Path, *, files: int, model: str, timeout: float) -> JobRun:
-    """Run the untimed warm-up job: it starts the worker's child process and loads the model.
+def warm_up(stack: Stack, files: Sequence[Path], *, model: str, timeout: float) -> JobRun:
+    """Run an untimed warm-up job: it starts the worker's children, loads the model and codecs.
 
     Raises:
         BenchError: as :func:`run_job`, or a warm-up file was not processed.
     """
-    warm = run_job(stack, folder, expected=files, models=[model], timeout=timeout)
+    warm = run_job(stack, files, models=[model], timeout=timeout)
     if warm.counts.get("done", 0) != warm.files:
         raise BenchError(f"the warm-up job {warm.job_id} did not process cleanly: {warm.counts}")
     return warm
 
 
-def pipeline(stack: Stack, folder: Path, *, files: int, model: str, timeout: float) -> Measurement:
-    """Time one job of ``files`` files through the running stack (after :func:`warm_up`).
+def pipeline(stack: Stack, files: Sequence[Path], *, model: str, timeout: float) -> Measurement:
+    """Time one job of ``files`` through the running stack (after :func:`warm_up`).
+
+    The worker's peak memory over the job (its process tree, peaks reset at the start)
+    is part of the details.
 
     Raises:
-        BenchError: as :func:`run_job`.
+        BenchError: as :func:`run_job`, or the stack has no worker.
 
     Returns:
-        The job's figure; its details name the job, its outcome counts and phases.
+        The job's figure; its details name the job, its outcome counts, phases and memory.
     """
+    if stack.worker is None:
+        raise BenchError("the pipeline figure needs a running worker")
     load = load_average()
-    run = run_job(stack, folder, expected=files, models=[model], timeout=timeout)
+    with TreePeak(stack.worker.pid) as memory:
+        run = run_job(stack, files, models=[model], timeout=timeout)
+    settings = stack.settings
     detail: dict[str, object] = {
         "job_id": run.job_id,
         "counts": run.counts,
-        "upload": "one tar archive" if files > MAX_PARTS else f"{files} multipart parts",
+        "upload": "one tar archive" if len(files) > MAX_PARTS else f"{len(files)} multipart parts",
         "upload_s": round(run.upload_s, 3),
         "first_result_s": None if run.first_result_s is None else round(run.first_result_s, 3),
         "last_result_s": None if run.last_result_s is None else round(run.last_result_s, 3),
         "worker": "1 process (--concurrency 1)",
-        "batch_size": stack.settings.batch_size,
-        "chunk_size": stack.settings.chunk_size,
-        "decode_threads": stack.settings.decode_threads,
+        "batch_size": settings.batch_size,
+        "chunk_size": settings.chunk_size,
+        "decode_processes": decode_processes(settings),
         "database": stack.engine.url.get_backend_name(),
+        "worker_peak_mib": memory.hwm_mib,
+        "worker_peak_rss_sampled_mib": memory.rss_mib,
+        "worker_processes": memory.processes,
+        "worker_peak_reset": memory.reset,
     }
-    return Measurement(files, run.total_s, detail, load)
+    return Measurement(len(files), run.total_s, detail, load)

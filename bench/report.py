@@ -1,51 +1,23 @@
-"""Turning measurements into the JSON report and the printed tables."""
+"""Turning the matrix's measurements into the JSON report and the printed table."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from bench.measure import Measurement
-
-PHASES = {
-    "model_only": "model only (batched)",
-    "model_batch1": "model only (batch 1)",
-    "decode_preprocess": "decode + preprocess (1 thread)",
-    "naive_loop": "naive loop (1 file, 1 commit)",
-    "pipeline": "full pipeline (HTTP + worker + SQL)",
+FIGURE_LABELS = {
+    "model_only": "model only (batched, random tensors on the device)",
+    "decode": "read_header + decode, 1 thread, no model",
+    "preprocess": "workers.preprocess.preprocess, 1 thread",
+    "naive_loop": "naive loop (1 file, 1 forward pass, 1 commit)",
+    "pipeline": "full pipeline (HTTP upload, Redis, radq worker, SQL)",
 }
-"""Result keys in report order, with the label printed for each."""
-
-
-def ratios(results: Mapping[str, Measurement]) -> dict[str, float | None]:
-    """Pipeline throughput relative to the model alone and to the naive loop."""
-    pipeline = results["pipeline"].rate
-
-    def over(key: str) -> float | None:
-        rate = results[key].rate
-        return round(pipeline / rate, 3) if rate else None
-
-    return {"pipeline_over_model_only": over("model_only"), "pipeline_over_naive": over("naive_loop")}
-
-
-def build(
-    *, results: Mapping[str, Measurement], machine: dict[str, object], dicom: dict[str, object],
-    model: dict[str, object], run: dict[str, object],
-) -> dict[str, Any]:  # fmt: skip
-    """The whole report as JSON-able data."""
-    return {
-        "run": run,
-        "machine": machine,
-        "model": model,
-        "dicom": dicom,
-        "results": {key: results[key].as_dict() for key in PHASES if key in results},
-        "ratios": ratios(results),
-    }
+"""Figures of a row, with what each times."""
 
 
 def write(report: Mapping[str, Any], path: Path) -> None:
@@ -53,21 +25,55 @@ def write(report: Mapping[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
-def _note(key: str, data: Mapping[str, Any]) -> str:
-    if key in ("model_only", "model_batch1"):
-        return f"batch {data['batch_size']}, random tensors, {data['warmup_batches']} warm-up passes"
-    if key == "decode_preprocess":
-        return "read_instance + preprocess, no model"
-    if key == "naive_loop":
-        return (
-            f"decode {data['decode_preprocess_s']}s, model {data['model_s']}s, insert+commit {data['db_s']}s"
-        )
-    counts = ", ".join(f"{k}={v}" for k, v in sorted(data["counts"].items()))
-    first, last = data["first_result_s"], data["last_result_s"]
-    return (
-        f"{data['database']}; {data['upload']}, upload {data['upload_s']}s; "
-        f"results from {first}s to {last}s; {counts}"
+def _rate(figure: Mapping[str, Any] | None) -> str:
+    """Median img/s, with the range over rounds when there were several."""
+    if figure is None:
+        return "-"
+    rounds = figure["images_per_s_rounds"]
+    text = f"{figure['images_per_s']:.1f}"
+    if len(rounds) > 1:
+        text += f" ({min(rounds):.1f}-{max(rounds):.1f})"
+    return text
+
+
+def _targets(summary: Mapping[str, Any] | None) -> str:
+    if summary is None:
+        return "not measured (see notes)"
+    return "\n".join(f"{t['target']}: {'met' if t['met'] else 'NOT met'}" for t in summary["targets"])
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _rows_table(report: Mapping[str, Any]) -> Table:
+    run = report["run"]
+    rounds = run["rounds"]
+    title = (
+        f"radq throughput, img/s ({run['seconds']:g}s per figure; "
+        f"{'median of ' + str(rounds) + ' rounds' if rounds > 1 else '1 round'}; device {run['device']})"
     )
+    table = Table(title=title, title_justify="left")
+    columns = (
+        ("model", "left"), ("input", "left"), ("model only", "right"), ("naive", "right"),
+        ("decode /core", "right"), ("prep /core", "right"), ("pipeline", "right"), ("files", "right"),
+        ("pipe/ model", "right"), ("pipe/ naive", "right"), ("bound", "left"), ("worker MiB", "right"),
+        ("load", "right"), ("targets", "left"),
+    )  # fmt: skip
+    for name, justify in columns:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in report["rows"]:
+        figures, summary = row["figures"], row["summary"] or {}
+        pipe = figures.get("pipeline") or {}
+        table.add_row(
+            row["model"], row["input"], _rate(figures.get("model_only")), _rate(figures.get("naive_loop")),
+            _rate(figures.get("decode")), _rate(figures.get("preprocess")), _rate(figures.get("pipeline")),
+            str(pipe.get("images", "-")), _ratio(summary.get("pipeline_over_model_only")),
+            _ratio(summary.get("pipeline_over_naive")), summary.get("bound", "-"),
+            f"{pipe['worker_peak_mib']:.0f}" if pipe else "-",
+            f"{pipe['load_avg_1m_before']:.2f}" if pipe else "-", _targets(row["summary"]),
+        )  # fmt: skip
+    return table
 
 
 def _key_values(title: str, rows: Mapping[str, object]) -> Table:
@@ -81,37 +87,15 @@ def _key_values(title: str, rows: Mapping[str, object]) -> Table:
 
 
 def render(report: Mapping[str, Any], console: Console) -> None:
-    """Print the report as tables: figures, ratios (of the medians), machine, model, DICOM."""
-    results = report["results"]
-    run = report["run"]
-    title = f"radq throughput ({run['files']} files; median of {run['rounds']} interleaved rounds)"
-    table = Table(title=title, title_justify="left")
-    columns = (("measurement", "left"), ("images", "right"), ("seconds", "right"), ("img/s", "right"),
-               ("range img/s", "right"), ("load", "right"), ("notes", "left"))  # fmt: skip
-    for name, justify in columns:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for key, label in PHASES.items():
-        if key in results:
-            data = results[key]
-            spread = data["images_per_s_rounds"]
-            table.add_row(
-                label, str(data["images"]), f"{data['seconds']:.2f}", f"{data['images_per_s']:.1f}",
-                f"{min(spread):.1f}-{max(spread):.1f}", f"{data['load_avg_1m_before']:.2f}", _note(key, data),
-            )  # fmt: skip
-    console.print(table)
-    console.print(
-        _key_values(
-            "ratios",
-            {
-                "pipeline / model only": report["ratios"]["pipeline_over_model_only"],
-                "pipeline / naive loop": report["ratios"]["pipeline_over_naive"],
-            },
-        )
-    )
+    """Print the rows as one table, then the machine, and notes on what was not run."""
+    console.print(_rows_table(report))
     console.print(_key_values("machine", report["machine"]))
-    console.print(_key_values("model", report["model"]))
-    console.print(_key_values("DICOM", report["dicom"]))
+    notes: Sequence[str] = report["notes"]
+    for note in notes:
+        console.print(f"note: {note}")
     console.print(
-        "img/s, seconds and notes: the median round; range: slowest and fastest round; "
-        "load: 1-minute load average before the median round (other work on the machine skews every figure)"
+        "decode, prep: img/s on one core. bound: the slowest of model only, decode+preprocess per core x "
+        "decode processes, and the upload (files/s until the API answered). worker MiB: sum of VmHWM over "
+        "the worker's processes during the pipeline job. load: 1-minute load average before the pipeline "
+        "job (other work skews every figure). Details per figure in the JSON report."
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -144,6 +145,12 @@ def start_worker(settings: Settings, log_file: Path) -> subprocess.Popen[bytes]:
     name = f"bench-{uuid.uuid4().hex[:8]}@%h"
     args = ["worker", "--concurrency", "1", "--hostname", name]
     return spawn(args, env=settings.to_env(), log_file=log_file)
+
+
+def decode_processes(settings: Settings) -> int:
+    """Processes (or, before RADQ_DECODE_PROCESSES, threads) one worker process decodes with."""
+    count = int(getattr(settings, "decode_processes", getattr(settings, "decode_threads", 1)))
+    return count or len(os.sched_getaffinity(0))  # 0: the cores the worker may use
 
 
 def _delete_queue(settings: Settings) -> None:

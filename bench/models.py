@@ -1,0 +1,138 @@
+"""The models the benchmark runs: their folder, the inputs each card accepts, loading one as a worker does.
+
+A job names its model, but the worker still applies the card's ``applies_to``: an
+instance the card does not match ends ``skipped``. ``chexnet-densenet121`` applies to
+chest CR/DX and ``headct-resnet18`` to head CT, so the matrix pairs each model with the
+inputs its card accepts. Issue 7's CPU target is DenseNet-121 on 512x512 CT, which no
+bundled card routes; the bench therefore adds ``densenet121-ct``: chexnet's card, network
+and weights (the weights file is linked, not copied) with ``applies_to`` set to CT. It
+lives in a model folder of the run's own, beside links to every model of
+``RADQ_MODEL_DIR``, which the API and worker of the bench's stack use too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.inputs import InputKind
+from radq.model_card import ModelCard, discover_cards, find_card
+from radq.settings import Settings
+from workers.models.loader import LoadedModel, load_model
+
+DENSENET_CT = "densenet121-ct"
+"""The bench's own card: chexnet-densenet121's network and weights, applied to CT."""
+DENSENET_SOURCE = "chexnet-densenet121"
+DEFAULT_MODELS = ("headct-resnet18", DENSENET_CT, DENSENET_SOURCE)
+"""Models of the default run: a ResNet-style network and DenseNet-121 on CT, DenseNet-121 on CR."""
+
+
+def _derive_densenet_ct(source: Path, target: Path) -> None:
+    card = json.loads(find_card(source).read_text(encoding="utf-8"))
+    card.update(
+        name=DENSENET_CT,
+        task=f"throughput benchmark only: {DENSENET_SOURCE}'s network and weights, routed to CT",
+        applies_to={"modalities": ["CT"]},
+        auto_route=False,
+        intended_use="Benchmarking DenseNet-121 on CT slices (issue 7). NOT A DIAGNOSTIC DEVICE; "
+        "untrained weights, outputs without meaning.",
+    )
+    target.mkdir()
+    (target / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    (target / card["weights"]).symlink_to(source / card["weights"])
+
+
+def model_dir(source: Path, target: Path) -> Path:
+    """Fill ``target`` (absent or empty) with links to ``source``'s models, plus :data:`DENSENET_CT`.
+
+    Returns:
+        ``target``, to use as ``RADQ_MODEL_DIR``.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    for child in sorted(source.iterdir()):
+        if child.is_dir():
+            (target / child.name).symlink_to(child.resolve())
+    chexnet = discover_cards(source).get(DENSENET_SOURCE)
+    if chexnet is not None and not (target / DENSENET_CT).exists():
+        _derive_densenet_ct(chexnet[0].resolve(), target / DENSENET_CT)
+    return target
+
+
+def accepts(card: ModelCard, kind: InputKind) -> bool:
+    """Whether the worker runs ``card``'s model on files of ``kind`` (its ``applies_to`` matches)."""
+    return card.applies_to.matches(
+        modality=kind.modality,
+        body_part=kind.body_part,
+        sop_class=kind.sop_class,
+        photometric=kind.photometric,
+    )
+
+
+def applies_to_text(card: ModelCard) -> str:
+    """The card's ``applies_to`` in a few words, for the note on pairs it skips."""
+    rules = card.applies_to
+    parts = ["/".join(values) for values in (rules.modalities, rules.body_parts) if values]
+    return " ".join(parts) or "anything"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One row of the matrix: a model and an input its card accepts."""
+
+    model: str
+    input: str
+
+
+def matrix(
+    cards: dict[str, ModelCard], models: list[str], inputs: dict[str, InputKind]
+) -> tuple[list[Pair], list[str]]:
+    """The (model, input) rows to measure, and a note for each model's skipped inputs."""
+    rows: list[Pair] = []
+    notes: list[str] = []
+    for name in models:
+        card = cards[name]
+        skipped = [kind.name for kind in inputs.values() if not accepts(card, kind)]
+        rows.extend(Pair(name, kind.name) for kind in inputs.values() if accepts(card, kind))
+        if skipped:
+            notes.append(
+                f"{name} not run on {', '.join(skipped)}: its card applies to {applies_to_text(card)}"
+            )
+    return rows, notes
+
+
+def load_as_worker(model_dir: Path, settings: Settings, device: torch.device) -> LoadedModel:
+    """Load a model as the worker's registry does: memory format, precision and compilation
+    from ``settings`` (``RADQ_CHANNELS_LAST``, ``RADQ_PRECISION``, ``RADQ_COMPILE``)."""
+    model = load_model(model_dir, device)
+    try:  # the worker's runtime options are newer than this bench; without them it runs float32
+        from workers.models.loader import Runtime, prepare_for_runtime  # type: ignore[attr-defined]
+    except ImportError:
+        return model
+    runtime = Runtime(
+        device,
+        getattr(settings, "precision", "fp32"),
+        getattr(settings, "channels_last", False),
+        getattr(settings, "compile", False),
+    )
+    return prepare_for_runtime(model, runtime)  # type: ignore[no-any-return]
+
+
+def forward_context(model: LoadedModel) -> contextlib.AbstractContextManager[object]:
+    """Inference mode, under autocast where the loaded model runs mixed precision."""
+    dtype = getattr(model, "autocast", None)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode())
+    if dtype is not None:
+        stack.enter_context(torch.autocast(model.device.type, dtype=dtype))
+    return stack
+
+
+def as_model_input(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+    """The batch in the memory format the loaded model expects."""
+    if getattr(model, "channels_last", False):
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch

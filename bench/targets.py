@@ -1,0 +1,97 @@
+"""Issue 7's verdicts on one row of the matrix: ratios, the bounding stage, targets met or not.
+
+Targets:
+
+* always: pipeline >= 10x the naive loop;
+* CPU: pipeline >= 0.90x model only, for DenseNet-121 on 512x512 CT;
+* GPU: pipeline >= 0.85x min(model only, decode rate over all host cores).
+
+"Decode rate" is read + decode + preprocess per core (the reference path runs all three
+on the host, in the worker's decode processes); decode and preprocess are also given apart.
+The bounding stage is the slowest of: the model alone; decode capacity (that per-core
+rate times the worker's decode processes); and the upload (files per second until the
+API answered: a job's instances are queued once its upload has arrived).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NAIVE_FACTOR = 10.0
+"""The pipeline must beat the naive loop by this factor."""
+CPU_SHARE = 0.90
+"""Share of the model-only rate the pipeline must keep on a CPU (DenseNet-121 on CT)."""
+GPU_SHARE = 0.85
+"""Share of min(model only, host decode rate) the pipeline must keep on a GPU."""
+CPU_TARGET_ARCHITECTURE, CPU_TARGET_INPUT = "densenet121", "ct"
+"""The workload the CPU target names."""
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Median images per second of one row's figures."""
+
+    model_only: float
+    decode: float
+    preprocess: float
+    naive: float
+    pipeline: float
+    upload: float = 0.0
+    """Files per second of the pipeline job's upload (HTTP, until the API answered); 0 if unknown."""
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b > 0 else None
+
+
+def per_core(rates: Rates) -> float:
+    """Read + decode + preprocess, images per second on one core."""
+    if rates.decode <= 0 or rates.preprocess <= 0:
+        return 0.0
+    return 1.0 / (1.0 / rates.decode + 1.0 / rates.preprocess)
+
+
+def _target(name: str, required: float, actual: float) -> dict[str, object]:
+    return {"target": name, "required_img_s": round(required, 2), "met": actual >= required}
+
+
+def summarize(
+    rates: Rates, *, device: str, architecture: str, input_name: str, decode_processes: int, host_cores: int
+) -> dict[str, object]:
+    """Ratios, the stage that bounds the pipeline, and each target that applies, met or not.
+
+    Args:
+        rates: the row's medians.
+        device: ``cpu`` or ``cuda``.
+        architecture: the model card's architecture (``densenet121``, ``resnet18``...).
+        input_name: the input kind (``ct``, ``cr``...).
+        decode_processes: decode processes of one worker process.
+        host_cores: cores of the machine.
+    """
+    core = per_core(rates)
+    decode_capacity = core * decode_processes
+    stages = {"model": rates.model_only, "decode": decode_capacity}
+    if rates.upload > 0:  # the job is processed once its upload has arrived, so it is a stage too
+        stages["upload"] = rates.upload
+    bound = min(stages, key=lambda stage: stages[stage])
+    targets = [_target(f">= {NAIVE_FACTOR:g}x naive", NAIVE_FACTOR * rates.naive, rates.pipeline)]
+    if device == "cpu" and (architecture, input_name) == (CPU_TARGET_ARCHITECTURE, CPU_TARGET_INPUT):
+        targets.append(_target(f">= {CPU_SHARE:.2f}x model", CPU_SHARE * rates.model_only, rates.pipeline))
+    if device == "cuda":
+        ceiling = min(rates.model_only, core * host_cores)
+        targets.append(
+            _target(f">= {GPU_SHARE:.2f}x min(model, host decode)", GPU_SHARE * ceiling, rates.pipeline)
+        )
+    return {
+        "pipeline_over_model_only": _ratio(rates.pipeline, rates.model_only),
+        "pipeline_over_naive": _ratio(rates.pipeline, rates.naive),
+        "decode_preprocess_per_core_img_s": round(core, 2),
+        "decode_processes": decode_processes,
+        "decode_capacity_img_s": round(decode_capacity, 2),
+        "bound": bound,
+        "upload_img_s": round(rates.upload, 2),
+        "bound_why": f"model only {rates.model_only:.1f} img/s; decode+preprocess {core:.1f} img/s/core "
+        f"x {decode_processes} decode processes = {decode_capacity:.1f} img/s; "
+        f"upload {rates.upload:.1f} img/s",
+        "targets": targets,
+    }
