@@ -66,6 +66,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--database", choices=DATABASES, default="sqlite", help="database of the pipeline")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated DICOM and tensors")
+    parser.add_argument(
+        "--submit", choices=("paths", "upload"), default="paths",
+        help="pipeline jobs: paths read in place (default) or files uploaded over HTTP",
+    )  # fmt: skip
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where generated corpora are kept")
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES, help="PostgreSQL server for --database")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a pipeline job may take")
@@ -143,7 +147,9 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         console.print(f"preparing inputs {', '.join(used)} (cached under {args.cache}) ...")
         for name in used:
             corpora[name].bases()
-        plan = Plan(rows, args.seconds, args.repeat, args.max_images, args.seed, args.timeout)
+        plan = Plan(rows, args.seconds, args.repeat, args.max_images, args.seed, args.timeout, args.submit)
+        # Path submissions read the generated files where they lie, as from a shared archive.
+        settings = settings.model_copy(update={"allowed_roots": [args.cache.resolve()]})
         console.print(
             f"starting Redis/API ({args.database}); {len(rows)} rows, about {args.seconds:g}s per figure"
         )

@@ -51,6 +51,8 @@ class Plan:
     max_images: int
     seed: int
     timeout: float
+    submit: str = "paths"
+    """How the pipeline figure submits: ``paths`` (read in place) or ``upload`` (over HTTP)."""
 
 
 @dataclass
@@ -85,7 +87,9 @@ def pipeline_files(
     :data:`MAX_CORPUS_BYTES` and what one upload may carry."""
     core = per_core(Rates(model_rate, decode, preprocess, 0.0, 0.0))
     expected = min(model_rate, core * processes)
-    most_bytes = min(MAX_CORPUS_BYTES, int(max_upload_bytes * UPLOAD_MARGIN))
+    most_bytes = MAX_CORPUS_BYTES
+    if plan.submit == "upload":
+        most_bytes = min(most_bytes, int(max_upload_bytes * UPLOAD_MARGIN))
     ceiling = max(2 * batch, min(plan.max_images, most_bytes // max(corpus.file_bytes(), 1)))
     return min(max(math.ceil(plan.seconds * expected), 2 * batch), ceiling)
 
@@ -143,7 +147,7 @@ def _measure_model(
             figures["naive_loop"].append(naive)
             db.unlink(missing_ok=True)
             say(f"{name} on {pair.input}: pipeline, {len(files)} files ...")
-            job = pipeline(stack, files, model=name, timeout=plan.timeout)
+            job = pipeline(stack, files, model=name, timeout=plan.timeout, submit=plan.submit)
             figures["pipeline"].append(job)
 
 
@@ -156,7 +160,7 @@ def _run_model(
     _start_worker(stack)
     try:
         warm = [path for pair in pairs for path in corpora[pair.input].files(WARMUP_FILES)]
-        outcome.warmups[name] = warm_up(stack, warm, model=name, timeout=plan.timeout)
+        outcome.warmups[name] = warm_up(stack, warm, model=name, timeout=plan.timeout, submit=plan.submit)
         _measure_model(plan, stack, model, pairs, corpora, outcome, work, say)
     finally:
         _stop_worker(stack)

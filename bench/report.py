@@ -15,7 +15,7 @@ FIGURE_LABELS = {
     "decode": "read_header + decode, 1 thread, no model",
     "preprocess": "workers.preprocess.preprocess, 1 thread",
     "naive_loop": "naive loop (1 file, 1 forward pass, 1 commit)",
-    "pipeline": "full pipeline (HTTP upload, Redis, radq worker, SQL)",
+    "pipeline": "full pipeline (HTTP submission, Redis, radq worker, SQL)",
 }
 """Figures of a row, with what each times."""
 

@@ -89,6 +89,30 @@ def test_large_tree_is_registered_and_queued_in_the_background(settings: Setting
     assert len(carried) == len(set(carried)) == 2500  # every instance in exactly one message
 
 
+def messages_of(broker_url: str, queue: str, job_id: str) -> list[list[int]]:
+    client = redis.Redis.from_url(broker_url)
+    chunks = []
+    for key in redis_queue_keys(queue):
+        for raw in client.lrange(key, 0, -1):
+            args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+            if args[0] == job_id:
+                chunks.append(args[1])
+    return chunks
+
+
+def test_a_list_of_single_files_is_published_in_full_chunks(settings: Settings) -> None:
+    """Workers batch what a message brings: 100 file paths must not become 100 messages."""
+    root = make_tree(settings.allowed_roots[0] / "listed", 100)
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    with serve(settings) as http:
+        response = http.post("/v1/jobs", json={"paths": files})
+        assert response.status_code == 202, response.text
+        job = wait_registered(http, response.json()["id"])
+    assert job["counts"]["queued"] == 100
+    sizes = sorted(len(chunk) for chunk in messages_of(settings.broker_url, settings.queue, job["id"]))
+    assert sizes == [4] + [settings.chunk_size] * 6  # 100 = 6 x 16 + 4
+
+
 def test_files_the_walk_cannot_take_are_recorded_with_their_reason(
     settings: Settings, tmp_path: Path
 ) -> None:
