@@ -88,7 +88,9 @@ def run_job(
     upload_s = time.perf_counter() - start
     job_id, total = str(job["id"]), len(files)
     if submit != "paths" and int(job["counts"]["total"]) != total:
-        raise BenchError(f"job {job_id} registered {job['counts']['total']} instances; {total} files were sent")
+        raise BenchError(
+            f"job {job_id} registered {job['counts']['total']} instances; {total} files were sent"
+        )
     while _final_count(stack, job_id) < total:
         stack.check_alive()
         if time.perf_counter() - start > timeout:
@@ -102,7 +104,9 @@ def run_job(
     return JobRun(job_id, total, upload_s, total_s, _counts(stack, job_id), first, last)
 
 
-def warm_up(stack: Stack, files: Sequence[Path], *, model: str, timeout: float, submit: str = "paths") -> JobRun:
+def warm_up(
+    stack: Stack, files: Sequence[Path], *, model: str, timeout: float, submit: str = "paths"
+) -> JobRun:
     """Run an untimed warm-up job: it starts the worker's children, loads the model and codecs.
 
     Raises:

@@ -72,7 +72,9 @@ def generate(root: Path, n: int) -> list[Path]:
 def pipeline(root: Path, files: list[Path], device: str, threads: int, batch: int) -> dict[str, float]:
     url = f"sqlite:///{root / f'radq-{device}.db'}"
     upgrade(url)
-    settings = Settings(home=root, database_url=url, device=device, batch_size=batch, decode_processes=threads)
+    settings = Settings(
+        home=root, database_url=url, device=device, batch_size=batch, decode_processes=threads
+    )
     sessions = make_sessionmaker(make_engine(url))
     with transaction(sessions) as session:
         job = create_job(session, models=["radq-smoke"])
@@ -87,8 +89,12 @@ def pipeline(root: Path, files: list[Path], device: str, threads: int, batch: in
     with sessions() as session:
         counts = job_counts(session, job.id)
     assert counts["done"] == len(files), counts
-    return {"images": len(files), "seconds": round(elapsed, 3), "img_per_s": round(len(files) / elapsed, 1),
-            "done": report.done}
+    return {
+        "images": len(files),
+        "seconds": round(elapsed, 3),
+        "img_per_s": round(len(files) / elapsed, 1),
+        "done": report.done,
+    }
 
 
 def agreement() -> float:
