@@ -119,7 +119,7 @@ def model_only(model: LoadedModel, *, batch_size: int, seconds: float, seed: int
         warm_start = time.perf_counter()
         warmup = 0  # the first pass picks kernels and allocates; stop early when passes are slow
         while warmup < MAX_WARMUP_BATCHES and (warmup == 0 or time.perf_counter() - warm_start < seconds / 4):
-            model.module(next(batches))
+            model.forward(next(batches))
             _sync(model.device)
             warmup += 1
         group = 1 if model.device.type == "cpu" else SYNC_EVERY  # let the GPU queue a few passes
@@ -127,7 +127,7 @@ def model_only(model: LoadedModel, *, batch_size: int, seconds: float, seed: int
         start = time.perf_counter()
         while count < MIN_BATCHES or time.perf_counter() - start < seconds:
             for _ in range(group):
-                model.module(next(batches))
+                model.forward(next(batches))
             count += group
             _sync(model.device)  # the clock must not stop while the device still has work queued
         elapsed = time.perf_counter() - start

@@ -116,7 +116,7 @@ def load_as_worker(model_dir: Path, settings: Settings, device: torch.device) ->
         device,
         getattr(settings, "precision", "fp32"),
         getattr(settings, "channels_last", False),
-        getattr(settings, "compile", False),
+        getattr(settings, "compile", "off"),
     )
     return prepare_for_runtime(model, runtime)  # type: ignore[no-any-return]
 

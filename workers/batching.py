@@ -36,6 +36,24 @@ _Key = tuple[str, float | None]
 
 
 @dataclass
+class StageTimes:
+    """Where the inference thread's time went: the bench and the logs name the bounding stage."""
+
+    batches: int = 0
+    frames: int = 0
+    prep_s: float = 0.0
+    """Device preprocessing (:func:`workers.device_prep.to_batch`)."""
+    model_s: float = 0.0
+    """Forward passes, including the copy of results back to the host."""
+
+    def take(self) -> StageTimes:
+        """These figures, and reset them (for a period's log line)."""
+        taken = StageTimes(self.batches, self.frames, self.prep_s, self.model_s)
+        self.batches, self.frames, self.prep_s, self.model_s = 0, 0, 0.0, 0.0
+        return taken
+
+
+@dataclass
 class _Frame:
     chunk: Chunk
     instance_id: int
@@ -67,6 +85,7 @@ class Batcher:
         self.waiting_on: dict[int, set[str]] = {}
         self.frames_left: dict[tuple[str, int], int] = {}
         self.best: dict[tuple[str, int], tuple[dict[str, float], dict[str, str]]] = {}
+        self.times = StageTimes()
 
     @property
     def frames_queued(self) -> int:
@@ -125,13 +144,20 @@ class Batcher:
     ) -> tuple[list[dict[str, float]], list[dict[str, str]]]:
         """Probabilities and, when the job asks for them, Grad-CAM PNGs stored as blobs."""
         card = model.card
+        started = time.perf_counter()
         inputs = to_batch([f.frame for f in batch], card.input, card.preprocessing, model.device)
         if model.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
+        prepared = time.perf_counter()
+        self.times.prep_s += prepared - started  # on CUDA, launches only: the wait lands in model_s
+        self.times.batches += 1
+        self.times.frames += len(batch)
         if threshold is None:
             with torch.inference_mode(), precision_context(model):
-                probs = activate(card, model.module(inputs).float())
-            return as_label_dicts(card, probs), [{} for _ in batch]
+                probs = activate(card, model.forward(inputs).float())
+            labelled = as_label_dicts(card, probs)  # copies to the host: the device is done
+            self.times.model_s += time.perf_counter() - prepared
+            return labelled, [{} for _ in batch]
         explained = explain(model, inputs, threshold)
         stored = [
             {label: self.blobs.put(io.BytesIO(to_png(m)))[0] for label, m in maps.items()}

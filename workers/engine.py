@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from workers.writer import Writer
 log = logging.getLogger(__name__)
 
 DECODE_PRELOAD = ("workers.prepare",)
+STAGE_LOG_S = 30.0
+"""How often a busy engine logs where its inference thread's time went."""
 """Imported once by the decode processes' server, so each new decode process starts warm."""
 
 
@@ -96,6 +99,8 @@ class Engine:
         ahead = settings.decode_ahead or 2 * settings.batch_size + processes
         self._slots = threading.Semaphore(ahead)
         self._ready: queue.SimpleQueue[_Decoded | None] = queue.SimpleQueue()
+        self._waited_s = 0.0
+        self._period_start = time.perf_counter()
         self._thread = threading.Thread(target=self._infer_loop, name="radq-infer", daemon=True)
         self._thread.start()
 
@@ -179,13 +184,19 @@ class Engine:
 
     def _infer_loop(self) -> None:
         while True:
+            self._log_stages()
+            waiting = time.perf_counter()
             try:
-                item = self._ready.get(timeout=self.batcher.due_in())
+                item = self._ready.get(
+                    timeout=self.batcher.due_in() if self.batcher.frames_queued else STAGE_LOG_S
+                )
             except queue.Empty:
                 item = None
                 stop = False
             else:
                 stop = item is None
+            if self.batcher.frames_queued or item is not None:  # idle with nothing to do is not waiting
+                self._waited_s += time.perf_counter() - waiting
             try:
                 while item is not None:  # take everything decoded so far before flushing
                     self._slots.release()
@@ -202,6 +213,21 @@ class Engine:
                     return
             except Exception:  # never let the stage die: the reaper re-sends what is lost
                 log.exception("inference stage error")
+
+    def _log_stages(self) -> None:
+        now = time.perf_counter()
+        period = now - self._period_start
+        if period < STAGE_LOG_S:
+            return
+        times, waited = self.batcher.times.take(), self._waited_s
+        self._period_start, self._waited_s = now, 0.0
+        if not times.batches:
+            return
+        log.info(
+            "inference stage, last %.0f s: %d batches, %.1f images each; device preprocessing %.1f s, "
+            "model %.1f s, waiting for decoded images %.1f s",
+            period, times.batches, times.frames / times.batches, times.prep_s, times.model_s, waited,
+        )  # fmt: skip
 
     def _add(self, item: _Decoded) -> None:
         prepared = _outcome_of(item)

@@ -52,5 +52,5 @@ def predict(model: LoadedModel, inputs: Sequence[np.ndarray]) -> list[dict[str, 
     """Run one batch and map each output row to ``{label: probability}``."""
     batch = to_batch(model, inputs)
     with torch.inference_mode(), precision_context(model):
-        probs = activate(model.card, model.module(batch).float())
+        probs = activate(model.card, model.forward(batch).float())
     return as_label_dicts(model.card, probs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 import threading
@@ -18,6 +19,8 @@ from radq.errors import ModelError
 from radq.model_card import ModelCard, discover_cards, read_card
 from workers.models.arch import ARCHITECTURES
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LoadedModel:
@@ -28,12 +31,18 @@ class LoadedModel:
     """Inputs go in channels-last memory format (the module was converted)."""
     autocast: torch.dtype | None = None
     """Mixed-precision dtype of the forward pass; None runs float32."""
+    runner: nn.Module | None = None
+    """What batched inference calls when it is not ``module`` itself: a traced and frozen graph
+    (one C++ call per batch, no Python per layer) or a ``torch.compile`` module. Grad-CAM
+    keeps using ``module``, whose layers it hooks."""
+
+    @property
+    def forward(self) -> nn.Module:
+        return self.runner if self.runner is not None else self.module
 
     @property
     def key(self) -> str:
         return f"{self.card.name}@{self.card.version}"
-
-
 
 
 def _weights_only_reason(exc: Exception) -> str:
@@ -156,7 +165,7 @@ class Runtime:
     device: torch.device
     precision: str = "auto"
     channels_last: bool = True
-    compile: bool = False
+    compile: str = "auto"
 
     def autocast_for(self, card: ModelCard) -> torch.dtype | None:
         if not card.mixed_precision or self.precision == "fp32":
@@ -165,6 +174,33 @@ class Runtime:
             return torch.float16 if self.device.type == "cuda" else None
         return torch.float16 if self.precision == "fp16" else torch.bfloat16
 
+    def compilation_for(self, card: ModelCard) -> str:
+        """``trace``, ``inductor`` or ``off`` for this model on this device."""
+        if self.compile != "auto":
+            return self.compile
+        # Traced + frozen DenseNet-121 ran 24.9 img/s on the 2-core CPU against 20.1 eager
+        # (oneDNN fusions, no Python per layer). On CUDA, autocast needs the eager module.
+        traceable = card.weights_format == "state_dict" and self.device.type == "cpu"
+        return "trace" if traceable else "off"
+
+
+def _traced(model: LoadedModel, module: nn.Module, channels_last: bool) -> nn.Module | None:
+    """``module`` traced and frozen, if the graph gives the eager outputs; else None (logged)."""
+    spec = model.card.input
+    example = torch.randn(2, spec.channels, spec.height, spec.width, device=model.device)
+    if channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            graph = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
+            odd = torch.cat([example, example[:1]])  # another batch size than the trace's
+            if not torch.allclose(graph(odd), module(odd), atol=1e-4, rtol=1e-3):
+                raise ValueError("traced outputs differ from the eager module's")
+    except Exception as exc:  # a model that does not trace still runs, eagerly
+        log.warning("%s: running eagerly, tracing failed: %s", model.key, exc)
+        return None
+    return cast(nn.Module, graph)
+
 
 def prepare_for_runtime(model: LoadedModel, runtime: Runtime) -> LoadedModel:
     """Apply the runtime's memory format, precision and compilation to a loaded model."""
@@ -172,9 +208,14 @@ def prepare_for_runtime(model: LoadedModel, runtime: Runtime) -> LoadedModel:
     channels_last = runtime.channels_last and model.card.weights_format == "state_dict"
     if channels_last:
         module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if runtime.compile:
-        module = cast(nn.Module, torch.compile(module))
-    return LoadedModel(model.card, module, model.device, channels_last, runtime.autocast_for(model.card))
+    runner: nn.Module | None = None
+    compilation = runtime.compilation_for(model.card)
+    if compilation == "trace":
+        runner = _traced(model, module, channels_last)
+    elif compilation == "inductor":
+        runner = cast(nn.Module, torch.compile(module))
+    autocast = runtime.autocast_for(model.card)
+    return LoadedModel(model.card, module, model.device, channels_last, autocast, runner)
 
 
 class ModelRegistry:
