@@ -22,7 +22,8 @@ import torch
 from bench.inputs import InputKind
 from radq.model_card import ModelCard, discover_cards, find_card
 from radq.settings import Settings
-from workers.models.loader import LoadedModel, load_model
+from workers.inference import precision_context
+from workers.models.loader import LoadedModel, Runtime, load_model, prepare_for_runtime
 
 DENSENET_CT = "densenet121-ct"
 """The bench's own card: chexnet-densenet121's network and weights, applied to CT."""
@@ -108,31 +109,20 @@ def load_as_worker(model_dir: Path, settings: Settings, device: torch.device) ->
     """Load a model as the worker's registry does: memory format, precision and compilation
     from ``settings`` (``RADQ_CHANNELS_LAST``, ``RADQ_PRECISION``, ``RADQ_COMPILE``)."""
     model = load_model(model_dir, device)
-    try:  # the worker's runtime options are newer than this bench; without them it runs float32
-        from workers.models.loader import Runtime, prepare_for_runtime  # type: ignore[attr-defined]
-    except ImportError:
-        return model
-    runtime = Runtime(
-        device,
-        getattr(settings, "precision", "fp32"),
-        getattr(settings, "channels_last", False),
-        getattr(settings, "compile", "off"),
-    )
-    return prepare_for_runtime(model, runtime)  # type: ignore[no-any-return]
+    runtime = Runtime(device, settings.precision, settings.channels_last, settings.compile)
+    return prepare_for_runtime(model, runtime)
 
 
 def forward_context(model: LoadedModel) -> contextlib.AbstractContextManager[object]:
     """Inference mode, under autocast where the loaded model runs mixed precision."""
-    dtype = getattr(model, "autocast", None)
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode())
-    if dtype is not None:
-        stack.enter_context(torch.autocast(model.device.type, dtype=dtype))
+    stack.enter_context(precision_context(model))
     return stack
 
 
 def as_model_input(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
     """The batch in the memory format the loaded model expects."""
-    if getattr(model, "channels_last", False):
+    if model.channels_last:
         return batch.contiguous(memory_format=torch.channels_last)
     return batch

@@ -147,7 +147,7 @@ def pipeline(
         "upload_s": round(run.upload_s, 3),
         "first_result_s": None if run.first_result_s is None else round(run.first_result_s, 3),
         "last_result_s": None if run.last_result_s is None else round(run.last_result_s, 3),
-        "worker": "1 process (--concurrency 1)",
+        "worker": "1 worker process (--concurrency 2: two messages in flight)",
         "batch_size": settings.batch_size,
         "chunk_size": settings.chunk_size,
         "decode_processes": decode_processes(settings),

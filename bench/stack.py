@@ -143,14 +143,13 @@ def embedded_stack(
 def start_worker(settings: Settings, log_file: Path) -> subprocess.Popen[bytes]:
     """One ``radq worker --concurrency 1`` on the stack's queue; the caller stops it."""
     name = f"bench-{uuid.uuid4().hex[:8]}@%h"
-    args = ["worker", "--concurrency", "1", "--hostname", name]
+    args = ["worker", "--hostname", name]  # default --concurrency: the next message waits in hand
     return spawn(args, env=settings.to_env(), log_file=log_file)
 
 
 def decode_processes(settings: Settings) -> int:
-    """Processes (or, before RADQ_DECODE_PROCESSES, threads) one worker process decodes with."""
-    count = int(getattr(settings, "decode_processes", getattr(settings, "decode_threads", 1)))
-    return count or len(os.sched_getaffinity(0))  # 0: the cores the worker may use
+    """Processes one worker process decodes with (RADQ_DECODE_PROCESSES; 0: its usable cores)."""
+    return settings.decode_processes or len(os.sched_getaffinity(0))
 
 
 def _delete_queue(settings: Settings) -> None:
