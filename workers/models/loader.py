@@ -179,8 +179,12 @@ class Runtime:
         if self.compile != "auto":
             return self.compile
         # Traced + frozen DenseNet-121 ran 24.9 img/s on the 2-core CPU against 20.1 eager
-        # (oneDNN fusions, no Python per layer). On CUDA, autocast needs the eager module.
-        traceable = card.weights_format == "state_dict" and self.device.type == "cpu"
+        # (oneDNN fusions, no Python per layer). Autocast (CUDA's default) needs the eager module.
+        traceable = (
+            card.weights_format == "state_dict"
+            and self.device.type == "cpu"
+            and self.autocast_for(card) is None  # autocast does not reach into a frozen graph
+        )
         return "trace" if traceable else "off"
 
 
