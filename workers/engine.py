@@ -235,4 +235,10 @@ class Engine:
         if prepared.status:
             self.writer.outcome(item.chunk, item.claimed.id, prepared.status, prepared.reason)
             return
-        self.batcher.add(item.chunk, item.claimed.id, prepared.inputs, item.models, item.explain_threshold)
+        try:
+            threshold = item.explain_threshold
+            self.batcher.add(item.chunk, item.claimed.id, prepared.inputs, item.models, threshold)
+        except Exception as exc:  # a bug costs this instance, with its cause, not the chunk's wait
+            log.exception("queueing instance %s for inference failed", item.claimed.id)
+            reason = f"could not queue for inference: {type(exc).__name__}: {printable(str(exc), 300)}"
+            self.writer.outcome(item.chunk, item.claimed.id, InstanceStatus.FAILED, reason)
