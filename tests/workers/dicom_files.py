@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
 from pydicom.uid import (
     UID,
     ComputedRadiographyImageStorage,
@@ -70,3 +71,14 @@ def write_float_image(path: Path, values: np.ndarray, *, modality: str = "OT", *
         setattr(ds, name, value)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def lut_sequence(descriptor: list[int], data: list[int] | None, **elements: object) -> Sequence:
+    """A one-item LUT sequence (VOI or Modality), its descriptor and data as given."""
+    item = Dataset()
+    item.add_new(0x00283002, "US", descriptor)
+    if data is not None:
+        item.add_new(0x00283006, "US", data)
+    for keyword, value in elements.items():
+        setattr(item, keyword, value)
+    return Sequence([item])

@@ -24,13 +24,12 @@ import pytest
 import torch
 from pydicom.data.data_manager import DATA_ROOT
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.sequence import Sequence
 
 import workers.device_prep
 from radq.errors import InstanceError, ModelError, UndecodablePixels
 from radq.model_card import FramePolicy, InputSpec, Preprocessing, Window
 from radq.settings import BUNDLED_MODEL_DIR
-from tests.workers.dicom_files import write_image
+from tests.workers.dicom_files import lut_sequence, write_image
 from workers.decode import DecodedImage, read_instance
 from workers.device_prep import DECIMATE_PIXELS, TOLERANCE, RawFrame, raw_frames, resize, to_batch, widen
 from workers.frames import FrameTransform
@@ -63,16 +62,6 @@ RECIPES["min-max, every frame"] = (
 )
 
 
-def _lut(descriptor: list[int], data: list[int] | None, **elements: object) -> Sequence:
-    item = Dataset()
-    item.add_new(0x00283002, "US", descriptor)
-    if data is not None:
-        item.add_new(0x00283006, "US", data)
-    for keyword, value in elements.items():
-        setattr(item, keyword, value)
-    return Sequence([item])
-
-
 def _changed(name: str, path: Path, elements: dict[str, object]) -> Path:
     """A shared real file re-written at ``path`` with ``elements`` (None deletes one)."""
     ds: FileDataset = pydicom.dcmread(SHARED / "real" / name)
@@ -90,9 +79,9 @@ def _changed(name: str, path: Path, elements: dict[str, object]) -> Path:
 _RAMP = (np.sqrt(np.arange(2048) / 2047.0) * 4000 + 50).astype(np.uint16).tolist()
 _HU = (np.arange(4096) * 3 % 65536).tolist()
 SYNTHETIC: dict[str, tuple[str, dict[str, object]]] = {
-    "VOI LUT Sequence": ("MR_small.dcm", {"VOILUTSequence": _lut([2048, 100, 16], _RAMP)}),
+    "VOI LUT Sequence": ("MR_small.dcm", {"VOILUTSequence": lut_sequence([2048, 100, 16], _RAMP)}),
     "Modality LUT Sequence": ("CT_small.dcm", {
-        "ModalityLUTSequence": _lut([4096, 0, 16], _HU, ModalityLUTType="HU"),
+        "ModalityLUTSequence": lut_sequence([4096, 0, 16], _HU, ModalityLUTType="HU"),
         "RescaleSlope": None, "RescaleIntercept": None,
     }),
     "SIGMOID": ("MR_small.dcm", {"VOILUTFunction": "SIGMOID"}),
@@ -366,12 +355,12 @@ BAD: dict[str, tuple[Callable[[], DecodedImage], InputSpec, Preprocessing, type[
     ),
     "VOI LUT with 9-bit entries": (
         lambda: _synthetic_image(np.zeros((2, 2), np.uint16), modality="MR",
-                                 voi_lut=_dataset(VOILUTSequence=_lut([2, 0, 9], [0, 1]))),
+                                 voi_lut=_dataset(VOILUTSequence=lut_sequence([2, 0, 9], [0, 1]))),
         InputSpec(height=2, width=2), Preprocessing(), UndecodablePixels, "unusable VOI LUT Sequence",
     ),
     "Modality LUT shorter than declared": (
         lambda: _synthetic_image(np.zeros((2, 2), np.uint16), modality="MR",
-                                 modality_lut=_dataset(ModalityLUTSequence=_lut([4096, 0, 16], [7]))),
+                                 modality_lut=_dataset(ModalityLUTSequence=lut_sequence([4096, 0, 16], [7]))),
         InputSpec(height=2, width=2), Preprocessing(), UndecodablePixels, "unusable Modality LUT Sequence",
     ),
 }  # fmt: skip
@@ -406,9 +395,9 @@ MUTATIONS: dict[str, dict[str, object]] = {
     "window width 1e308": {"WindowWidth": "1e308"},
     "window center -1e308": {"WindowCenter": "-1e308"},
     "bogus VOI LUT function": {"VOILUTFunction": "BOGUS"},
-    "VOI LUT declares more than it holds": {"VOILUTSequence": _lut([0, 0, 16], [0, 1])},
-    "VOI LUT without data": {"VOILUTSequence": _lut([4, 65535, 16], None)},
-    "Modality LUT of 0 bits": {"ModalityLUTSequence": _lut([0, 0, 0], [], ModalityLUTType="HU")},
+    "VOI LUT declares more than it holds": {"VOILUTSequence": lut_sequence([0, 0, 16], [0, 1])},
+    "VOI LUT without data": {"VOILUTSequence": lut_sequence([4, 65535, 16], None)},
+    "Modality LUT of 0 bits": {"ModalityLUTSequence": lut_sequence([0, 0, 0], [], ModalityLUTType="HU")},
 }
 """Values hostile files carry (as in test_hostile_input) that still decode."""
 

@@ -31,7 +31,6 @@ import pytest
 from hypothesis import HealthCheck, currently_in_test_context, event, given, note, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 
@@ -51,7 +50,7 @@ from radq.settings import BUNDLED_MODEL_DIR, Settings
 from tests.conftest import REPO, Stack
 from tests.jobwait import wait_done
 from tests.workers import hostile_files as hostile
-from tests.workers.dicom_files import write_image
+from tests.workers.dicom_files import lut_sequence, write_image
 from workers.decode import MAX_FRAMES, check_image, decode
 from workers.header import MAX_INFLATED_BYTES, is_storable, read_header
 from workers.prepare import inspect, load
@@ -174,28 +173,17 @@ _GEOMETRY: dict[str, list[object]] = {
 }
 
 
-def _lut(descriptor: list[int], data: list[int] | None, **elements: object) -> Sequence:
-    """A one-item LUT sequence (VOI or Modality), its descriptor and data as given."""
-    item = Dataset()
-    item.add_new(0x00283002, "US", descriptor)
-    if data is not None:
-        item.add_new(0x00283006, "US", data)
-    for keyword, value in elements.items():
-        setattr(item, keyword, value)
-    return Sequence([item])
-
-
 _PALETTE = {  # 256 entries of 16 bits declared; the data: red 1 entry, green and blue none
     f"{colour}PaletteColorLookupTableDescriptor": DataElement(0x00281101 + n, "US", [256, 0, 16])
     for n, colour in enumerate(("Red", "Green", "Blue"))
 }
 _LUTS: list[dict[str, object]] = [
-    {"VOILUTSequence": _lut([0, 0, 16], [0, 1])},  # 65536 entries declared, 2 held
-    {"VOILUTSequence": _lut([4, 0, 99], [0, 1, 2, 3])},  # 99-bit entries
-    {"VOILUTSequence": _lut([4, 65535, 16], None)},  # no LUT Data
+    {"VOILUTSequence": lut_sequence([0, 0, 16], [0, 1])},  # 65536 entries declared, 2 held
+    {"VOILUTSequence": lut_sequence([4, 0, 99], [0, 1, 2, 3])},  # 99-bit entries
+    {"VOILUTSequence": lut_sequence([4, 65535, 16], None)},  # no LUT Data
     {"VOILUTSequence": Sequence([])},
-    {"ModalityLUTSequence": _lut([4096, 0, 16], [7], ModalityLUTType="HU")},
-    {"ModalityLUTSequence": _lut([0, 0, 0], [], ModalityLUTType="HU")},
+    {"ModalityLUTSequence": lut_sequence([4096, 0, 16], [7], ModalityLUTType="HU")},
+    {"ModalityLUTSequence": lut_sequence([0, 0, 0], [], ModalityLUTType="HU")},
     {"PhotometricInterpretation": "PALETTE COLOR"},  # and no palette
     {"PhotometricInterpretation": "PALETTE COLOR", **_PALETTE, "RedPaletteColorLookupTableData": b"\0\1"},
 ]
