@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from radq.errors import ConfigurationError, RadqError
 from radq.queue import redis_queue_keys
 from radq.services import ensure_redis, free_port, spawn, stop, wait_for_http
 from radq.settings import Settings
+from workers.engine import usable_cores
 
 DATABASES = ("sqlite", "postgresql")
 """Database kinds the pipeline figure can run on."""
@@ -149,7 +149,7 @@ def start_worker(settings: Settings, log_file: Path) -> subprocess.Popen[bytes]:
 
 def decode_processes(settings: Settings) -> int:
     """Processes one worker process decodes with (RADQ_DECODE_PROCESSES; 0: its usable cores)."""
-    return settings.decode_processes or len(os.sched_getaffinity(0))
+    return settings.decode_processes or usable_cores()
 
 
 def _delete_queue(settings: Settings) -> None:

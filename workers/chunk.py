@@ -41,6 +41,14 @@ class Chunk:
             if not self._waiting:
                 self.done.set()
 
+    def give_up(self, instance_id: int) -> None:
+        """Stop waiting for an outcome that could not be written; the reaper takes the instance
+        back once its lease, no longer renewed after the task returns, runs out."""
+        with self._lock:
+            self._waiting.discard(instance_id)
+            if not self._waiting:
+                self.done.set()
+
     @property
     def unsettled(self) -> int:
         with self._lock:

@@ -67,17 +67,17 @@ class _Decoded:
     explain_threshold: float | None
 
 
-def _outcome_of(item: _Decoded) -> Prepared:
+def _outcome_of(claimed: Claimed, future: Future[Prepared]) -> Prepared:
     """The decode process's answer, or the failure that took the process with it."""
     try:
-        return item.future.result()
+        return future.result()
     except InstanceError as exc:  # the file crashed or hung its decode process
-        out = Prepared(item.claimed)
+        out = Prepared(claimed)
         out.fail(exc.status, exc.reason)
         return out
     except Exception as exc:
-        log.exception("decoding instance %s failed outside the decoder", item.claimed.id)
-        out = Prepared(item.claimed)
+        log.exception("decoding instance %s failed outside the decoder", claimed.id)
+        out = Prepared(claimed)
         out.fail(InstanceStatus.FAILED, f"could not decode: {type(exc).__name__}: {printable(str(exc), 300)}")
         return out
 
@@ -157,7 +157,7 @@ class Engine:
         futures = [(c, self.decoders.submit(inspect, c, self.locate(c))) for c in claimed]
         readable: list[Prepared] = []
         for c, future in futures:
-            header = _outcome_of(_Decoded(chunk, c, future, {}, None))
+            header = _outcome_of(c, future)
             if header.status:
                 self.writer.metadata(chunk, header.metadata)
                 self.writer.outcome(chunk, c.id, header.status, header.reason)
@@ -230,7 +230,7 @@ class Engine:
         )  # fmt: skip
 
     def _add(self, item: _Decoded) -> None:
-        prepared = _outcome_of(item)
+        prepared = _outcome_of(item.claimed, item.future)
         self.writer.metadata(item.chunk, prepared.metadata)
         if prepared.status:
             self.writer.outcome(item.chunk, item.claimed.id, prepared.status, prepared.reason)

@@ -114,10 +114,12 @@ class Writer:
                 break
             except OperationalError as exc:
                 log.warning("could not write %d item(s), retrying in %.0f s: %s", len(batch), delay, exc.orig)
-            except Exception:  # a bug must not stop the stage: the reaper re-sends what is unsettled
+            except Exception:  # a bug must not stop the stage, nor hold the tasks waiting on it
                 log.exception(
                     "writing %d item(s) failed; their instances go back through the reaper", len(batch)
                 )
+                for chunk, instance_id, *_ in batch.outcomes:
+                    chunk.give_up(instance_id)
                 return
             self._sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
