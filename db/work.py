@@ -30,7 +30,12 @@ class Claimed:
 
 
 def claim(
-    session: Session, job_id: str, instance_ids: Sequence[int], *, lease_seconds: int
+    session: Session,
+    job_id: str,
+    instance_ids: Sequence[int],
+    *,
+    lease_seconds: int,
+    worker: str | None = None,
 ) -> list[Claimed]:
     """Take the instances that are waiting, for this worker.
 
@@ -53,6 +58,7 @@ def claim(
             status=InstanceStatus.PROCESSING,
             attempts=Instance.attempts + 1,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
+            worker=worker,
             updated_at=now,
         )
         .returning(

@@ -15,10 +15,17 @@ from workers.leases import LeaseKeeper
 log = logging.getLogger(__name__)
 
 
-def run_chunk(ctx: WorkerContext, job_id: str, instance_ids: Sequence[int]) -> ChunkReport:
-    """Process the instances of one message; safe to call again with the same ids."""
+def run_chunk(
+    ctx: WorkerContext, job_id: str, instance_ids: Sequence[int], *, worker: str | None = None
+) -> ChunkReport:
+    """Process the instances of one message; safe to call again with the same ids.
+
+    ``worker`` (the Celery node name) is recorded on each claimed instance.
+    """
     with transaction(ctx.sessions) as session:
-        claimed = claim(session, job_id, instance_ids, lease_seconds=ctx.settings.lease_seconds)
+        claimed = claim(
+            session, job_id, instance_ids, lease_seconds=ctx.settings.lease_seconds, worker=worker
+        )
         job = get_job(session, job_id)
         model_names = list(job.models) if job else []
         options = dict(job.options or {}) if job else {}

@@ -30,9 +30,10 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         retry_backoff=True,
         retry_backoff_max=60,
         max_retries=10,
+        bind=True,
     )
-    def infer_chunk(job_id: str, instance_ids: list[int]) -> dict[str, object]:
-        report = run_chunk(get_context(settings), job_id, instance_ids)
+    def infer_chunk(self: Task, job_id: str, instance_ids: list[int]) -> dict[str, object]:
+        report = run_chunk(get_context(settings), job_id, instance_ids, worker=self.request.hostname)
         for closed in report.closed_with_webhook:
             app.send_task(NOTIFY_JOB, args=[closed], queue=settings.queue)
         return asdict(report)
