@@ -12,7 +12,7 @@ from db.session import make_engine
 
 def test_migrated_schema_matches_models(database_url: str) -> None:
     upgrade(database_url)  # idempotent: already at head
-    assert current(database_url) == "0005"
+    assert current(database_url) == "0006"
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
