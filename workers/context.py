@@ -47,7 +47,10 @@ def get_context(settings: Settings) -> WorkerContext:
         if _context is not None and _context_pid == os.getpid():
             _context.engine.close()  # settings changed in-process (tests)
         torch.set_num_threads(settings.torch_threads or usable_cores())
-        sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
+        engine = make_engine(
+            settings.resolved_database_url, idle_transaction_timeout=settings.worker_idle_transaction_timeout
+        )
+        sessions = make_sessionmaker(engine)
         models = ModelRegistry(settings.model_dir, _runtime(settings))
         blobs = BlobStore(settings.resolved_blob_dir)
         _context = WorkerContext(settings, sessions, models, blobs, Engine(settings, sessions, models, blobs))
