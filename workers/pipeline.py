@@ -68,7 +68,7 @@ def _hand_back(
     if target != own:
         route_job(session, job.id, target)
     log.warning(
-        "job %s needs %s, which run only on a GPU (device: gpu); this worker runs on the CPU, so it "
+        "job %s needs GPU-only model(s) %s (card device: gpu) and this worker runs on the CPU: it "
         "hands %d waiting instance(s) back to the queue %s%s",
         job.id, ", ".join(needs_gpu), len(waiting), target,
         f" (the job is re-routed there from {own})" if target != own else "",
