@@ -78,12 +78,13 @@ def reconcile(state: AppState, *, grace_seconds: float = RECONCILE_GRACE_SECONDS
         routes = job_routes(session, list(set(queued.values())))
     if not queued:
         return 0
-    carried: set[int] = set()
-    for name in {q or settings.queue for _, q in routes.values()}:
-        try:
-            carried |= instance_ids_in_broker(settings.broker_url, name)
-        except (redis.RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"cannot read the queue {name!r} from the broker: {exc}") from None
+    # Every queue these jobs use (model.<name>, gpu, RADQ_QUEUE...), not only RADQ_QUEUE.
+    queues = {q or settings.queue for _, q in routes.values()}
+    try:
+        carried = instance_ids_in_broker(settings.broker_url, queues)
+    except (redis.RedisError, OSError) as exc:
+        names = ", ".join(sorted(queues))
+        raise BrokerUnavailable(f"cannot read the queues {names} from the broker: {exc}") from None
     missing = [i for i in queued if i not in carried]
     if not missing:
         return 0

@@ -50,6 +50,11 @@ def create_job(
     return job
 
 
+def route_job(session: Session, job_id: str, queue: str) -> None:
+    """Send a job's future messages (retries, recovery) to ``queue`` instead of its own."""
+    session.execute(update(Job).where(Job.id == job_id).values(queue=queue))
+
+
 def add_instances(
     session: Session, *, job_id: str, files: Sequence[NewInstance], batch: int = 1000
 ) -> list[int]:

@@ -95,7 +95,16 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch CPU threads of a worker process; 0: the cores it may use."
     )
-    queue: str = Field("radq", description="Celery queue the API publishes to.")
+    queue: str = Field(
+        "radq",
+        description="The general Celery queue (jobs of several CPU models, webhooks); every worker takes it.",
+    )
+    queue_prefix: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="Prepended to the routed queue names (gpu, cpu, model.<name>), so that several radq "
+        "deployments can share one Redis database.",
+    )
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)
     max_archive_members: int = Field(100_000, ge=1)

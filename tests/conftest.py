@@ -93,11 +93,14 @@ def database_url(
 
 
 def make_settings(home: Path, database_url: str, broker_url: str, **overrides: object) -> Settings:
+    queue = str(overrides.get("queue", f"radq-test-{uuid.uuid4().hex[:8]}"))
     values: dict[str, object] = {
         "home": home,
         "database_url": database_url,
         "broker_url": broker_url,
-        "queue": f"radq-test-{uuid.uuid4().hex[:8]}",
+        "queue": queue,
+        # Routed queues (gpu, cpu, model.<name>) of their own too: tests share a Redis database.
+        "queue_prefix": f"{queue}.",
         "allowed_roots": [home / "archive"],
         "chunk_size": 16,
         # The small model keeps the suite fast; routing tests ask for "auto" themselves.

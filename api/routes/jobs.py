@@ -94,6 +94,7 @@ def job_view(session: Session, job_id: str) -> JobOut:
         models=job.models,
         options=job.options or {},
         priority=job.priority,
+        queue=job.queue,
         webhook_url=job.webhook_url,
         counts=counts,
         progress=_progress(counts, created, as_utc(job.finished_at)),
