@@ -96,6 +96,24 @@ def database_url(
     server.drop_database(url)
 
 
+@pytest.fixture(scope="module")
+def own_database_url(
+    database_url: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A fresh, migrated database of the session's kind, for tests whose API changes every job
+    in its database (the blob retention sweep)."""
+    if database_url.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path_factory.mktemp('own-sqlite') / 'radq.db'}"
+        upgrade(url)
+        yield url
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    url = server.create_database()
+    upgrade(url)
+    yield url
+    server.drop_database(url)
+
+
 def make_settings(home: Path, database_url: str, broker_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "home": home,
