@@ -18,7 +18,7 @@ from typing import Any
 from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
 from radq.blobs import BlobStore, sha256_of
-from radq.errors import InstanceError
+from radq.errors import BlobStoreUnavailable, InstanceError
 from radq.model_card import ModelCard
 from workers.decode import DecodedImage, check_image, decode
 from workers.device_prep import RawFrame, raw_frames
@@ -111,6 +111,8 @@ def _recorded(out: Prepared, path: Source) -> Iterator[None]:
         yield
     except InstanceError as exc:
         out.fail(exc.status, exc.reason)
+    except BlobStoreUnavailable as exc:  # after boto3's own retries
+        out.fail(InstanceStatus.FAILED, f"{exc}; retry the job once the blob store answers")
     except FileNotFoundError:
         out.fail(InstanceStatus.FAILED, f"file not found: {path}")
     except OSError as exc:

@@ -151,7 +151,12 @@ def open_blob_store(settings: Settings) -> BlobStore:
     url = check_blob_url(settings.blob_url)
     spool = (settings.home / "spool").resolve()
     if url.startswith("s3://"):
-        from radq.blobs.s3 import S3BlobStore  # boto3 is an optional extra
+        try:
+            from radq.blobs.s3 import S3BlobStore  # boto3 is an optional extra
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"RADQ_BLOB_URL {url!r} needs boto3: pip install 'radq[s3]' ({exc})"
+            ) from None
 
         parts = urlsplit(url)
         return S3BlobStore(parts.netloc, parts.path.strip("/"), spool_dir=spool)
