@@ -38,6 +38,18 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite under home.")
     broker_url: str = "redis://127.0.0.1:6379/0"
     blob_dir: Path | None = Field(None, description="Content-addressed store for uploads.")
+    blob_url: str = Field(
+        "",
+        pattern=r"^(|file:///.*|s3://[^/]+(/.*)?)$",
+        description="Where uploads are kept: file:///abs/dir or s3://bucket/prefix (S3 credentials and "
+        "endpoint from the AWS_* variables boto3 reads); empty: the directory blob_dir.",
+    )
+    blob_retention_days: float = Field(
+        0.0,
+        ge=0,
+        description="Days an uploaded file is kept after the last job that references it finished; 0: "
+        "deleted as soon as its results are written. Saliency maps and path submissions are never deleted.",
+    )
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Directories path submissions may read from (os.pathsep-separated).",
@@ -223,4 +235,5 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         """Create the state directories the embedded mode writes to."""
         self.home.mkdir(parents=True, exist_ok=True)
-        self.resolved_blob_dir.mkdir(parents=True, exist_ok=True)
+        if not self.blob_url:  # another store (S3, a file URL) is made on first write
+            self.resolved_blob_dir.mkdir(parents=True, exist_ok=True)
