@@ -18,7 +18,7 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 # The source is bind-mounted for the build only, so it never becomes an image layer;
 # rw because setuptools writes build/ and *.egg-info into the tree (discarded afterwards).
 RUN --mount=type=bind,source=.,target=/tmp/radq-src,rw \
-    pip install /tmp/radq-src
+    pip install '/tmp/radq-src[s3]'
 
 # Non-root. /data is created here and owned by radq so that a fresh named volume
 # mounted on it (compose's `blobs`) inherits that ownership and stays writable.

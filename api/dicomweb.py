@@ -143,7 +143,8 @@ class PartSpool:
 
     Args:
         boundary: the boundary from the request's Content-Type.
-        parent: directory for the temporary spool (the blob store's, so the
+        parent: directory for the temporary spool (the blob store's spool: the file
+            store's own directory, so the
             parts land on the disk that will keep them).
         max_bytes: body size limit (``RADQ_MAX_UPLOAD_BYTES``).
         max_parts: part count limit (``RADQ_MAX_ARCHIVE_MEMBERS``).

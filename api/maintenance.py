@@ -7,6 +7,8 @@ The database is the source of truth; every round compares it with what is happen
 - instances whose worker died or hung (their lease expired) are published again, one
   per message, so a file that kills workers cannot take its chunk-mates with it; after
   ``RADQ_MAX_LOST_LEASES`` such losses the file is failed with that cause;
+- uploaded files that every job using them is done with are deleted from the blob store
+  once ``RADQ_BLOB_RETENTION_DAYS`` have passed (:mod:`api.retention`);
 - every ``RADQ_RECONCILE_SECONDS``, instances the database says are queued but that no
   message in Redis carries (Redis restarted without its data, a flushed queue) are
   published again.
@@ -26,6 +28,7 @@ import redis
 from sqlalchemy.exc import OperationalError
 
 from api.registration import Registrar
+from api.retention import BlobSweeper
 from api.state import AppState
 from api.submit import enqueue, notify_ended
 from db.recovery import queued_before, reap_expired_leases, take_back_unqueued
@@ -49,6 +52,7 @@ class RoundReport:
     reaped: int = 0
     failed_after_lost_leases: int = 0
     closed: int = 0
+    blobs_deleted: int = 0
     reconciled: int | None = None  # None: not compared with the broker this round
     errors: list[str] = field(default_factory=list)
 
@@ -78,12 +82,13 @@ def reconcile(state: AppState, *, grace_seconds: float = RECONCILE_GRACE_SECONDS
         routes = job_routes(session, list(set(queued.values())))
     if not queued:
         return 0
-    carried: set[int] = set()
-    for name in {q or settings.queue for _, q in routes.values()}:
-        try:
-            carried |= instance_ids_in_broker(settings.broker_url, name)
-        except (redis.RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"cannot read the queue {name!r} from the broker: {exc}") from None
+    # Every queue these jobs use (model.<name>, gpu, RADQ_QUEUE...), not only RADQ_QUEUE.
+    queues = {q or settings.queue for _, q in routes.values()}
+    try:
+        carried = instance_ids_in_broker(settings.broker_url, queues)
+    except (redis.RedisError, OSError) as exc:
+        names = ", ".join(sorted(queues))
+        raise BrokerUnavailable(f"cannot read the queues {names} from the broker: {exc}") from None
     missing = [i for i in queued if i not in carried]
     if not missing:
         return 0
@@ -134,6 +139,7 @@ class Maintenance:
     def __init__(self, state: AppState, registrar: Registrar) -> None:
         self.state = state
         self.registrar = registrar
+        self.sweeper = BlobSweeper(state)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_reconcile = time.monotonic()
@@ -170,10 +176,13 @@ class Maintenance:
         def closed() -> None:
             report.closed = close_forgotten(self.state)
 
+        def swept() -> None:
+            report.blobs_deleted = self.sweeper.run_once().blobs_deleted
+
         def reconciled() -> None:
             report.reconciled = reconcile(self.state)
 
-        steps = [self._resume_sources, published, reaped, closed]
+        steps = [self._resume_sources, published, reaped, closed, swept]
         for step in [*steps, reconciled] if reconcile_broker else steps:
             try:
                 step()

@@ -36,6 +36,9 @@ class JobOut(BaseModel):
     models: list[str]
     options: dict[str, Any]
     priority: str
+    queue: str | None = Field(
+        description="The Celery queue the job's messages go to (README: Queue routing); null: RADQ_QUEUE"
+    )
     webhook_url: str | None
     counts: Counts
     progress: Progress

@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_sessionmaker
-from radq.blobs import BlobStore
+from radq.blobs import BlobStore, open_blob_store
 from radq.queue import make_celery
 from radq.settings import Settings
 
@@ -32,5 +32,5 @@ class AppState:
             engine=engine,
             sessions=make_sessionmaker(engine),
             celery=make_celery(settings),
-            blobs=BlobStore(settings.resolved_blob_dir),
+            blobs=open_blob_store(settings),
         )

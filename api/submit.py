@@ -15,8 +15,9 @@ from db.session import transaction
 from db.sources import SourceRef, add_sources
 from db.status import MESSAGE_PRIORITY, JobStatus, Priority
 from radq.errors import BrokerUnavailable, SubmissionError
-from radq.model_card import AUTO, discover_cards
+from radq.model_card import AUTO, cards_in, discover_cards
 from radq.queue import publish_chunks
+from radq.routing import job_queue
 from radq.tasks import NOTIFY_JOB
 
 
@@ -35,6 +36,12 @@ def resolve_models(state: AppState, requested: Sequence[str] | None) -> list[str
             f"{', '.join([AUTO, *sorted(available)])}"
         )
     return list(dict.fromkeys(names))
+
+
+def route(state: AppState, models: Sequence[str]) -> str:
+    """The queue a job over ``models`` (already resolved) publishes to; see :mod:`radq.routing`."""
+    cards = cards_in(state.settings.model_dir)
+    return job_queue(state.settings, models, cards)
 
 
 def submit(
@@ -70,7 +77,7 @@ def submit(
             options=options,
             priority=priority,
             webhook_url=webhook_url,
-            queue=settings.queue,
+            queue=route(state, names),
         )
         ids = add_instances(session, job_id=job.id, files=ingest.files)
     enqueue(state, job.id, ids, priority, queue=job.queue)
@@ -109,7 +116,7 @@ def submit_paths(
             priority=priority,
             webhook_url=webhook_url,
             status=JobStatus.REGISTERING,
-            queue=state.settings.queue,
+            queue=route(state, names),
         )
         lease = state.settings.registration_lease_seconds
         sources = add_sources(session, job_id=job.id, paths=resolved, lease_seconds=lease)
@@ -127,7 +134,8 @@ def enqueue(
 ) -> None:
     """Publish a job's instances in chunks, then mark them queued.
 
-    ``queue`` and ``chunk_size`` default to ``RADQ_QUEUE`` and ``RADQ_CHUNK_SIZE``.
+    ``queue`` (the job's, ``Job.queue``) and ``chunk_size`` default to ``RADQ_QUEUE`` and
+    ``RADQ_CHUNK_SIZE``.
 
     Raises:
         BrokerUnavailable: the broker is unreachable; the instances stay ``pending``.

@@ -22,7 +22,9 @@ from db.migrate import upgrade
 from db.session import make_engine
 from radq.client import Client
 from radq.errors import ConfigurationError, RadqError
+from radq.model_card import cards_in
 from radq.queue import redis_queue_keys
+from radq.routing import all_queues
 from radq.services import ensure_redis, free_port, spawn, stop, wait_for_http
 from radq.settings import Settings
 from workers.engine import usable_cores
@@ -115,8 +117,11 @@ def embedded_stack(
             url = _create_postgres_database(postgres_admin_url)
             cleanup.callback(_quietly, _drop_postgres_database, postgres_admin_url, url)
         tag = uuid.uuid4().hex[:8]
-        # A queue of its own: the bench never feeds, or is fed by, other workers.
-        settings = base.model_copy(update={"home": home, "database_url": url, "queue": f"radq-bench-{tag}"})
+        # Queues of its own: the bench never feeds, or is fed by, other workers.
+        queue = f"radq-bench-{tag}"
+        settings = base.model_copy(
+            update={"home": home, "database_url": url, "queue": queue, "queue_prefix": f"{queue}."}
+        )
         cleanup.callback(_quietly, _delete_queue, settings)
         settings.ensure_dirs()
         upgrade(settings.resolved_database_url)
@@ -153,7 +158,9 @@ def decode_processes(settings: Settings) -> int:
 
 
 def _delete_queue(settings: Settings) -> None:
-    redis.Redis.from_url(settings.broker_url).delete(*redis_queue_keys(settings.queue))
+    cards = cards_in(settings.model_dir)
+    keys = [key for queue in all_queues(settings, cards) for key in redis_queue_keys(queue)]
+    redis.Redis.from_url(settings.broker_url).delete(*keys)
 
 
 def _quietly(func: Callable[..., object], *args: object) -> None:

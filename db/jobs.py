@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -12,7 +12,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Instance, Job, utcnow
-from db.status import OPEN_JOB_STATUSES, WAITING_STATUSES, InstanceStatus, JobStatus, Priority
+from db.status import OPEN_JOB_STATUSES, WAITING_STATUSES, InstanceStatus, JobStatus, Priority, StorageKind
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,11 @@ def create_job(
     session.add(job)
     session.flush()
     return job
+
+
+def route_job(session: Session, job_id: str, queue: str) -> None:
+    """Send a job's future messages (retries, recovery) to ``queue`` instead of its own."""
+    session.execute(update(Job).where(Job.id == job_id).values(queue=queue))
 
 
 def add_instances(
@@ -148,16 +153,40 @@ def cancel_job(session: Session, job_id: str) -> bool:
     return True
 
 
-def reset_failed(session: Session, job_id: str) -> list[int]:
-    """Put a job's failed instances back to pending and reopen the job; returns their ids.
+@dataclass(frozen=True)
+class Retried:
+    """What a retry did: instances put back to pending, and failed uploads that cannot run again."""
 
-    A job still registering keeps that status: its enumeration closes it later.
+    queued: list[int]
+    deleted: int
+
+
+def reset_failed(
+    session: Session, job_id: str, *, deleted_reason: Callable[[str], str] | None = None
+) -> Retried:
+    """Put a job's failed instances back to pending and reopen the job.
+
+    A job still registering keeps that status: its enumeration closes it later. Failed
+    uploads whose file the retention sweep deleted cannot run again: they stay failed,
+    with ``deleted_reason(sha256)`` as their reason, and are only counted.
     """
-    ids = list(
-        session.scalars(
-            select(Instance.id).where(Instance.job_id == job_id, Instance.status == InstanceStatus.FAILED)
-        )
-    )
+    gone: Sequence[Any] = []
+    failed = select(Instance.id).where(Instance.job_id == job_id, Instance.status == InstanceStatus.FAILED)
+    if deleted_reason is not None:
+        gone = session.execute(
+            select(Instance.id, Instance.location).where(
+                Instance.job_id == job_id,
+                Instance.status == InstanceStatus.FAILED,
+                Instance.storage == StorageKind.DELETED,
+            )
+        ).all()
+        if gone:
+            session.execute(
+                update(Instance),
+                [{"id": i, "reason": deleted_reason(sha)} for i, sha in gone],
+            )
+        failed = failed.where(Instance.storage != StorageKind.DELETED)
+    ids = list(session.scalars(failed))
     if ids:
         for start in range(0, len(ids), 1000):
             session.execute(
@@ -170,7 +199,7 @@ def reset_failed(session: Session, job_id: str) -> list[int]:
             .where(Job.id == job_id, Job.status == JobStatus.DONE)
             .values(status=JobStatus.QUEUED, finished_at=None)
         )
-    return ids
+    return Retried(ids, len(gone))
 
 
 def list_instances(

@@ -41,6 +41,9 @@ class SourceStatus(StrEnum):
 class StorageKind(StrEnum):
     BLOB = "blob"  # uploaded; ``location`` is the sha256 in the blob store
     PATH = "path"  # submitted by path; ``location`` is the resolved absolute path
+    # Uploaded, and deleted from the blob store by the retention sweep once its jobs had
+    # finished (RADQ_BLOB_RETENTION_DAYS); ``location`` is still the sha256.
+    DELETED = "deleted"
 
 
 class Priority(StrEnum):

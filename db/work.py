@@ -29,6 +29,21 @@ class Claimed:
     attempts: int
 
 
+def still_waiting(session: Session, job_id: str, instance_ids: Sequence[int]) -> list[int]:
+    """Those of ``instance_ids`` (of job ``job_id``) still waiting for a worker, in id order."""
+    return list(
+        session.scalars(
+            select(Instance.id)
+            .where(
+                Instance.id.in_(instance_ids),
+                Instance.job_id == job_id,
+                Instance.status.in_(WAITING_STATUSES),
+            )
+            .order_by(Instance.id)
+        )
+    )
+
+
 def claim(
     session: Session,
     job_id: str,

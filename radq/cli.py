@@ -16,6 +16,8 @@ from radq.settings import Settings
 
 EXIT_FAILED = 1
 """A command could not do what was asked (API error, bad input)."""
+EXIT_USAGE = 2
+"""The options cannot work together (e.g. a CPU worker told to take GPU-only queues)."""
 EXIT_TIMEOUT = 3
 """``--wait`` gave up before the job ended."""
 
@@ -62,7 +64,13 @@ def worker(
     concurrency: Annotated[
         int, typer.Option(help="Messages processed at once; their instances share batches.")
     ] = 2,
-    queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default: RADQ_QUEUE).")] = None,
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated queues (default: RADQ_QUEUE, the device class, and model.<name> for "
+            "every model in RADQ_MODEL_DIR this device can run)."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (RADQ_DEVICE).")] = None,
     hostname: Annotated[str | None, typer.Option(help="Worker name (default radq@<host>).")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
@@ -70,17 +78,37 @@ def worker(
     """Run a worker process: decode processes, one model runner, one result writer.
 
     Run one per GPU (RADQ_DEVICE=cuda:N), or one per CPU host: it uses every core it
-    may run on, for decoding and for torch.
+    may run on, for decoding and for torch. A CPU worker refuses queues that carry work
+    for GPU-only models (exit 2).
     """
+    from radq.model_card import cards_in
+    from radq.routing import DeviceClass, check_worker_queues, worker_queues
     from workers.app import create_worker_app
+    from workers.device import resolve_device
 
     settings = _settings(device=device)
     _logging(log_level)
+    cards = cards_in(settings.model_dir)
+    try:
+        device_class: DeviceClass = "gpu" if resolve_device(settings.device).type == "cuda" else "cpu"
+        chosen = (
+            [q.strip() for q in queues.split(",") if q.strip()]
+            if queues is not None
+            else worker_queues(settings, device_class, cards)
+        )
+        check_worker_queues(settings, device_class, chosen, cards)
+    except RadqError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    logging.getLogger("radq.worker").info(
+        "device %s (%s), models in %s: %s; taking queues %s",
+        settings.device, device_class, settings.model_dir, ", ".join(sorted(cards)) or "none",
+        ",".join(chosen),
+    )  # fmt: skip
     celery_app = create_worker_app(settings)
     argv = [
         "worker",
         f"--concurrency={concurrency}",
-        f"--queues={queues or settings.queue}",
+        f"--queues={','.join(chosen)}",
         # Threads, not prefork: every message in flight feeds the one engine of this
         # process (batches across messages); decoding runs in the engine's processes.
         "--pool=threads",
@@ -319,10 +347,10 @@ def models_list() -> None:
 
     settings = _settings()
     table = Table(title=f"models in {settings.model_dir}")
-    for col in ("name", "version", "task", "labels", "intended use"):
+    for col in ("name", "version", "device", "task", "labels", "intended use"):
         table.add_column(col, overflow="fold")
     for name, (_, card) in sorted(discover_cards(settings.model_dir).items()):
-        table.add_row(name, card.version, card.task, ", ".join(card.labels), card.intended_use)
+        table.add_row(name, card.version, card.device, card.task, ", ".join(card.labels), card.intended_use)
     console.print(table)
 
 

@@ -88,3 +88,11 @@ class BrokerUnavailable(TransientError):
 
 class DatabaseUnavailable(TransientError):
     """Raised when the database cannot be reached."""
+
+
+class BlobMissing(InstanceError):
+    """Raised when an instance's uploaded file is no longer in the blob store (retention, deletion)."""
+
+
+class BlobStoreUnavailable(TransientError):
+    """Raised when the blob store (S3) cannot be reached or refuses a request; retried later."""

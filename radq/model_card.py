@@ -37,6 +37,10 @@ class InputSpec(BaseModel):
     channels: Literal[1, 3] = 1
 
 
+ModelDevice = Literal["any", "gpu"]
+"""Where a model may run: ``any`` (CPU or GPU workers) or ``gpu`` (GPU workers only; jobs
+that need it are routed away from CPU workers, see :mod:`radq.routing`)."""
+
 FramePolicy = Literal["middle", "first", "max", "all"]
 """How a multi-frame object becomes model input: one frame (``middle``, ``first``),
 the maximum over frames (``max``, a maximum-intensity projection of the stored values),
@@ -110,6 +114,9 @@ class ModelCard(BaseModel):
     output_activation: Literal["sigmoid", "softmax"] = "sigmoid"
     mixed_precision: bool = Field(
         True, description="Whether the model may run under fp16/bf16 autocast (RADQ_PRECISION)."
+    )
+    device: ModelDevice = Field(
+        "any", description="any: runs on CPU or GPU workers; gpu: only GPU workers take its jobs."
     )
     study_summary: Literal["max", "mean"] = "max"
     applies_to: AppliesTo = Field(default_factory=AppliesTo)
@@ -187,3 +194,8 @@ def discover_cards(root: Path) -> dict[str, tuple[Path, ModelCard]]:
                 continue
             found[card.name] = (child, card)
     return found
+
+
+def cards_in(root: Path) -> dict[str, ModelCard]:
+    """Map model name to card for every valid model directory directly under ``root``."""
+    return {name: card for name, (_, card) in discover_cards(root).items()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis
@@ -26,8 +26,8 @@ def redis_queue_keys(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in KOMBU_PRIORITY_STEPS]
 
 
-def instance_ids_in_broker(broker_url: str, queue: str) -> set[int]:
-    """Every instance id a chunk message carries in ``queue``, waiting or delivered but unacked.
+def instance_ids_in_broker(broker_url: str, queues: Collection[str]) -> set[int]:
+    """Every instance id a chunk message carries in ``queues``, waiting or delivered but unacked.
 
     Reads kombu's Redis layout: one list per priority step and the ``unacked`` hash of
     messages handed to a worker and not yet acknowledged. A message in the instant between
@@ -35,12 +35,12 @@ def instance_ids_in_broker(broker_url: str, queue: str) -> set[int]:
     """
     client = redis.Redis.from_url(broker_url)
     messages: list[dict[str, Any]] = []
-    for key in redis_queue_keys(queue):
+    for key in (key for queue in queues for key in redis_queue_keys(queue)):
         for start in range(0, int(client.llen(key)), 1000):
             messages.extend(json.loads(raw) for raw in client.lrange(key, start, start + 999))
     for raw in client.hvals("unacked"):
         message, _exchange, routing_key = json.loads(raw)
-        if routing_key == queue:
+        if routing_key in queues:
             messages.append(message)
     ids: set[int] = set()
     for message in messages:

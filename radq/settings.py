@@ -38,6 +38,18 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite under home.")
     broker_url: str = "redis://127.0.0.1:6379/0"
     blob_dir: Path | None = Field(None, description="Content-addressed store for uploads.")
+    blob_url: str = Field(
+        "",
+        pattern=r"^(|file:///.*|s3://[^/]+(/.*)?)$",
+        description="Where uploads are kept: file:///abs/dir or s3://bucket/prefix (S3 credentials and "
+        "endpoint from the AWS_* variables boto3 reads); empty: the directory blob_dir.",
+    )
+    blob_retention_days: float = Field(
+        0.0,
+        ge=0,
+        description="Days an uploaded file is kept after the last job that references it finished; 0: "
+        "deleted as soon as its results are written. Saliency maps and path submissions are never deleted.",
+    )
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Directories path submissions may read from (os.pathsep-separated).",
@@ -95,7 +107,16 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch CPU threads of a worker process; 0: the cores it may use."
     )
-    queue: str = Field("radq", description="Celery queue the API publishes to.")
+    queue: str = Field(
+        "radq",
+        description="The general Celery queue (jobs of several CPU models, webhooks); every worker takes it.",
+    )
+    queue_prefix: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="Prepended to the routed queue names (gpu, cpu, model.<name>), so that several radq "
+        "deployments can share one Redis database.",
+    )
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)
     max_archive_members: int = Field(100_000, ge=1)
@@ -220,4 +241,5 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         """Create the state directories the embedded mode writes to."""
         self.home.mkdir(parents=True, exist_ok=True)
-        self.resolved_blob_dir.mkdir(parents=True, exist_ok=True)
+        if not self.blob_url:  # another store (S3, a file URL) is made on first write
+            self.resolved_blob_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from api.state import AppState
 from api.submit import resolve_models
 from db.session import make_engine, make_sessionmaker
-from radq.blobs import BlobStore
+from radq.blobs import open_blob_store
 from radq.errors import ConfigurationError, LimitExceeded, RadqError, SubmissionError
 from radq.queue import make_celery
 from radq.settings import Settings
@@ -226,7 +226,7 @@ class ScpServer:
             engine=engine,
             sessions=make_sessionmaker(engine),
             celery=make_celery(settings),
-            blobs=BlobStore(settings.resolved_blob_dir),
+            blobs=open_blob_store(settings),
         )
         try:
             models = resolve_models(state, self.config.models)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -92,12 +96,33 @@ def database_url(
     server.drop_database(url)
 
 
+@pytest.fixture(scope="module")
+def own_database_url(
+    database_url: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A fresh, migrated database of the session's kind, for tests whose API changes every job
+    in its database (the blob retention sweep)."""
+    if database_url.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path_factory.mktemp('own-sqlite') / 'radq.db'}"
+        upgrade(url)
+        yield url
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    url = server.create_database()
+    upgrade(url)
+    yield url
+    server.drop_database(url)
+
+
 def make_settings(home: Path, database_url: str, broker_url: str, **overrides: object) -> Settings:
+    queue = str(overrides.get("queue", f"radq-test-{uuid.uuid4().hex[:8]}"))
     values: dict[str, object] = {
         "home": home,
         "database_url": database_url,
         "broker_url": broker_url,
-        "queue": f"radq-test-{uuid.uuid4().hex[:8]}",
+        "queue": queue,
+        # Routed queues (gpu, cpu, model.<name>) of their own too: tests share a Redis database.
+        "queue_prefix": f"{queue}.",
         "allowed_roots": [home / "archive"],
         "chunk_size": 16,
         # The small model keeps the suite fast; routing tests ask for "auto" themselves.
@@ -105,6 +130,8 @@ def make_settings(home: Path, database_url: str, broker_url: str, **overrides: o
         # Tests resubmit the same sample files; tests of deduplication ask for it per job.
         "dedup": False,
         "batch_size": 8,
+        # Some tests read uploaded files after their job ended; retention tests ask for 0.
+        "blob_retention_days": 1.0,
         **overrides,
     }
     settings = Settings(**values)  # type: ignore[arg-type]
@@ -135,9 +162,16 @@ def stack(
     database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("radq-home")
-    settings = make_settings(home, database_url, redis_url)
-    redis.Redis.from_url(redis_url).delete(settings.queue)
-    env = settings.to_env()
+    with running_stack(make_settings(home, database_url, redis_url)) as running:
+        yield running
+
+
+@contextmanager
+def running_stack(settings: Settings, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """``radq api`` and one ``radq worker`` for ``settings`` (plus ``extra_env``, e.g. AWS_*)."""
+    home, database_url = settings.home, settings.database_url
+    redis.Redis.from_url(settings.broker_url).delete(settings.queue)
+    env = {**settings.to_env(), **(extra_env or {})}
     port = free_port()
     api = spawn(["api", "--port", str(port)], env=env, log_file=home / "api.log")
     worker = spawn(
@@ -161,3 +195,73 @@ def stack(
             if path.exists():
                 tail = path.read_text(errors="replace").splitlines()[-15:]
                 print(f"--- {log} (last lines) ---", *tail, sep="\n")
+
+
+@dataclass
+class S3Server:
+    """moto's S3 over real HTTP, in a process of its own, with the AWS_* env that reaches it."""
+
+    endpoint: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "radq-test",
+            "AWS_SECRET_ACCESS_KEY": "radq-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        }
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="radq-test",
+            aws_secret_access_key="radq-test-secret",
+            region_name="us-east-1",
+        )
+
+    def new_bucket(self) -> str:
+        name = f"radq-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str) -> list[str]:
+        listed = self.client().list_objects_v2(Bucket=bucket)
+        return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"the S3 tests need boto3 and moto[server] (the dev extra): {exc}")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = S3Server(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                server.client().list_buckets()
+                break
+            except Exception as exc:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    unavailable(f"moto's S3 server did not start: {exc}: {log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield server
+    finally:
+        stop(proc)

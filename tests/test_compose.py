@@ -373,8 +373,11 @@ def test_dockerfile_installs_pinned_cpu_torch_first() -> None:
     assert torch_install, "Dockerfile does not pip install torch"
     assert torch_install.group(1) == TORCH_PIN, f"Dockerfile installs {torch_install.group(1)}"
     assert "--index-url https://download.pytorch.org/whl/cpu" in torch_install.group(0)
-    project_install = re.search(r"pip install\s+(?:\.|/\S*radq\S*)\s*$", text, re.MULTILINE)
+    project_install = re.search(
+        r"pip install\s+'?(?:\.|/[^\s'\[]*radq[^\s'\[]*)(\[[\w,-]+\])?'?\s*$", text, re.MULTILINE
+    )
     assert project_install, "Dockerfile does not pip install the project"
+    assert "s3" in (project_install.group(1) or ""), "the image needs the s3 extra (RADQ_BLOB_URL=s3://)"
     assert torch_install.start() < project_install.start(), "torch must be installed before the project"
     # The same exact pin as pyproject, or `pip install .` would replace the CPU wheel.
     assert f'"{TORCH_PIN}"' in PYPROJECT.read_text()

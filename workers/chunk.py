@@ -7,6 +7,15 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class HandBack:
+    """A chunk a worker must not run, to be published again to ``queue``."""
+
+    queue: str
+    priority: int
+    instance_ids: list[int]
+
+
+@dataclass
 class ChunkReport:
     claimed: int = 0
     done: int = 0
@@ -14,6 +23,8 @@ class ChunkReport:
     skipped: int = 0
     closed_with_webhook: list[str] = field(default_factory=list)
     """Jobs this chunk finished that have a webhook to call."""
+    handed_back: HandBack | None = None
+    """Set when nothing was claimed because another kind of worker must run the chunk."""
 
 
 class Chunk:

@@ -13,7 +13,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_sessionmaker
-from radq.blobs import BlobStore
+from radq.blobs import BlobStore, open_blob_store
 from radq.settings import Settings
 from workers.device import resolve_device
 from workers.engine import Engine, usable_cores
@@ -52,7 +52,7 @@ def get_context(settings: Settings) -> WorkerContext:
         )
         sessions = make_sessionmaker(engine)
         models = ModelRegistry(settings.model_dir, _runtime(settings))
-        blobs = BlobStore(settings.resolved_blob_dir)
+        blobs = open_blob_store(settings)
         _context = WorkerContext(settings, sessions, models, blobs, Engine(settings, sessions, models, blobs))
         _context_pid = os.getpid()
     return _context

@@ -41,7 +41,7 @@ from workers.chunk import Chunk, ChunkReport
 from workers.dedup import reuse_known
 from workers.header import printable
 from workers.models.loader import LoadedModel, ModelRegistry
-from workers.prepare import Prepared, inspect, load
+from workers.prepare import Prepared, Source, StoredBlob, inspect, load
 from workers.procpool import ProcessPool
 from workers.writer import Writer
 
@@ -111,10 +111,10 @@ class Engine:
         self.writer.close()
         self.decoders.shutdown()
 
-    def locate(self, claimed: Claimed) -> Path:
-        """Where an instance's bytes are on this host."""
-        if claimed.storage == StorageKind.BLOB:
-            return self.blobs.path_for(claimed.location)
+    def locate(self, claimed: Claimed) -> Source:
+        """Where a decode process finds an instance's bytes."""
+        if claimed.storage in (StorageKind.BLOB, StorageKind.DELETED):
+            return StoredBlob(self.blobs, claimed.location)
         return Path(claimed.location)
 
     # --- a message's thread -----------------------------------------------------------

@@ -5,10 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from db.jobs import get_job
+from sqlalchemy.orm import Session
+
+from db.jobs import get_job, route_job
+from db.models import Job
 from db.session import transaction
-from db.work import claim
-from workers.chunk import ChunkReport
+from db.status import MESSAGE_PRIORITY, Priority
+from db.work import claim, still_waiting
+from radq.model_card import cards_in
+from radq.routing import gpu_only_models, gpu_queue_for
+from workers.chunk import ChunkReport, HandBack
 from workers.context import WorkerContext
 from workers.leases import LeaseKeeper
 
@@ -20,13 +26,19 @@ def run_chunk(
 ) -> ChunkReport:
     """Process the instances of one message; safe to call again with the same ids.
 
-    ``worker`` (the Celery node name) is recorded on each claimed instance.
+    ``worker`` (the Celery node name) is recorded on each claimed instance. A CPU
+    worker claims nothing of a job that needs a GPU-only model: the report's
+    ``handed_back`` says where the caller must publish the instances again.
     """
     with transaction(ctx.sessions) as session:
+        job = get_job(session, job_id)
+        if job is not None and ctx.models.device.type != "cuda":
+            handed = _hand_back(ctx, session, job, instance_ids)
+            if handed is not None:
+                return ChunkReport(handed_back=handed)
         claimed = claim(
             session, job_id, instance_ids, lease_seconds=ctx.settings.lease_seconds, worker=worker
         )
-        job = get_job(session, job_id)
         model_names = list(job.models) if job else []
         options = dict(job.options or {}) if job else {}
     if not claimed:
@@ -38,3 +50,32 @@ def run_chunk(
         job_id, report.claimed, report.done, report.failed, report.skipped,
     )  # fmt: skip
     return report
+
+
+def _hand_back(
+    ctx: WorkerContext, session: Session, job: Job, instance_ids: Sequence[int]
+) -> HandBack | None:
+    """Where a chunk this CPU worker must not run goes instead; None when it may run it.
+
+    Routing keeps such chunks away from CPU workers; one arrives only when a card changed
+    after the job was routed, the API reads another model directory, or a message was
+    published by hand. The job is re-routed when its own queue is one CPU workers take,
+    so that retries and recovery do not bring the chunk back here.
+    """
+    settings = ctx.settings
+    cards = cards_in(settings.model_dir)
+    needs_gpu = gpu_only_models(job.models, cards)
+    if not needs_gpu:
+        return None
+    own = job.queue or settings.queue
+    target = gpu_queue_for(settings, own, cards)
+    waiting = still_waiting(session, job.id, instance_ids)
+    if target != own:
+        route_job(session, job.id, target)
+    log.warning(
+        "job %s needs GPU-only model(s) %s (card device: gpu) and this worker runs on the CPU: it "
+        "hands %d waiting instance(s) back to the queue %s%s",
+        job.id, ", ".join(needs_gpu), len(waiting), target,
+        f" (the job is re-routed there from {own})" if target != own else "",
+    )  # fmt: skip
+    return HandBack(target, MESSAGE_PRIORITY[Priority(job.priority)], waiting)

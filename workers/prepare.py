@@ -17,8 +17,8 @@ from typing import Any
 
 from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
-from radq.blobs import sha256_of
-from radq.errors import InstanceError
+from radq.blobs import BlobStore, sha256_of
+from radq.errors import BlobStoreUnavailable, InstanceError
 from radq.model_card import ModelCard
 from workers.decode import DecodedImage, check_image, decode
 from workers.device_prep import RawFrame, raw_frames
@@ -32,6 +32,34 @@ _MAX_REASON = 1000
 def _joined(notes: Sequence[str]) -> str | None:
     """Notes for their column; they quote file content, so none of it unstorable."""
     return printable("; ".join(notes), 20_000) or None
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """An uploaded file: the decode process takes it from the store itself.
+
+    From S3 that is a download to a temporary file, removed once the file is read, so
+    downloads run in parallel across decode processes, overlapping inference.
+    """
+
+    store: BlobStore
+    sha256: str
+
+    def __str__(self) -> str:
+        return f"uploaded file {self.sha256} in {self.store.url}"
+
+
+Source = Path | StoredBlob
+"""Where a decode process finds an instance's bytes: a path on this host, or a blob."""
+
+
+@contextmanager
+def _local(source: Source) -> Iterator[Path]:
+    if isinstance(source, Path):
+        yield source
+    else:
+        with source.store.fetch(source.sha256) as path:
+            yield path
 
 
 @dataclass
@@ -77,12 +105,14 @@ def applies(card: ModelCard, meta: InstanceMeta) -> bool:
 
 
 @contextmanager
-def _recorded(out: Prepared, path: Path) -> Iterator[None]:
+def _recorded(out: Prepared, path: Source) -> Iterator[None]:
     """Turn any per-file problem into ``out.status``/``out.reason``; nothing escapes."""
     try:
         yield
     except InstanceError as exc:
         out.fail(exc.status, exc.reason)
+    except BlobStoreUnavailable as exc:  # after boto3's own retries
+        out.fail(InstanceStatus.FAILED, f"{exc}; retry the job once the blob store answers")
     except FileNotFoundError:
         out.fail(InstanceStatus.FAILED, f"file not found: {path}")
     except OSError as exc:
@@ -96,17 +126,17 @@ def _recorded(out: Prepared, path: Path) -> Iterator[None]:
         )
 
 
-def inspect(claimed: Claimed, path: Path) -> Prepared:
+def inspect(claimed: Claimed, source: Source) -> Prepared:
     """Header, content hash and a check that the image can be decoded at all; no pixels.
 
     What a chunk asking for reuse of earlier results needs before deciding what to decode.
     """
     out = Prepared(claimed)
-    with _recorded(out, path):
+    with _recorded(out, source), _local(source) as path:
         ds, meta, notes = read_header(path)
         out.meta, out.metadata = meta, _metadata_columns(claimed.id, meta, notes)
         # Uploads are stored under their hash; files read in place are hashed here.
-        sha = claimed.location if claimed.storage == StorageKind.BLOB else sha256_of(path)
+        sha = sha256_of(path) if claimed.storage == StorageKind.PATH else claimed.location
         out.metadata["content_sha256"] = sha
         check_image(ds, meta)  # a broken file is reported as broken, routed or not
     return out
@@ -114,7 +144,7 @@ def inspect(claimed: Claimed, path: Path) -> Prepared:
 
 def load(
     claimed: Claimed,
-    path: Path,
+    source: Source,
     cards: Sequence[ModelCard],
     max_pixels: int,
     content_sha256: str | None = None,
@@ -124,11 +154,11 @@ def load(
     ``content_sha256`` skips hashing a file :func:`inspect` already hashed.
     """
     out = Prepared(claimed)
-    with _recorded(out, path):
+    with _recorded(out, source), _local(source) as path:
         ds, meta, notes = read_header(path)
         out.meta, out.metadata = meta, _metadata_columns(claimed.id, meta, notes)
         if content_sha256 is None:
-            content_sha256 = claimed.location if claimed.storage == StorageKind.BLOB else sha256_of(path)
+            content_sha256 = sha256_of(path) if claimed.storage == StorageKind.PATH else claimed.location
         out.metadata["content_sha256"] = content_sha256
         check_image(ds, meta)
         applicable = [card for card in cards if applies(card, meta)]

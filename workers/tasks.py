@@ -34,6 +34,13 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     )
     def infer_chunk(self: Task, job_id: str, instance_ids: list[int]) -> dict[str, object]:
         report = run_chunk(get_context(settings), job_id, instance_ids, worker=self.request.hostname)
+        back = report.handed_back
+        if back is not None and back.instance_ids:
+            # Published before this message is acknowledged (acks_late): a crash in
+            # between duplicates the chunk, which claims make harmless, and loses nothing.
+            app.send_task(
+                INFER_CHUNK, args=[job_id, back.instance_ids], queue=back.queue, priority=back.priority
+            )
         for closed in report.closed_with_webhook:
             app.send_task(NOTIFY_JOB, args=[closed], queue=settings.queue)
         return asdict(report)

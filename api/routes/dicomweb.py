@@ -94,7 +94,7 @@ async def _stow(request: Request, state: AppState, models: list[str] | None, stu
     settings = state.settings
     spool = PartSpool(
         boundary,
-        state.blobs.root,
+        state.blobs.spool_dir,
         max_bytes=settings.max_upload_bytes,
         max_parts=settings.max_archive_members,
     )

@@ -15,6 +15,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from api.deps import RegistrarDep, SessionDep, StateDep
 from api.ingest import Ingest
+from api.retention import retention_reason
 from api.schemas import (
     Counts,
     ErrorOut,
@@ -94,6 +95,7 @@ def job_view(session: Session, job_id: str) -> JobOut:
         models=job.models,
         options=job.options or {},
         priority=job.priority,
+        queue=job.queue,
         webhook_url=job.webhook_url,
         counts=counts,
         progress=_progress(counts, created, as_utc(job.finished_at)),
@@ -258,8 +260,16 @@ def retry(job_id: str, state: StateDep) -> JobOut:
         job = _job_or_404(session, job_id)
         if job.status == JobStatus.CANCELLED:
             raise HTTPException(409, f"job {job_id} was cancelled; submit its files again instead")
-        ids = reset_failed(session, job_id)
+        days = state.settings.blob_retention_days
+        retried = reset_failed(session, job_id, deleted_reason=lambda sha: retention_reason(sha, days))
         priority, queue = job.priority, job.queue
+    ids, gone = retried.queued, retried.deleted
+    if not ids and gone:
+        raise HTTPException(
+            409,
+            f"job {job_id}: the uploaded files of its {gone} failed instance(s) were deleted from the blob "
+            f"store after the job finished (RADQ_BLOB_RETENTION_DAYS={days:g}); submit them again",
+        )
     if not ids:
         raise HTTPException(409, f"job {job_id} has no failed instances to retry")
     enqueue(state, job_id, ids, priority, queue=queue)

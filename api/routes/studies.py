@@ -6,7 +6,7 @@ import re
 from collections import defaultdict
 
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from api.deps import SessionDep, StateDep
 from api.schemas import (
@@ -20,6 +20,7 @@ from api.schemas import (
 from db.jobs import as_utc
 from db.models import Result
 from db.studies import study_instances, summarise
+from radq.errors import BlobMissing
 from radq.model_card import discover_cards
 
 router = APIRouter(tags=["studies"], responses={422: {"model": ErrorOut}})
@@ -91,9 +92,17 @@ def read_study_results(study_instance_uid: str, session: SessionDep, state: Stat
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorOut}},
 )
-def read_saliency(sha256: str, state: StateDep) -> FileResponse:
+def read_saliency(sha256: str, state: StateDep) -> Response:
     """A Grad-CAM map stored by a worker (linked from study results)."""
-    path = state.blobs.path_for(sha256) if SHA256.match(sha256) else None
-    if path is None or not path.is_file():
+    if not SHA256.match(sha256):
         raise HTTPException(404, f"no saliency map {sha256}")
-    return FileResponse(path, media_type="image/png")
+    path = state.blobs.local_file(sha256)
+    if path is not None:  # the file store: served from disk as before
+        if not path.is_file():
+            raise HTTPException(404, f"no saliency map {sha256}")
+        return FileResponse(path, media_type="image/png")
+    try:
+        png = state.blobs.read(sha256)  # maps are small (tens of KiB)
+    except BlobMissing:
+        raise HTTPException(404, f"no saliency map {sha256}") from None
+    return Response(png, media_type="image/png")

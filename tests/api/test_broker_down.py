@@ -13,6 +13,7 @@ from db.migrate import upgrade
 from db.models import Instance
 from db.session import make_engine
 from db.status import InstanceStatus
+from radq.routing import model_queue
 from radq.services import ensure_redis, free_port, stop
 from tests.api.test_registration import queued_instance_ids
 from tests.apiserver import serve
@@ -79,7 +80,7 @@ def test_work_recorded_while_the_broker_was_down_is_queued_when_it_returns(tmp_p
                     break
                 assert time.monotonic() < deadline, counts
                 time.sleep(0.2)
-            assert len(queued_instance_ids(broker, settings.queue)) == 3
+            assert len(queued_instance_ids(broker, model_queue(settings, "radq-smoke"))) == 3
         finally:
             redis.Redis.from_url(broker).shutdown(nosave=True)
             stop(server)

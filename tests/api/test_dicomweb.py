@@ -34,7 +34,7 @@ from db.migrate import upgrade
 from db.models import Instance as InstanceRow
 from db.models import Job, Result
 from db.session import make_engine
-from radq.blobs import BlobStore
+from radq.blobs.file import FileBlobStore
 from radq.errors import LimitExceeded
 from tests.apiserver import serve
 from tests.conftest import SAMPLES, Stack, make_settings
@@ -304,7 +304,7 @@ def test_a_part_that_cannot_be_written_fails_with_a700(tmp_path: Path) -> None:
     spool_file.write_bytes(CT5N[0].read_bytes())
     not_a_dir = tmp_path / "blobs"
     not_a_dir.write_text("a file where the blob store should be")
-    ingest = Ingest(BlobStore(not_a_dir), max_bytes=10**6, max_members=10)
+    ingest = Ingest(FileBlobStore(not_a_dir), max_bytes=10**6, max_members=10)
     outcome = Outcome()
     part = Part(1, "application/dicom", spool_file, spool_file.stat().st_size)
     store_instances(ingest, [Instance(part, "1.2.840.10008.5.1.4.1.1.2", "1.2.3", CT5N_STUDY)], outcome)

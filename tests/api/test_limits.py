@@ -18,7 +18,7 @@ from api.ingest import RATIO_FLOOR, Ingest
 from db.migrate import upgrade
 from db.models import Job
 from db.session import make_engine
-from radq.blobs import BlobStore
+from radq.blobs.file import FileBlobStore
 from radq.errors import LimitExceeded, SubmissionError
 from tests.apiserver import serve
 from tests.conftest import SAMPLES, make_settings
@@ -205,7 +205,7 @@ def test_compression_ratio_is_configurable(tmp_path: Path, redis_url: str) -> No
 
 
 def _ingest(tmp_path: Path) -> Ingest:
-    return Ingest(BlobStore(tmp_path / "blobs"), max_bytes=10**8, max_members=100, max_ratio=200)
+    return Ingest(FileBlobStore(tmp_path / "blobs"), max_bytes=10**8, max_members=100, max_ratio=200)
 
 
 def test_small_blank_members_are_never_refused_for_ratio(tmp_path: Path) -> None:

@@ -22,7 +22,9 @@ from sqlalchemy import func, select
 from bench.tree import REAL_CT, make_tree
 from db.models import Instance
 from db.session import make_engine
+from radq.model_card import cards_in
 from radq.queue import redis_queue_keys
+from radq.routing import all_queues, model_queue
 from radq.services import free_port, spawn, stop, wait_for_http
 from radq.settings import Settings
 from tests.apiserver import serve
@@ -67,7 +69,8 @@ def wait_registered(http: httpx.Client, job_id: str, timeout: float = 120) -> di
 def settings(tmp_path: Path, database_url: str, redis_url: str) -> Iterator[Settings]:
     settings = make_settings(tmp_path, database_url, redis_url)
     yield settings
-    drop_queue(redis_url, settings.queue)
+    for queue in all_queues(settings, cards_in(settings.model_dir)):
+        drop_queue(redis_url, queue)
 
 
 def test_large_tree_is_registered_and_queued_in_the_background(settings: Settings) -> None:
@@ -85,7 +88,8 @@ def test_large_tree_is_registered_and_queued_in_the_background(settings: Setting
     assert job["registration"]["errors"] == []
     counts = job["counts"]
     assert counts["total"] == counts["queued"] == 2500 and counts["pending"] == 0
-    carried = queued_instance_ids(settings.broker_url, settings.queue, first["id"])
+    assert job["queue"] == model_queue(settings, "radq-smoke")  # the one model it names
+    carried = queued_instance_ids(settings.broker_url, job["queue"], first["id"])
     assert len(carried) == len(set(carried)) == 2500  # every instance in exactly one message
 
 
@@ -109,7 +113,7 @@ def test_a_list_of_single_files_is_published_in_full_chunks(settings: Settings) 
         assert response.status_code == 202, response.text
         job = wait_registered(http, response.json()["id"])
     assert job["counts"]["queued"] == 100
-    sizes = sorted(len(chunk) for chunk in messages_of(settings.broker_url, settings.queue, job["id"]))
+    sizes = sorted(len(chunk) for chunk in messages_of(settings.broker_url, job["queue"], job["id"]))
     assert sizes == [4] + [settings.chunk_size] * 6  # 100 = 6 x 16 + 4
 
 
@@ -193,5 +197,5 @@ def test_registration_resumes_after_the_api_is_killed(settings: Settings, databa
         )
     engine.dispose()
     assert distinct == 30_000  # no file registered twice
-    carried = set(queued_instance_ids(settings.broker_url, settings.queue, job_id))
+    carried = set(queued_instance_ids(settings.broker_url, model_queue(settings, "radq-smoke"), job_id))
     assert len(carried) == 30_000  # every instance is in some message (a re-published one may repeat)

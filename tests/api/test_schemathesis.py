@@ -27,7 +27,9 @@ from schemathesis import Case, SerializationContext
 from schemathesis.openapi import from_url
 
 from db.migrate import upgrade
+from radq.model_card import cards_in
 from radq.queue import redis_queue_keys
+from radq.routing import all_queues
 from radq.settings import Settings
 from tests.apiserver import serve
 from tests.conftest import SAMPLES, make_settings
@@ -83,7 +85,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator
             yield Server(http, app_settings)
     finally:
         # No worker consumes this server's queue: drop what the fuzzed submissions published.
-        redis.Redis.from_url(redis_url).delete(*redis_queue_keys(app_settings.queue))
+        cards = cards_in(app_settings.model_dir)
+        keys = [key for queue in all_queues(app_settings, cards) for key in redis_queue_keys(queue)]
+        redis.Redis.from_url(redis_url).delete(*keys)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from db.models import Instance, Result
 from db.session import make_engine
 from radq.client import Client
 from radq.queue import KOMBU_PRIORITY_STEPS, redis_queue_keys
+from radq.routing import model_queue
 from radq.services import ensure_redis, free_port, spawn, stop, wait_for_http
 from radq.settings import Settings
 from tests.conftest import SAMPLES, make_settings, unavailable
@@ -317,7 +318,7 @@ def test_message_redelivered_while_its_worker_still_works_infers_nothing_twice(
         )
         second = running.start_worker()
         try:
-            assert redeliver_unacked(redis_url, settings.queue) == 1
+            assert redeliver_unacked(redis_url, model_queue(settings, "radq-smoke")) == 1
             job = wait_done(running.client, job_id, timeout=180)
         finally:
             stop(second)

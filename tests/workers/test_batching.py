@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from radq.blobs import BlobStore
+from radq.blobs.file import FileBlobStore
 from radq.model_card import discover_cards
 from radq.settings import BUNDLED_MODEL_DIR
 from tests.conftest import SAMPLES
@@ -75,7 +75,7 @@ def _batcher(
     tmp_path: Path, clock: Clock, batch_size: int = 4, deadline: float = 0.5
 ) -> tuple[Batcher, Recorder]:
     writer = Recorder()
-    return Batcher(batch_size, deadline, writer, BlobStore(tmp_path), clock=clock), writer
+    return Batcher(batch_size, deadline, writer, FileBlobStore(tmp_path), clock=clock), writer
 
 
 def test_a_partial_batch_waits_for_company_until_its_deadline(tmp_path: Path, smoke: LoadedModel) -> None:

@@ -1,0 +1,157 @@
+"""Blobs as objects ``<prefix>/<sha256>`` in an S3-compatible bucket (AWS, MinIO, Ceph…).
+
+For workers on hosts that share no filesystem with the API. Endpoint, credentials and
+region come from the variables boto3 reads itself (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, or an
+instance role). Uploads are spooled to a local temporary file while they are hashed (an
+object's key is its hash, known only at the end), then uploaded unless the bucket has
+them already. boto3 clients do not survive a fork: each process makes its own, lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from radq.blobs import copy_hashing, missing
+from radq.errors import BlobStoreUnavailable
+
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_RETRIES = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+
+
+def _not_found(exc: ClientError) -> bool:
+    return str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND
+
+
+class S3BlobStore:
+    """A bucket and a key prefix; picklable (the client is made again in each process)."""
+
+    def __init__(self, bucket: str, prefix: str, *, spool_dir: Path) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._spool_dir = spool_dir
+        self._client: Any = None
+        self._client_pid: int | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"bucket": self.bucket, "prefix": self.prefix, "spool_dir": self._spool_dir}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["bucket"], state["prefix"], spool_dir=state["spool_dir"])  # type: ignore[misc]
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self._spool_dir
+
+    def key_for(self, sha256: str) -> str:
+        return f"{self.prefix}/{sha256}" if self.prefix else sha256
+
+    def client(self) -> Any:
+        """This process's boto3 client (threads share it: boto3 clients are thread-safe)."""
+        with self._lock:
+            if self._client is None or self._client_pid != os.getpid():
+                self._client = boto3.session.Session().client("s3", config=_RETRIES)
+                self._client_pid = os.getpid()
+            return self._client
+
+    def _unavailable(self, doing: str, exc: Exception) -> BlobStoreUnavailable:
+        return BlobStoreUnavailable(f"the blob store {self.url} failed while {doing}: {exc}")
+
+    def _last_modified(self, sha256: str) -> datetime | None:
+        """When the object was last written, or None when there is none."""
+        try:
+            head = self.client().head_object(Bucket=self.bucket, Key=self.key_for(sha256))
+        except ClientError as exc:
+            if _not_found(exc):
+                return None
+            raise self._unavailable(f"looking for {sha256}", exc) from None
+        except BotoCoreError as exc:
+            raise self._unavailable(f"looking for {sha256}", exc) from None
+        modified: datetime = head["LastModified"]
+        return modified
+
+    def put(self, stream: IO[bytes], *, max_bytes: int | None = None, what: str = "file") -> tuple[str, int]:
+        """Spool ``stream`` to a temporary file while hashing it, then upload it unless present."""
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self._spool_dir, prefix=".upload-") as spool:
+            sha, size = copy_hashing(stream, spool, max_bytes=max_bytes, what=what)
+            key = self.key_for(sha)
+            try:
+                if self._last_modified(sha) is None:
+                    spool.seek(0)
+                    self.client().upload_fileobj(spool, self.bucket, key)
+                else:
+                    # Rewritten in place (no bytes move) so that its LastModified tells the
+                    # retention sweep that an upload of it may not be recorded yet.
+                    self.client().copy_object(
+                        Bucket=self.bucket,
+                        Key=key,
+                        CopySource={"Bucket": self.bucket, "Key": key},
+                        MetadataDirective="REPLACE",
+                    )
+            except (ClientError, BotoCoreError) as exc:
+                raise self._unavailable(f"storing {what}", exc) from None
+        return sha, size
+
+    def local_file(self, sha256: str) -> Path | None:
+        return None
+
+    @contextmanager
+    def fetch(self, sha256: str) -> Iterator[Path]:
+        """Download the object to a temporary file, removed when the block ends."""
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self._spool_dir, prefix=f".fetch-{sha256[:12]}-")
+        path = Path(name)
+        try:
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    self.client().download_fileobj(self.bucket, self.key_for(sha256), out)
+            except ClientError as exc:
+                if _not_found(exc):
+                    raise missing(sha256, self) from None
+                raise self._unavailable(f"fetching {sha256}", exc) from None
+            except BotoCoreError as exc:
+                raise self._unavailable(f"fetching {sha256}", exc) from None
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def read(self, sha256: str) -> bytes:
+        try:
+            answer = self.client().get_object(Bucket=self.bucket, Key=self.key_for(sha256))
+            body: bytes = answer["Body"].read()
+        except ClientError as exc:
+            if _not_found(exc):
+                raise missing(sha256, self) from None
+            raise self._unavailable(f"reading {sha256}", exc) from None
+        except BotoCoreError as exc:
+            raise self._unavailable(f"reading {sha256}", exc) from None
+        return body
+
+    def delete(self, sha256: str, *, unless_written_after: datetime) -> bool:
+        modified = self._last_modified(sha256)
+        if modified is None:
+            return True
+        if modified > unless_written_after:
+            return False
+        try:
+            self.client().delete_object(Bucket=self.bucket, Key=self.key_for(sha256))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._unavailable(f"deleting {sha256}", exc) from None
+        return True

@@ -1,0 +1,123 @@
+"""The blob stores: S3 against moto's server over real HTTP, and the file store beside it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from db.status import StorageKind
+from db.work import Claimed
+from radq.blobs import BlobStore, open_blob_store
+from radq.blobs.file import FileBlobStore
+from radq.errors import BlobMissing, LimitExceeded
+from radq.model_card import read_card
+from radq.settings import BUNDLED_MODEL_DIR, Settings
+from tests.conftest import SAMPLES, S3Server
+from workers.prepare import StoredBlob, load
+
+MR = SAMPLES / "real" / "MR_small.dcm"
+
+
+@pytest.fixture
+def s3_store(s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BlobStore]:
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = s3_server.new_bucket()
+    settings = Settings(home=tmp_path, blob_url=f"s3://{bucket}/uploads/v1")
+    yield open_blob_store(settings)
+
+
+def _spooled(store: BlobStore) -> list[Path]:
+    return [p for p in store.spool_dir.rglob("*") if p.is_file()] if store.spool_dir.exists() else []
+
+
+def test_s3_put_stores_under_prefix_and_sha_and_reads_back(s3_store: BlobStore, s3_server: S3Server) -> None:
+    data = MR.read_bytes()
+    sha, size = s3_store.put(io.BytesIO(data), what="MR_small.dcm")
+    assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data))
+    bucket = s3_store.url.removeprefix("s3://").split("/")[0]
+    assert s3_server.keys(bucket) == [f"uploads/v1/{sha}"]
+    assert s3_store.read(sha) == data
+    with s3_store.fetch(sha) as local:
+        assert local.read_bytes() == data
+    assert not local.exists(), "the downloaded copy is removed after use"
+    assert s3_store.local_file(sha) is None
+    assert _spooled(s3_store) == [], "nothing of an upload stays on the local disk"
+
+
+def test_s3_same_bytes_twice_keep_one_object(s3_store: BlobStore, s3_server: S3Server) -> None:
+    data = b"radq" * 1000
+    first = s3_store.put(io.BytesIO(data))
+    second = s3_store.put(io.BytesIO(data))
+    assert first == second
+    bucket = s3_store.url.removeprefix("s3://").split("/")[0]
+    assert s3_server.keys(bucket) == [f"uploads/v1/{first[0]}"]
+    assert s3_store.read(first[0]) == data
+
+
+def test_s3_put_over_the_limit_stores_nothing(s3_store: BlobStore, s3_server: S3Server) -> None:
+    with pytest.raises(LimitExceeded, match="RADQ_MAX_UPLOAD_BYTES"):
+        s3_store.put(io.BytesIO(b"x" * 5000), max_bytes=4096, what="big.dcm")
+    bucket = s3_store.url.removeprefix("s3://").split("/")[0]
+    assert s3_server.keys(bucket) == []
+    assert _spooled(s3_store) == []
+
+
+def test_s3_missing_object_is_a_clear_instance_failure(s3_store: BlobStore) -> None:
+    sha = "ab" * 32
+    with pytest.raises(BlobMissing, match=f"{sha} is no longer in the blob store"), s3_store.fetch(sha):
+        pass
+    with pytest.raises(BlobMissing):
+        s3_store.read(sha)
+    # What a decode process does with it: the instance fails with the reason, nothing raises.
+    card = read_card(BUNDLED_MODEL_DIR / "radq-smoke")
+    claimed = Claimed(1, "job", "gone.dcm", StorageKind.BLOB, sha, 1)
+    out = load(claimed, StoredBlob(s3_store, sha), [card], 10**8)
+    assert out.status == "failed"
+    assert (
+        out.reason
+        and "no longer in the blob store" in out.reason
+        and "RADQ_BLOB_RETENTION_DAYS" in out.reason
+    )
+    assert _spooled(s3_store) == []
+
+
+def test_s3_store_travels_to_another_process_and_reads_there(s3_store: BlobStore) -> None:
+    sha, _ = s3_store.put(io.BytesIO(MR.read_bytes()))
+    card = read_card(BUNDLED_MODEL_DIR / "radq-smoke")
+    copy = pickle.loads(pickle.dumps(s3_store))  # what a decode process receives
+    claimed = Claimed(1, "job", "mr.dcm", StorageKind.BLOB, sha, 1)
+    out = load(claimed, StoredBlob(copy, sha), [card], 10**8)
+    assert out.status is None, out.reason
+    assert out.metadata["modality"] == "MR" and out.inputs["radq-smoke"]
+
+
+def test_delete_keeps_a_blob_written_after_its_last_job(s3_store: BlobStore, tmp_path: Path) -> None:
+    for store in (s3_store, FileBlobStore(tmp_path / "blobs")):
+        sha, _ = store.put(io.BytesIO(b"some upload " + store.url.encode()))
+        past = datetime.now(UTC) - timedelta(hours=1)
+        assert store.delete(sha, unless_written_after=past) is False, store.url
+        assert store.read(sha)
+        assert store.delete(sha, unless_written_after=datetime.now(UTC) + timedelta(seconds=2)) is True
+        with pytest.raises(BlobMissing):
+            store.read(sha)
+        assert store.delete(sha, unless_written_after=past) is True, "already gone is gone"
+
+
+def test_blob_url_selects_the_store(tmp_path: Path) -> None:
+    default = open_blob_store(Settings(home=tmp_path))
+    assert isinstance(default, FileBlobStore) and default.root == (tmp_path / "blobs").resolve()
+    chosen = open_blob_store(Settings(home=tmp_path, blob_url=f"file://{tmp_path}/elsewhere"))
+    assert isinstance(chosen, FileBlobStore) and chosen.root == tmp_path / "elsewhere"
+    s3 = open_blob_store(Settings(home=tmp_path, blob_url="s3://bucket/a/b/"))
+    assert s3.url == "s3://bucket/a/b"
+    for bad in ("s3:///nobucket", "http://example.org/x", "file://relative/dir"):
+        with pytest.raises(ValidationError, match="blob_url"):
+            Settings(home=tmp_path, blob_url=bad)
