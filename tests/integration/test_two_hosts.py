@@ -126,6 +126,7 @@ def test_two_hosts_share_a_job_and_one_finishes_when_the_other_is_cut_off(
         bucket_url = f"s3://{BUCKET}/{queue}"
         common = {
             "RADQ_QUEUE": queue,
+            "RADQ_QUEUE_PREFIX": f"{queue}-",
             "RADQ_BLOB_URL": bucket_url,
             "RADQ_DEFAULT_MODELS": "radq-smoke",
             "RADQ_DEDUP": "false",
