@@ -18,6 +18,8 @@ EXIT_FAILED = 1
 """A command could not do what was asked (API error, bad input)."""
 EXIT_TIMEOUT = 3
 """``--wait`` gave up before the job ended."""
+FLOWER_SAVE_EVERY_MS = 60_000
+"""How often Flower writes its state file, so a crash loses at most this much history."""
 
 app = typer.Typer(help="radq: bulk CNN inference over DICOM archives.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -38,8 +40,10 @@ def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def _logging(level: str, settings: Settings) -> None:
+    from radq.logs import configure_logging
+
+    configure_logging(level, settings.log_format)
 
 
 @app.command()
@@ -53,8 +57,13 @@ def api(
 
     from api.app import create_app
 
-    _logging(log_level)
-    uvicorn.run(create_app(_settings()), host=host, port=port, log_level=log_level.lower())
+    settings = _settings()
+    _logging(log_level, settings)
+    # In JSON mode uvicorn's loggers propagate to radq's handler instead of their own.
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level=log_level.lower(), log_config=log_config
+    )
 
 
 @app.command()
@@ -75,9 +84,11 @@ def worker(
     from workers.app import create_worker_app
 
     settings = _settings(device=device)
-    _logging(log_level)
+    _logging(log_level, settings)
     celery_app = create_worker_app(settings)
     argv = [
+        # Celery prints its banner straight to stdout; a JSON log keeps one object per line.
+        *(["--quiet"] if settings.log_format == "json" else []),
         "worker",
         f"--concurrency={concurrency}",
         f"--queues={queues or settings.queue}",
@@ -98,15 +109,38 @@ def worker(
 def flower(
     port: Annotated[int, typer.Option(help="TCP port of the Flower UI.")] = 5555,
     address: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    basic_auth: Annotated[str | None, typer.Option(help="user:password for the UI.")] = None,
+    basic_auth: Annotated[
+        str | None, typer.Option(help="user:password for the UI (default RADQ_FLOWER_BASIC_AUTH).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
-    """Run Flower, the Celery monitoring UI, against radq's broker."""
+    """Run Flower, the Celery monitoring UI, against radq's broker.
+
+    Its state (tasks and workers seen) is kept in RADQ_FLOWER_DB across restarts; workers
+    send task events (``--task-events``) and Flower asks for them again if they stop.
+    """
     from radq.queue import make_celery
 
-    argv = ["flower", f"--port={port}", f"--address={address}"]
-    if basic_auth:
-        argv.append(f"--basic-auth={basic_auth}")
-    make_celery(_settings()).start(argv=argv)
+    settings = _settings()
+    settings.ensure_dirs()
+    _logging(log_level, settings)
+    db = settings.resolved_flower_db
+    db.parent.mkdir(parents=True, exist_ok=True)
+    argv = [
+        *(["--quiet"] if settings.log_format == "json" else []),
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+        "--persistent=True",
+        f"--db={db}",
+        f"--state_save_interval={FLOWER_SAVE_EVERY_MS}",
+        "--enable_events=True",
+        f"--logging={log_level.lower()}",
+    ]
+    auth = basic_auth or settings.flower_basic_auth
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    make_celery(settings).start(argv=argv)
 
 
 @app.command()
@@ -130,12 +164,13 @@ def scp(
 
     if group not in {g.value for g in Grouping}:
         raise _fail(f"--group must be association or study, not {group!r}", 2)
-    _logging(log_level)
+    settings = _settings(scp_quiet_seconds=quiet_seconds)
+    _logging(log_level, settings)
     if log_level.upper() != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it logs every PDU at INFO
     config = ScpConfig(ae_title=ae_title, host=host, port=port, grouping=Grouping(group), models=model or [])
     try:
-        code = run_scp(_settings(scp_quiet_seconds=quiet_seconds), config)
+        code = run_scp(settings, config)
     except RadqError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)

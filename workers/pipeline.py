@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from db.jobs import get_job
 from db.session import transaction
 from db.work import claim
+from radq.logs import log_context
 from workers.chunk import ChunkReport
 from workers.context import WorkerContext
 from workers.leases import LeaseKeeper
@@ -17,6 +18,11 @@ log = logging.getLogger(__name__)
 
 def run_chunk(ctx: WorkerContext, job_id: str, instance_ids: Sequence[int]) -> ChunkReport:
     """Process the instances of one message; safe to call again with the same ids."""
+    with log_context(job_id=job_id):
+        return _run_chunk(ctx, job_id, instance_ids)
+
+
+def _run_chunk(ctx: WorkerContext, job_id: str, instance_ids: Sequence[int]) -> ChunkReport:
     with transaction(ctx.sessions) as session:
         claimed = claim(session, job_id, instance_ids, lease_seconds=ctx.settings.lease_seconds)
         job = get_job(session, job_id)
