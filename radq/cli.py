@@ -73,7 +73,9 @@ def worker(
     ] = 2,
     queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default: RADQ_QUEUE).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (RADQ_DEVICE).")] = None,
-    hostname: Annotated[str | None, typer.Option(help="Worker name (default radq@<host>).")] = None,
+    hostname: Annotated[
+        str | None, typer.Option(help="Worker name, %h: this host (default celery@<host>).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Run a worker process: decode processes, one model runner, one result writer.
@@ -81,9 +83,15 @@ def worker(
     Run one per GPU (RADQ_DEVICE=cuda:N), or one per CPU host: it uses every core it
     may run on, for decoding and for torch.
     """
+    from celery.utils.nodenames import default_nodename, host_format
+
+    from radq.logs import set_worker_name
     from workers.app import create_worker_app
 
     settings = _settings(device=device)
+    # Celery's own default (celery@<host>), resolved now so every log line names the worker.
+    hostname = host_format(default_nodename(hostname))
+    set_worker_name(hostname)
     _logging(log_level, settings)
     celery_app = create_worker_app(settings)
     argv = [
@@ -99,9 +107,8 @@ def worker(
         "--task-events",
         "--without-gossip",
         "--without-mingle",
+        f"--hostname={hostname}",
     ]
-    if hostname:
-        argv.append(f"--hostname={hostname}")
     celery_app.worker_main(argv)
 
 

@@ -10,6 +10,7 @@ hostname is one per process (:func:`set_worker_name`).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -84,6 +85,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+class LogStream(io.TextIOBase):
+    """A text stream whose lines become log records: what libraries print joins the JSON log."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__()
+        self._log = logging.getLogger(logger)
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        for line in lines:
+            if line.strip():
+                self._log.info("%s", line.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending.strip():
+            self._log.info("%s", self._pending.rstrip())
+        self._pending = ""
+
+
 def configure_logging(level: str, log_format: str = "text") -> None:
     """Send every logger's records to stderr in ``log_format``, replacing earlier handlers.
 
@@ -106,6 +132,12 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     root.setLevel(level.upper())
     # Library warnings (warnings.warn) become records too, so JSON stays one object a line.
     logging.captureWarnings(log_format == "json")
+    if log_format == "json":
+        # Celery prints its shutdown notices to sys.__stdout__, others print to sys.stdout:
+        # both become records. Records go to stderr, through the stream the handler holds.
+        stream = LogStream("stdout")
+        sys.stdout = stream
+        setattr(sys, "__stdout__", stream)  # noqa: B010 (typeshed marks it final; Celery writes to it)
 
 
 def current_level() -> str:

@@ -258,6 +258,7 @@ class Engine:
             self.metrics.decode_seconds.observe(prepared.decode_s)
         self.writer.metadata(item.chunk, prepared.metadata)
         if prepared.status:
+            log.info("instance %s %s: %s", item.claimed.id, prepared.status, prepared.reason)
             if prepared.status == InstanceStatus.FAILED:
                 for name in item.models:
                     self.metrics.failed.labels(name).inc()
