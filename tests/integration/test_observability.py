@@ -65,6 +65,7 @@ class Observed:
     api: Samples
     worker: Samples
     worker_log: list[str]
+    api_log: list[str]
     workers_after_stop: float
 
 
@@ -122,6 +123,7 @@ def observed(
         log_lines = (home / "worker.log").read_text().splitlines()
         yield Observed(
             settings, job_id, job, hostname, before, api_samples, worker_samples, log_lines,
+            (home / "api.log").read_text().splitlines(),
             value(after_stop, "radq_workers"),
         )  # fmt: skip
     finally:
@@ -201,6 +203,13 @@ def test_worker_json_log_is_one_object_per_line_with_the_job_id(observed: Observ
     failed = [r for r in records if r.get("instance_id") is not None and " failed: " in r["message"]]
     assert len(failed) == len(BROKEN), failed
     assert all(r["job_id"] == observed.job_id for r in failed), failed
+
+
+def test_api_json_log_is_one_object_per_line(observed: Observed) -> None:
+    lines = [line for line in observed.api_log if line.strip()]
+    assert any("uvicorn" in json.loads(line)["logger"] for line in lines), "uvicorn's lines are missing"
+    for line in lines:
+        assert {"time", "level", "logger", "message"} <= set(json.loads(line)), line
 
 
 # --- the dashboard -------------------------------------------------------------------------
