@@ -112,6 +112,29 @@ def worker(
     celery_app.worker_main(argv)
 
 
+@app.command("worker-health")
+def worker_health(
+    hostname: Annotated[
+        str | None, typer.Option(help="The worker's name, %h: this host (default celery@<host>).")
+    ] = None,
+) -> None:
+    """Exit 0 when the worker's heartbeat in Redis is live, 1 when not (container healthchecks)."""
+    import redis
+    from celery.utils.nodenames import default_nodename, host_format
+
+    from radq.heartbeat import heartbeat_key
+
+    name = host_format(default_nodename(hostname))
+    try:
+        client = redis.Redis.from_url(_settings().broker_url, socket_timeout=5, socket_connect_timeout=5)
+        alive = bool(client.exists(heartbeat_key(name)))
+    except redis.RedisError as exc:
+        raise _fail(f"the broker is unreachable: {exc}") from None
+    if not alive:
+        raise _fail(f"no live heartbeat from worker {name}")
+    console.print(f"worker {name} is alive")
+
+
 @app.command()
 def flower(
     port: Annotated[int, typer.Option(help="TCP port of the Flower UI.")] = 5555,
