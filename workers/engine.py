@@ -177,6 +177,7 @@ class Engine:
         for c, future in futures:
             header = _outcome_of(c, future)
             if header.status:
+                self._unusable(chunk, c.id, header.status, header.reason, [m.card.name for m in models])
                 self.writer.metadata(chunk, header.metadata)
                 self.writer.outcome(chunk, c.id, header.status, header.reason)
             else:
@@ -247,6 +248,16 @@ class Engine:
             period, times.batches, times.frames / times.batches, times.prep_s, times.model_s, waited,
         )  # fmt: skip
 
+    def _unusable(
+        self, chunk: Chunk, instance_id: int, status: str, reason: str | None, models: Sequence[str]
+    ) -> None:
+        """Log a file that ends without inference; count a failure for each of its job's models."""
+        with log_context(job_id=chunk.job_id, instance_id=instance_id):
+            log.info("instance %s %s: %s", instance_id, status, reason)
+        if status == InstanceStatus.FAILED:
+            for name in models:
+                self.metrics.failed.labels(name).inc()
+
     def _add(self, item: _Decoded) -> None:
         # This thread serves every message: the item carries the ids its log lines need.
         with log_context(job_id=item.chunk.job_id, instance_id=item.claimed.id):
@@ -258,10 +269,7 @@ class Engine:
             self.metrics.decode_seconds.observe(prepared.decode_s)
         self.writer.metadata(item.chunk, prepared.metadata)
         if prepared.status:
-            log.info("instance %s %s: %s", item.claimed.id, prepared.status, prepared.reason)
-            if prepared.status == InstanceStatus.FAILED:
-                for name in item.models:
-                    self.metrics.failed.labels(name).inc()
+            self._unusable(item.chunk, item.claimed.id, prepared.status, prepared.reason, list(item.models))
             self.writer.outcome(item.chunk, item.claimed.id, prepared.status, prepared.reason)
             return
         try:
@@ -270,4 +278,5 @@ class Engine:
         except Exception as exc:  # a bug costs this instance, with its cause, not the chunk's wait
             log.exception("queueing instance %s for inference failed", item.claimed.id)
             reason = f"could not queue for inference: {type(exc).__name__}: {printable(str(exc), 300)}"
+            self._unusable(item.chunk, item.claimed.id, InstanceStatus.FAILED, reason, list(item.models))
             self.writer.outcome(item.chunk, item.claimed.id, InstanceStatus.FAILED, reason)
