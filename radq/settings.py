@@ -194,6 +194,27 @@ class Settings(BaseSettings):
         description="On SIGTERM, how long open associations may go on before `radq scp` aborts them.",
     )
 
+    log_format: str = Field(
+        "text",
+        pattern=r"^(text|json)$",
+        description="Log lines of api, worker, scp and flower: text, or json (one object per line with "
+        "time, level, logger, message, and job_id, instance_id, worker where known).",
+    )
+    worker_metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="TCP port on which each worker process serves its Prometheus metrics; 0: off.",
+    )
+    flower_basic_auth: str | None = Field(
+        None,
+        pattern=r"^[^:]+:.+$",
+        description="user:password that `radq flower` requires (the --basic-auth option overrides it).",
+    )
+    flower_db: Path | None = Field(
+        None, description="File where `radq flower` keeps its state across restarts; default home/flower.db."
+    )
+
     @field_validator("allowed_roots", mode="before")
     @classmethod
     def _parse_roots(cls, value: object) -> object:
@@ -211,6 +232,10 @@ class Settings(BaseSettings):
         if url.startswith("postgresql://") or url.startswith("postgres://"):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
         return url
+
+    @property
+    def resolved_flower_db(self) -> Path:
+        return (self.flower_db or self.home / "flower.db").resolve()
 
     @property
     def resolved_blob_dir(self) -> Path:

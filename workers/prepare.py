@@ -9,6 +9,7 @@ model's device).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
 from radq.blobs import BlobStore, sha256_of
 from radq.errors import BlobStoreUnavailable, InstanceError
+from radq.logs import log_context
 from radq.model_card import ModelCard
 from workers.decode import DecodedImage, check_image, decode
 from workers.device_prep import RawFrame, raw_frames
@@ -76,6 +78,8 @@ class Prepared:
     inputs: dict[str, list[RawFrame]] = field(default_factory=dict)
     status: str | None = None
     reason: str | None = None
+    decode_s: float | None = None
+    """Seconds :func:`load` took in the decode process (None: it did not run there)."""
 
     def fail(self, status: str, reason: str) -> None:
         # Reasons quote file content: never let a NUL or a kilobyte of it reach the database.
@@ -132,7 +136,11 @@ def inspect(claimed: Claimed, source: Source) -> Prepared:
     What a chunk asking for reuse of earlier results needs before deciding what to decode.
     """
     out = Prepared(claimed)
-    with _recorded(out, source), _local(source) as path:
+    with (
+        log_context(job_id=claimed.job_id, instance_id=claimed.id),
+        _recorded(out, source),
+        _local(source) as path,
+    ):
         ds, meta, notes = read_header(path)
         out.meta, out.metadata = meta, _metadata_columns(claimed.id, meta, notes)
         # Uploads are stored under their hash; files read in place are hashed here.
@@ -151,31 +159,46 @@ def load(
 ) -> Prepared:
     """Read, check, route and decode one instance into raw frames for every card that applies.
 
-    ``content_sha256`` skips hashing a file :func:`inspect` already hashed.
+    ``content_sha256`` skips hashing a file :func:`inspect` already hashed. The time it
+    takes travels back in ``decode_s`` (the worker's decode-latency metric).
     """
+    started = time.perf_counter()
     out = Prepared(claimed)
-    with _recorded(out, source), _local(source) as path:
-        ds, meta, notes = read_header(path)
-        out.meta, out.metadata = meta, _metadata_columns(claimed.id, meta, notes)
-        if content_sha256 is None:
-            content_sha256 = sha256_of(path) if claimed.storage == StorageKind.PATH else claimed.location
-        out.metadata["content_sha256"] = content_sha256
-        check_image(ds, meta)
-        applicable = [card for card in cards if applies(card, meta)]
-        if not applicable:
-            what = " ".join(filter(None, [meta.modality, meta.body_part])) or "an instance without Modality"
-            names = ", ".join(card.name for card in cards) or "none"
-            out.fail(InstanceStatus.SKIPPED, f"no model for {what} (models tried: {names})")
-            return out
-        images: dict[str, DecodedImage] = {}  # one decode per frame policy
-        by_recipe: dict[str, list[RawFrame]] = {}
-        for card in applicable:
-            policy = card.preprocessing.frame
-            if policy not in images:
-                images[policy] = decode(ds, meta, notes, max_pixels=max_pixels, frame=policy)
-            recipe = card.preprocessing_recipe
-            if recipe not in by_recipe:
-                by_recipe[recipe] = raw_frames(images[policy], card.input, card.preprocessing)
-            out.inputs[card.name] = by_recipe[recipe]
-        out.metadata["notes"] = _joined(notes)  # decode appended its notes
+    with (
+        log_context(job_id=claimed.job_id, instance_id=claimed.id),
+        _recorded(out, source),
+        _local(source) as path,
+    ):
+        _load_into(out, path, cards, max_pixels, content_sha256)
+    out.decode_s = time.perf_counter() - started
     return out
+
+
+def _load_into(
+    out: Prepared, path: Path, cards: Sequence[ModelCard], max_pixels: int, content_sha256: str | None
+) -> None:
+    """The body of :func:`load`; per-file problems escape to its ``_recorded``."""
+    claimed = out.claimed
+    ds, meta, notes = read_header(path)
+    out.meta, out.metadata = meta, _metadata_columns(claimed.id, meta, notes)
+    if content_sha256 is None:
+        content_sha256 = sha256_of(path) if claimed.storage == StorageKind.PATH else claimed.location
+    out.metadata["content_sha256"] = content_sha256
+    check_image(ds, meta)
+    applicable = [card for card in cards if applies(card, meta)]
+    if not applicable:
+        what = " ".join(filter(None, [meta.modality, meta.body_part])) or "an instance without Modality"
+        names = ", ".join(card.name for card in cards) or "none"
+        out.fail(InstanceStatus.SKIPPED, f"no model for {what} (models tried: {names})")
+        return
+    images: dict[str, DecodedImage] = {}  # one decode per frame policy
+    by_recipe: dict[str, list[RawFrame]] = {}
+    for card in applicable:
+        policy = card.preprocessing.frame
+        if policy not in images:
+            images[policy] = decode(ds, meta, notes, max_pixels=max_pixels, frame=policy)
+        recipe = card.preprocessing_recipe
+        if recipe not in by_recipe:
+            by_recipe[recipe] = raw_frames(images[policy], card.input, card.preprocessing)
+        out.inputs[card.name] = by_recipe[recipe]
+    out.metadata["notes"] = _joined(notes)  # decode appended its notes
