@@ -64,7 +64,9 @@ class DatabaseCollector(Collector):
                 instances.add_metric([status], n)
             for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status)):
                 jobs.add_metric([status], n)
-            depth: Tally[str] = Tally({default_queue: 0})
+            # Every queue a job uses reads 0 when empty, so a dashboard's series has no gaps.
+            used = session.scalars(select(Job.queue).where(Job.queue.is_not(None)).distinct()).all()
+            depth: Tally[str] = Tally(dict.fromkeys([default_queue, *(q for q in used if q)], 0))
             rows = session.execute(
                 select(Job.queue, func.count())
                 .join(Instance, Instance.job_id == Job.id)

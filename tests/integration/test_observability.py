@@ -60,6 +60,7 @@ class Observed:
     settings: Settings
     job_id: str
     job: dict[str, Any]
+    queue: str
     hostname: str
     before: Samples
     """The API's metrics while the job waited and no worker ran."""
@@ -123,10 +124,12 @@ def observed(
     try:
         wait_for_http(f"{api_url}/healthz", api)
         job_id = submit_paths(api_url, [folder])
+        # The job's queue, chosen by routing (one model: <prefix>model.radq-smoke).
+        queue = httpx.get(f"{api_url}/v1/jobs/{job_id}", timeout=30).json()["queue"]
         total = len(GOOD) + len(BROKEN)
         before = _wait_for_samples(
             f"{api_url}/metrics",
-            lambda s: s.get("radq_queue_instances", {}).get((("queue", settings.queue),)) == total,
+            lambda s: s.get("radq_queue_instances", {}).get((("queue", queue),)) == total,
         )
         worker = spawn(
             ["worker", "--concurrency", "2", "--hostname", hostname], env=env, log_file=home / "worker.log"
@@ -145,7 +148,7 @@ def observed(
         )
         log_lines = (home / "worker.log").read_text().splitlines()
         yield Observed(
-            settings, job_id, job, hostname, before, api_samples, worker_samples, log_lines,
+            settings, job_id, job, queue, hostname, before, api_samples, worker_samples, log_lines,
             (home / "api.log").read_text().splitlines(),
             value(after_stop, "radq_workers") - value(before, "radq_workers"),
         )  # fmt: skip
@@ -159,7 +162,7 @@ def observed(
 
 
 def test_queue_depth_shows_the_waiting_job_from_sql_and_redis(observed: Observed) -> None:
-    queue = observed.settings.queue
+    queue = observed.queue
     total = len(GOOD) + len(BROKEN)
     assert value(observed.before, "radq_queue_instances", queue=queue) == total
     # chunk_size 4: six instances travel in two messages, at the job's priority step.
@@ -180,8 +183,8 @@ def test_api_metrics_count_the_job_per_model(observed: Observed) -> None:
     assert value(api, "radq_job_duration_seconds_count") == 1
     assert value(api, "radq_job_duration_seconds_bucket", le="+Inf") == 1
     assert value(api, "radq_job_duration_seconds_sum") > 0
-    assert value(api, "radq_queue_instances", queue=observed.settings.queue) == 0
-    assert value(api, "radq_broker_messages", queue=observed.settings.queue) == 0
+    assert value(api, "radq_queue_instances", queue=observed.queue) == 0
+    assert value(api, "radq_broker_messages", queue=observed.queue) == 0
     assert value(api, "radq_instances", status="done") == len(GOOD)
     assert value(api, "radq_workers") == value(observed.before, "radq_workers") + 1, "the worker's heartbeat"
     assert observed.workers_after_stop == 0, "a stopped worker no longer counts"
@@ -191,7 +194,7 @@ def test_worker_serves_its_own_metrics(observed: Observed) -> None:
     worker = observed.worker
     info = list(worker["radq_worker_info"])
     assert len(info) == 1 and dict(info[0])["hostname"] == observed.hostname, info
-    assert dict(info[0])["device"] == "cpu" and dict(info[0])["queues"] == observed.settings.queue
+    assert dict(info[0])["device"] == "cpu" and observed.queue in dict(info[0])["queues"].split(",")
     assert value(worker, "radq_worker_instances_processed_total", model="radq-smoke") == len(GOOD)
     assert value(worker, "radq_worker_instances_failed_total", model="radq-smoke") == len(BROKEN)
     assert value(worker, "radq_worker_batch_size_sum", model="radq-smoke") == len(GOOD)
