@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import uuid
+from pathlib import Path
 
 import httpx
+import pydicom
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from db.models import Instance, Result
@@ -13,6 +15,14 @@ from tests.conftest import SAMPLES, Stack
 from tests.jobwait import wait_done
 
 FILES = ("CT5N_2062.dcm", "CT5N_2392.dcm", "MR_small.dcm")
+
+
+def _with_new_uid(source: Path, target: Path, uid: str | None = None) -> None:
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = uid or generate_uid()
+    if "MediaStorageSOPInstanceUID" in ds.file_meta:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(target)
 
 
 def _results(stack: Stack, job_id: str) -> list[Result]:
@@ -31,7 +41,9 @@ def test_resubmission_is_all_skipped_with_results_linked(stack: Stack) -> None:
     folder = stack.archive / f"dedup-{uuid.uuid4().hex[:6]}"
     folder.mkdir()
     for name in FILES:
-        shutil.copy(SAMPLES / "real" / name, folder / name)
+        # New SOPInstanceUIDs: results of the same samples from earlier tests in this
+        # session's database must not count as duplicates of the first submission.
+        _with_new_uid(SAMPLES / "real" / name, folder / name)
     first = wait_done(stack.client, _paths(stack, [str(folder)], force=False)["id"])
     assert first["counts"]["done"] == 3
     originals = {r.instance_id: r for r in _results(stack, first["id"])}
@@ -52,7 +64,8 @@ def test_resubmission_is_all_skipped_with_results_linked(stack: Stack) -> None:
             assert inst["reason"].startswith("already processed: same SOPInstanceUID and content")
 
     # Different bytes under the same SOPInstanceUID are not a duplicate.
-    (folder / "MR_small.dcm").write_bytes((SAMPLES / "real" / "MR_small_padded.dcm").read_bytes())
+    uid = pydicom.dcmread(folder / "MR_small.dcm").SOPInstanceUID
+    _with_new_uid(SAMPLES / "real" / "MR_small_padded.dcm", folder / "MR_small.dcm", uid)
     changed = wait_done(stack.client, _paths(stack, [str(folder / "MR_small.dcm")], force=False)["id"])
     assert changed["counts"]["done"] == 1
 
