@@ -35,6 +35,7 @@ from db.work import Claimed
 from radq.blobs import BlobStore
 from radq.errors import InstanceError, ModelError
 from radq.model_card import AUTO
+from radq.pseudonyms import pseudonym_key
 from radq.settings import Settings
 from workers.batching import Batcher
 from workers.chunk import Chunk, ChunkReport
@@ -92,6 +93,7 @@ class Engine:
         self.sessions = sessions
         self.models = models
         self.blobs = blobs
+        self.pseudonym_key = pseudonym_key(settings)
         processes = settings.decode_processes or usable_cores()
         self.decoders = ProcessPool(processes, task_timeout=settings.decode_timeout, preload=DECODE_PRELOAD)
         self.writer = Writer(sessions)
@@ -139,7 +141,7 @@ class Engine:
         pixels = self.settings.max_image_pixels
         for c, sha in todo:
             self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
-            future = self.decoders.submit(load, c, self.locate(c), cards, pixels, sha)
+            future = self.decoders.submit(load, c, self.locate(c), self.pseudonym_key, cards, pixels, sha)
             item = _Decoded(chunk, c, future, by_name, threshold)
             future.add_done_callback(partial(self._decoded, item))
         return self._wait(chunk)
@@ -154,7 +156,7 @@ class Engine:
         self, chunk: Chunk, claimed: Sequence[Claimed], models: Sequence[LoadedModel]
     ) -> list[tuple[Claimed, str | None]]:
         """Headers and hashes first (no pixels); record reused results; return what to decode."""
-        futures = [(c, self.decoders.submit(inspect, c, self.locate(c))) for c in claimed]
+        futures = [(c, self.decoders.submit(inspect, c, self.locate(c), self.pseudonym_key)) for c in claimed]
         readable: list[Prepared] = []
         for c, future in futures:
             header = _outcome_of(c, future)

@@ -131,7 +131,7 @@ def test_api_answers_within_its_schema_and_never_5xx(
     case: Case, pick: int, job_ids: list[str], server: Server
 ) -> None:
     _aim(case, pick, job_ids, server.settings.allowed_roots[0])
-    headers = {}
+    headers = {"Authorization": server.http.headers["Authorization"]}
     if case.media_type and case.media_type.startswith("multipart/related"):
         # Some phases drop the media type's parameters; STOW-RS needs type= and a boundary.
         headers["Content-Type"] = STOW_CONTENT_TYPE
