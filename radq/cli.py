@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,6 +15,9 @@ from rich.console import Console
 from radq.client import ApiError, Client
 from radq.errors import RadqError
 from radq.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 
 EXIT_FAILED = 1
 """A command could not do what was asked (API error, bad input)."""
@@ -26,8 +31,10 @@ FLOWER_SAVE_EVERY_MS = 60_000
 app = typer.Typer(help="radq: bulk CNN inference over DICOM archives.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 models_app = typer.Typer(help="Model directories.", no_args_is_help=True)
+tokens_app = typer.Typer(help="API tokens (written to the database directly).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+app.add_typer(tokens_app, name="tokens")
 console = Console()
 err = Console(stderr=True)
 
@@ -40,6 +47,17 @@ def _settings(**overrides: object) -> Settings:
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}")
     return typer.Exit(code)
+
+
+def _deployable(settings: Settings, command: str) -> Settings:
+    """``settings``, after refusing development-only settings in production (see radq.deployment)."""
+    from radq.deployment import ensure_deployable
+
+    try:
+        ensure_deployable(settings, command)
+    except RadqError as exc:
+        raise _fail(str(exc)) from None
+    return settings
 
 
 def _logging(level: str, settings: Settings) -> None:
@@ -59,7 +77,7 @@ def api(
 
     from api.app import create_app
 
-    settings = _settings()
+    settings = _deployable(_settings(), "api")
     _logging(log_level, settings)
     # In JSON mode uvicorn's loggers propagate to radq's handler instead of their own.
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
@@ -100,7 +118,7 @@ def worker(
     from workers.app import create_worker_app
     from workers.device import resolve_device
 
-    settings = _settings(device=device)
+    settings = _deployable(_settings(device=device), "worker")
     # Celery's own default (celery@<host>), resolved now so every log line names the worker.
     hostname = host_format(default_nodename(hostname))
     set_worker_name(hostname)
@@ -179,7 +197,7 @@ def flower(
     """
     from radq.queue import make_celery
 
-    settings = _settings()
+    settings = _deployable(_settings(), "flower")
     settings.ensure_dirs()
     _logging(log_level, settings)
     db = settings.resolved_flower_db
@@ -222,7 +240,7 @@ def scp(
 
     if group not in {g.value for g in Grouping}:
         raise _fail(f"--group must be association or study, not {group!r}", 2)
-    settings = _settings(scp_quiet_seconds=quiet_seconds)
+    settings = _deployable(_settings(scp_quiet_seconds=quiet_seconds), "scp")
     _logging(log_level, settings)
     if log_level.upper() != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it logs every PDU at INFO
@@ -281,7 +299,9 @@ def db_current() -> None:
 
 
 def _client() -> Client:
-    return Client(_settings().api_url)
+    settings = _settings()
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    return Client(settings.api_url, token=token)
 
 
 def _report(client: Client, job: dict[str, object]) -> None:
@@ -401,6 +421,82 @@ def retry(job_id: str) -> None:
     except ApiError as exc:
         raise _fail(str(exc)) from None
     console.print(f"job {job['id']}: {job['status']}, {job['counts']['queued']} instance(s) queued again")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Option(help="Who or what uses it; shown in the audit trail.")],
+    scope: Annotated[str, typer.Option(help="read, submit (read + submit/cancel/retry) or admin.")],
+) -> None:
+    """Create an API token and print it, once: only its SHA-256 is stored."""
+    from db.session import transaction
+    from db.status import Scope
+    from db.tokens import create_token
+
+    if scope not in {s.value for s in Scope}:
+        raise _fail(f"--scope must be read, submit or admin, not {scope!r}", 2)
+    with _database() as sessions:
+        try:
+            with transaction(sessions) as session:
+                token = create_token(session, name=name, scope=Scope(scope))
+        except RadqError as exc:
+            raise _fail(str(exc)) from None
+    err.print(f"token {token.name!r} ({token.scope}) created; it is shown only now:")
+    typer.echo(token.secret)
+
+
+@tokens_app.command("list")
+def tokens_list() -> None:
+    """List tokens: name, scope, the first characters, created, revoked."""
+    from rich.table import Table
+
+    from db.jobs import as_utc
+    from db.tokens import list_tokens
+
+    with _database() as sessions, sessions() as session:
+        tokens = list_tokens(session)
+    table = Table(title="API tokens")
+    for col in ("name", "scope", "starts with", "created", "revoked"):
+        table.add_column(col, overflow="fold")
+    for t in tokens:
+        revoked = as_utc(t.revoked_at)
+        table.add_row(
+            t.name, t.scope, f"{t.prefix}…", f"{as_utc(t.created_at):%Y-%m-%d %H:%M:%S}Z",
+            f"{revoked:%Y-%m-%d %H:%M:%S}Z" if revoked else "",
+        )  # fmt: skip
+    console.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: Annotated[str, typer.Argument(help="The token's name.")]) -> None:
+    """Revoke a token: requests with it answer 401 from now on."""
+    from db.session import transaction
+    from db.tokens import revoke_token
+
+    with _database() as sessions:
+        try:
+            with transaction(sessions) as session:
+                revoke_token(session, name)
+        except RadqError as exc:
+            raise _fail(str(exc)) from None
+    console.print(f"token {name!r} revoked")
+
+
+@contextlib.contextmanager
+def _database() -> Iterator[sessionmaker[Session]]:
+    """Sessions on RADQ_DATABASE_URL, for commands that work on the database directly."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(_settings().resolved_database_url)
+    try:
+        yield make_sessionmaker(engine)
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        raise _fail(f"database error (has `radq db upgrade` run?): {type(exc).__name__}: {cause}") from None
+    finally:
+        engine.dispose()
 
 
 @models_app.command("list")

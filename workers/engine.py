@@ -36,6 +36,7 @@ from radq.blobs import BlobStore
 from radq.errors import InstanceError, ModelError
 from radq.logs import configure_child_logging, current_level, log_context, worker_name
 from radq.model_card import AUTO
+from radq.pseudonyms import pseudonym_key
 from radq.settings import Settings
 from workers.batching import Batcher
 from workers.chunk import Chunk, ChunkReport
@@ -100,6 +101,7 @@ class Engine:
         self.models = models
         self.blobs = blobs
         self.metrics = metrics or WorkerMetrics()
+        self.pseudonym_key = pseudonym_key(settings)
         processes = settings.decode_processes or usable_cores()
         self.decoders = ProcessPool(
             processes,
@@ -157,7 +159,7 @@ class Engine:
         pixels = self.settings.max_image_pixels
         for c, sha in todo:
             self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
-            future = self.decoders.submit(load, c, self.locate(c), cards, pixels, sha)
+            future = self.decoders.submit(load, c, self.locate(c), self.pseudonym_key, cards, pixels, sha)
             item = _Decoded(chunk, c, future, by_name, threshold)
             future.add_done_callback(partial(self._decoded, item))
         return self._wait(chunk)
@@ -172,7 +174,7 @@ class Engine:
         self, chunk: Chunk, claimed: Sequence[Claimed], models: Sequence[LoadedModel]
     ) -> list[tuple[Claimed, str | None]]:
         """Headers and hashes first (no pixels); record reused results; return what to decode."""
-        futures = [(c, self.decoders.submit(inspect, c, self.locate(c))) for c in claimed]
+        futures = [(c, self.decoders.submit(inspect, c, self.locate(c), self.pseudonym_key)) for c in claimed]
         readable: list[Prepared] = []
         for c, future in futures:
             header = _outcome_of(c, future)

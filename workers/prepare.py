@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
 from radq.blobs import BlobStore, sha256_of
@@ -24,16 +26,17 @@ from radq.logs import log_context
 from radq.model_card import ModelCard
 from workers.decode import DecodedImage, check_image, decode
 from workers.device_prep import RawFrame, raw_frames
-from workers.header import InstanceMeta, printable, read_header, short_error
+from workers.header import InstanceMeta, printable, pydicom_notes, read_header, short_error
+from workers.phi import patient_pseudonym, patient_values, redact
 
 log = logging.getLogger(__name__)
 
 _MAX_REASON = 1000
 
 
-def _joined(notes: Sequence[str]) -> str | None:
-    """Notes for their column; they quote file content, so none of it unstorable."""
-    return printable("; ".join(notes), 20_000) or None
+def _joined(notes: Sequence[str], patient: list[str]) -> str | None:
+    """Notes for their column; they quote file content, so none of it unstorable or identifying."""
+    return printable(redact("; ".join(notes), patient) or "", 20_000) or None
 
 
 @dataclass(frozen=True)
@@ -80,13 +83,30 @@ class Prepared:
     reason: str | None = None
     decode_s: float | None = None
     """Seconds :func:`load` took in the decode process (None: it did not run there)."""
+    patient: list[str] = field(default_factory=list, repr=False)
+    """The file's patient values, cut out of notes and reasons; cleared before leaving the process."""
 
     def fail(self, status: str, reason: str) -> None:
-        # Reasons quote file content: never let a NUL or a kilobyte of it reach the database.
-        self.status, self.reason = status, printable(reason, _MAX_REASON)
+        # Reasons quote file content: never let a NUL, a kilobyte of it or a patient's name
+        # reach the database.
+        self.status, self.reason = status, printable(redact(reason, self.patient) or "", _MAX_REASON)
 
 
-def _metadata_columns(instance_id: int, meta: InstanceMeta, notes: Sequence[str]) -> dict[str, Any]:
+def _read(out: Prepared, path: Path, pseudonym_key: bytes) -> tuple[Dataset, InstanceMeta, list[str]]:
+    """Read the header into ``out``: metadata columns, the patient's pseudonym, no patient values."""
+    ds, meta, notes = read_header(path)
+    with pydicom_notes(notes):  # reading patient elements may warn, quoting them: into the notes
+        out.patient = patient_values(ds)
+        pseudonym = patient_pseudonym(ds, pseudonym_key)
+    out.meta = meta
+    out.metadata = _metadata_columns(out.claimed.id, meta, notes, out.patient)
+    out.metadata["patient_pseudonym"] = pseudonym
+    return ds, meta, notes
+
+
+def _metadata_columns(
+    instance_id: int, meta: InstanceMeta, notes: Sequence[str], patient: list[str]
+) -> dict[str, Any]:
     return {
         "id": instance_id,
         "sop_instance_uid": meta.sop_instance_uid,
@@ -95,7 +115,7 @@ def _metadata_columns(instance_id: int, meta: InstanceMeta, notes: Sequence[str]
         "modality": meta.modality,
         "body_part": meta.body_part,
         "series_description": meta.series_description,
-        "notes": _joined(notes),
+        "notes": _joined(notes, patient),
     }
 
 
@@ -110,7 +130,10 @@ def applies(card: ModelCard, meta: InstanceMeta) -> bool:
 
 @contextmanager
 def _recorded(out: Prepared, path: Source) -> Iterator[None]:
-    """Turn any per-file problem into ``out.status``/``out.reason``; nothing escapes."""
+    """Turn any per-file problem into ``out.status``/``out.reason``; nothing escapes.
+
+    ``out.patient`` is emptied on the way out: patient values never leave the decode process.
+    """
     try:
         yield
     except InstanceError as exc:
@@ -128,12 +151,15 @@ def _recorded(out: Prepared, path: Source) -> Iterator[None]:
             InstanceStatus.FAILED,
             f"unexpected error while reading the file: {type(exc).__name__}: {short_error(exc)}",
         )
+    finally:
+        out.patient = []
 
 
-def inspect(claimed: Claimed, source: Source) -> Prepared:
+def inspect(claimed: Claimed, source: Source, pseudonym_key: bytes) -> Prepared:
     """Header, content hash and a check that the image can be decoded at all; no pixels.
 
     What a chunk asking for reuse of earlier results needs before deciding what to decode.
+    ``pseudonym_key`` keys the HMAC that stands for the PatientID.
     """
     out = Prepared(claimed)
     with (
@@ -141,8 +167,7 @@ def inspect(claimed: Claimed, source: Source) -> Prepared:
         _recorded(out, source),
         _local(source) as path,
     ):
-        ds, meta, notes = read_header(path)
-        out.meta, out.metadata = meta, _metadata_columns(claimed.id, meta, notes)
+        ds, meta, _ = _read(out, path, pseudonym_key)
         # Uploads are stored under their hash; files read in place are hashed here.
         sha = sha256_of(path) if claimed.storage == StorageKind.PATH else claimed.location
         out.metadata["content_sha256"] = sha
@@ -153,14 +178,16 @@ def inspect(claimed: Claimed, source: Source) -> Prepared:
 def load(
     claimed: Claimed,
     source: Source,
+    pseudonym_key: bytes,
     cards: Sequence[ModelCard],
     max_pixels: int,
     content_sha256: str | None = None,
 ) -> Prepared:
     """Read, check, route and decode one instance into raw frames for every card that applies.
 
-    ``content_sha256`` skips hashing a file :func:`inspect` already hashed. The time it
-    takes travels back in ``decode_s`` (the worker's decode-latency metric).
+    ``content_sha256`` skips hashing a file :func:`inspect` already hashed; ``pseudonym_key``
+    keys the HMAC that stands for the PatientID. The time it takes travels back in
+    ``decode_s`` (the worker's decode-latency metric).
     """
     started = time.perf_counter()
     out = Prepared(claimed)
@@ -169,18 +196,22 @@ def load(
         _recorded(out, source),
         _local(source) as path,
     ):
-        _load_into(out, path, cards, max_pixels, content_sha256)
+        _load_into(out, path, pseudonym_key, cards, max_pixels, content_sha256)
     out.decode_s = time.perf_counter() - started
     return out
 
 
 def _load_into(
-    out: Prepared, path: Path, cards: Sequence[ModelCard], max_pixels: int, content_sha256: str | None
+    out: Prepared,
+    path: Path,
+    pseudonym_key: bytes,
+    cards: Sequence[ModelCard],
+    max_pixels: int,
+    content_sha256: str | None,
 ) -> None:
     """The body of :func:`load`; per-file problems escape to its ``_recorded``."""
     claimed = out.claimed
-    ds, meta, notes = read_header(path)
-    out.meta, out.metadata = meta, _metadata_columns(claimed.id, meta, notes)
+    ds, meta, notes = _read(out, path, pseudonym_key)
     if content_sha256 is None:
         content_sha256 = sha256_of(path) if claimed.storage == StorageKind.PATH else claimed.location
     out.metadata["content_sha256"] = content_sha256
@@ -201,4 +232,4 @@ def _load_into(
         if recipe not in by_recipe:
             by_recipe[recipe] = raw_frames(images[policy], card.input, card.preprocessing)
         out.inputs[card.name] = by_recipe[recipe]
-    out.metadata["notes"] = _joined(notes)  # decode appended its notes
+    out.metadata["notes"] = _joined(notes, out.patient)  # decode appended its notes

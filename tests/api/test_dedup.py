@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-import httpx
 import pydicom
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -32,7 +31,7 @@ def _results(stack: Stack, job_id: str) -> list[Result]:
 
 
 def _paths(stack: Stack, paths: list[str], **extra: object) -> dict[str, object]:
-    response = httpx.post(f"{stack.api_url}/v1/jobs", json={"paths": paths, **extra})
+    response = stack.http.post("/v1/jobs", json={"paths": paths, **extra})
     assert response.status_code == 202, response.text
     return response.json()  # type: ignore[no-any-return]
 
