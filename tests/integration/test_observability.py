@@ -23,11 +23,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from db.migrate import upgrade
+from db.status import Scope
+from db.tokens import issue_token
 from radq.client import Client
 from radq.services import free_port, spawn, stop, wait_for_http
 from radq.settings import Settings
 from tests.conftest import REPO, SAMPLES, PostgresServer, make_settings
-from tests.integration.test_faults import submit_paths
 from tests.jobwait import wait_done
 
 DASHBOARD = REPO / "deploy" / "grafana" / "radq-dashboard.json"
@@ -123,9 +124,12 @@ def observed(
     hostname = f"obs-{uuid.uuid4().hex[:6]}@localhost"
     try:
         wait_for_http(f"{api_url}/healthz", api)
-        job_id = submit_paths(api_url, [folder])
+        token = issue_token(database_url, name=f"obs-{uuid.uuid4().hex[:6]}", scope=Scope.ADMIN)
+        client = Client(api_url, timeout=60, token=token)
+        submitted = client.submit_paths([str(folder)])
+        job_id = str(submitted["id"])
         # The job's queue, chosen by routing (one model: <prefix>model.radq-smoke).
-        queue = httpx.get(f"{api_url}/v1/jobs/{job_id}", timeout=30).json()["queue"]
+        queue = submitted["queue"]
         total = len(GOOD) + len(BROKEN)
         before = _wait_for_samples(
             f"{api_url}/metrics",
@@ -134,7 +138,6 @@ def observed(
         worker = spawn(
             ["worker", "--concurrency", "2", "--hostname", hostname], env=env, log_file=home / "worker.log"
         )
-        client = Client(api_url, timeout=60)
         try:
             job = wait_done(client, job_id, timeout=180)
         finally:
