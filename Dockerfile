@@ -11,9 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # torch first, from the CPU-only index, in its own layer: it is by far the largest
 # dependency and changes least often. pyproject pins the same version exactly, so the
 # `pip install .` below keeps this wheel instead of pulling a CUDA build from PyPI.
-# GPU images swap both the base (e.g. an nvidia/cuda runtime image with Python 3.11)
-# and this index URL (e.g. https://download.pytorch.org/whl/cu128).
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# GPU images pass another index (compose's worker-gpu: --build-arg
+# TORCH_INDEX=https://download.pytorch.org/whl/cu128); those wheels carry their CUDA
+# libraries, so the host needs only the driver and the NVIDIA Container Toolkit.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX}
 
 # The source is bind-mounted for the build only, so it never becomes an image layer;
 # rw because setuptools writes build/ and *.egg-info into the tree (discarded afterwards).
@@ -30,5 +32,6 @@ USER radq
 WORKDIR /app
 ENV RADQ_HOME=/data
 
-EXPOSE 8000 5555
+# api, flower, worker metrics (RADQ_WORKER_METRICS_PORT in compose), scp
+EXPOSE 8000 5555 9100 11112
 CMD ["radq", "api", "--host", "0.0.0.0", "--port", "8000"]

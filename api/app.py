@@ -6,8 +6,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -16,10 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 import radq
+from api.deps import default_scope
 from api.maintenance import Maintenance
 from api.metrics import Metrics
 from api.registration import Registrar
-from api.routes import dicomweb, health, jobs, studies
+from api.routes import audit, dicomweb, health, jobs, studies
+from api.schemas import ErrorOut
 from api.state import AppState
 from radq.errors import LimitExceeded, PathNotAllowed, SubmissionError, TransientError
 from radq.settings import Settings
@@ -89,6 +92,8 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the API. Engines and the broker producer are created here, not at import."""
     state = AppState.build(settings)
     engine = state.engine
+    if not settings.auth:
+        log.warning("RADQ_AUTH is false: every request is served without a token, as 'anonymous' admin")
 
     registrar = Registrar(state)
     maintenance = Maintenance(state, registrar)
@@ -131,8 +136,18 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
         return response
 
-    app.include_router(jobs.router)
-    app.include_router(studies.router)
+    # Every route but /healthz and /metrics needs a token (RADQ_AUTH): reading 'read',
+    # anything else 'submit' at least; routes name a higher scope themselves.
+    guarded: dict[str, Any] = {
+        "dependencies": [Depends(default_scope)],
+        "responses": {
+            401: {"model": ErrorOut, "description": "No token, or an unknown or revoked one"},
+            403: {"model": ErrorOut, "description": "The token's scope is not enough (or a path refused)"},
+        },
+    }
+    app.include_router(jobs.router, **guarded)
+    app.include_router(studies.router, **guarded)
+    app.include_router(audit.router, **guarded)
+    app.include_router(dicomweb.router, **guarded)
     app.include_router(health.router)
-    app.include_router(dicomweb.router)
     return app

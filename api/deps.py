@@ -1,15 +1,19 @@
-"""FastAPI dependencies."""
+"""FastAPI dependencies: state, sessions, and who the caller is (API tokens and scopes)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.registration import Registrar
 from api.state import AppState
+from db.status import Scope
+from db.tokens import find_active_token
 
 
 def get_state(request: Request) -> AppState:
@@ -34,3 +38,81 @@ def get_registrar(request: Request) -> Registrar:
 
 
 RegistrarDep = Annotated[Registrar, Depends(get_registrar)]
+
+
+# --- authentication and scopes -------------------------------------------------------------
+
+bearer = HTTPBearer(
+    auto_error=False,  # our 401 names what to do, and carries WWW-Authenticate
+    description="An API token: `radq tokens create --name NAME --scope read|submit|admin`.",
+)
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the token's name and scope (``anonymous`` admin with RADQ_AUTH=false)."""
+
+    name: str
+    scope: Scope
+
+
+ANONYMOUS = Caller("anonymous", Scope.ADMIN)
+
+
+def authenticate(
+    state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Caller:
+    """The caller of this request; 401 when the token is missing, unknown or revoked.
+
+    The token itself never reaches a log line or an error message.
+    """
+    if not state.settings.auth:
+        return ANONYMOUS
+    if credentials is None:
+        raise HTTPException(
+            401,
+            "missing API token: send 'Authorization: Bearer <token>' (create one with `radq tokens create`)",
+            headers=_CHALLENGE,
+        )
+    with state.sessions() as session:
+        token = find_active_token(session, credentials.credentials)
+    if token is None:
+        raise HTTPException(401, "invalid or revoked API token", headers=_CHALLENGE)
+    return Caller(token.name, Scope(token.scope))
+
+
+CallerDep = Annotated[Caller, Depends(authenticate)]
+
+
+class RequireScope:
+    """A dependency that lets the request through only with a token of ``scope`` or above."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+    def __call__(self, caller: CallerDep) -> Caller:
+        if not caller.scope.allows(self.scope):
+            raise HTTPException(
+                403, f"this needs a token with scope '{self.scope}' or above; token '{caller.name}' has "
+                f"'{caller.scope}'",
+            )  # fmt: skip
+        return caller
+
+
+ReadDep = Annotated[Caller, Depends(RequireScope(Scope.READ))]
+SubmitDep = Annotated[Caller, Depends(RequireScope(Scope.SUBMIT))]
+AdminDep = Annotated[Caller, Depends(RequireScope(Scope.ADMIN))]
+
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def default_scope(request: Request, caller: CallerDep) -> Caller:
+    """Every /v1 and /dicomweb route's floor: reading needs 'read', anything else 'submit'.
+
+    Routes declare their scope too (``SubmitDep``, ``AdminDep``); this keeps a route that
+    forgets from being open to a read-only token.
+    """
+    needed = Scope.READ if request.method in _SAFE_METHODS else Scope.SUBMIT
+    return RequireScope(needed)(caller)

@@ -161,9 +161,40 @@ class SummaryOut(BaseModel):
 
 class StudyResultsOut(BaseModel):
     study_instance_uid: str
+    patient_pseudonym: str | None = Field(
+        description="HMAC-SHA256 of the PatientID (the same for every study of one patient, keyed by "
+        "RADQ_PSEUDONYM_KEY); null before a worker has read a header or when the file has no PatientID"
+    )
     series: list[SeriesOut]
     summary: list[SummaryOut]
 
 
 class ErrorOut(BaseModel):
     detail: str
+
+
+class StudyFound(BaseModel):
+    study_instance_uid: str
+    instances: int
+    modalities: list[str]
+    first_submitted: datetime
+
+
+class StudiesPage(BaseModel):
+    patient_pseudonym: str
+    items: list[StudyFound]
+
+
+class AuditEventOut(BaseModel):
+    at: datetime
+    actor: str = Field(description="The name of the token used ('anonymous' when RADQ_AUTH=false)")
+    action: str = Field(
+        description="job.submit, job.cancel, job.retry, job.instances, study.read or study.find"
+    )
+    job_id: str | None
+    study_instance_uid: str | None
+    detail: str | None
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEventOut]

@@ -128,7 +128,10 @@ def submission(
         idle_mib = _peak_rss_mib(stack.api.pid)
         started = datetime.now(UTC)
         t0 = time.perf_counter()
-        response = httpx.post(f"{stack.api_url}/v1/jobs", json={"paths": [str(tree)]}, timeout=600)
+        response = httpx.post(
+            f"{stack.api_url}/v1/jobs", json={"paths": [str(tree)]}, timeout=600,
+            headers={"Authorization": f"Bearer {stack.token}"},
+        )  # fmt: skip
         answered_s = time.perf_counter() - t0
         if response.status_code != 202:
             raise BenchError(f"submission refused: {response.status_code} {response.text}")

@@ -20,6 +20,8 @@ from sqlalchemy import Engine
 
 from db.migrate import upgrade
 from db.session import make_engine
+from db.status import Scope
+from db.tokens import issue_token
 from radq.client import Client
 from radq.errors import ConfigurationError, RadqError
 from radq.model_card import cards_in
@@ -49,6 +51,8 @@ class Stack:
     api_url: str
     client: Client
     engine: Engine
+    token: str
+    """An admin API token (the stack runs with RADQ_AUTH on, as deployed)."""
     api: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes] | None
     logs: Path
@@ -125,6 +129,7 @@ def embedded_stack(
         cleanup.callback(_quietly, _delete_queue, settings)
         settings.ensure_dirs()
         upgrade(settings.resolved_database_url)
+        token = issue_token(settings.resolved_database_url, name=f"bench-{tag}", scope=Scope.ADMIN)
         env = settings.to_env()
         port = free_port()
         api = spawn(["api", "--port", str(port)], env=env, log_file=logs / "api.log")
@@ -140,9 +145,9 @@ def embedded_stack(
             raise BenchError(f"{exc}:\n{log_tail(logs / 'api.log')}") from None
         engine = make_engine(settings.resolved_database_url)
         cleanup.callback(engine.dispose)
-        client = Client(api_url, timeout=600)
+        client = Client(api_url, timeout=600, token=token)
         cleanup.callback(client.close)
-        yield Stack(settings, api_url, client, engine, api, worker_proc, logs)
+        yield Stack(settings, api_url, client, engine, token, api, worker_proc, logs)
 
 
 def start_worker(settings: Settings, log_file: Path) -> subprocess.Popen[bytes]:

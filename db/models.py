@@ -52,6 +52,9 @@ class Instance(Base):
         Index("ix_instances_study", "study_instance_uid"),
         Index("ix_instances_sop", "sop_instance_uid"),
         Index("ix_instances_status_updated", "status", "updated_at"),
+        # The blob retention sweep looks uploads up by hash (db/retention.py).
+        Index("ix_instances_storage_location", "storage", "location"),
+        Index("ix_instances_patient", "patient_pseudonym"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -76,6 +79,8 @@ class Instance(Base):
     modality: Mapped[str | None] = mapped_column(String(16))
     body_part: Mapped[str | None] = mapped_column(String(64))
     series_description: Mapped[str | None] = mapped_column(Text)
+    # HMAC-SHA256 of PatientID (radq.pseudonyms); no patient name, birth date or ID is stored.
+    patient_pseudonym: Mapped[str | None] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
@@ -139,3 +144,36 @@ class WebhookDelivery(Base):
     error: Mapped[str | None] = mapped_column(Text)
     delivered: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token of the API. Only its SHA-256 is kept; ``prefix`` is shown to tell tokens apart."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(8))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    """Who (a token's name) did what: submitted, read results, cancelled, retried."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_at", "at"),
+        Index("ix_audit_events_study", "study_instance_uid"),
+        Index("ix_audit_events_job", "job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))  # the token's name; "anonymous" with RADQ_AUTH=false
+    action: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str | None] = mapped_column(String(36))  # no foreign key: the trail outlives jobs
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)

@@ -55,3 +55,16 @@ class Priority(StrEnum):
 MESSAGE_PRIORITY = {Priority.URGENT: 0, Priority.NORMAL: 3, Priority.BULK: 9}
 """Celery message priority per job priority. On Redis, kombu keeps one list per step
 (0, 3, 6, 9) and a worker's BRPOP takes from the lowest step first."""
+
+
+class Scope(StrEnum):
+    """What an API token may do; each scope includes the ones before it."""
+
+    READ = "read"  # read jobs, instances, results, studies
+    SUBMIT = "submit"  # read, and submit, cancel, retry, STOW-RS
+    ADMIN = "admin"  # everything, the audit trail included
+
+    def allows(self, needed: Scope) -> bool:
+        """Whether a token of this scope may do what ``needed`` guards."""
+        order = list(Scope)
+        return order.index(self) >= order.index(needed)

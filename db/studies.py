@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Result
+from db.models import Instance, Job, Result
 
 
 @dataclass
@@ -49,6 +50,43 @@ def study_instances(session: Session, study_instance_uid: str) -> list[InstanceR
         if entry.results or key not in latest or not latest[key].results:
             latest[key] = entry
     return list(latest.values())
+
+
+def study_pseudonym(entries: list[InstanceResults]) -> str | None:
+    """The patient pseudonym of a study: the one most of its instances carry (None if none do)."""
+    found = Counter(e.instance.patient_pseudonym for e in entries if e.instance.patient_pseudonym)
+    return found.most_common(1)[0][0] if found else None
+
+
+@dataclass
+class StudyOfPatient:
+    study_instance_uid: str
+    instances: int
+    modalities: list[str]
+    first_submitted: datetime
+
+
+def studies_of_patient(session: Session, pseudonym: str, limit: int = 500) -> list[StudyOfPatient]:
+    """The studies whose instances carry ``pseudonym``, first submitted first."""
+    rows = session.execute(
+        select(Instance.study_instance_uid, func.count(), func.min(Job.created_at))
+        .join(Job, Job.id == Instance.job_id)
+        .where(Instance.patient_pseudonym == pseudonym, Instance.study_instance_uid.is_not(None))
+        .group_by(Instance.study_instance_uid)
+        .order_by(func.min(Job.created_at))
+        .limit(limit)
+    ).all()
+    modalities: dict[str, set[str]] = defaultdict(set)
+    for uid, modality in session.execute(
+        select(Instance.study_instance_uid, Instance.modality)
+        .where(Instance.patient_pseudonym == pseudonym, Instance.modality.is_not(None))
+        .distinct()
+    ):
+        modalities[str(uid)].add(str(modality))
+    return [
+        StudyOfPatient(str(uid), count, sorted(modalities.get(str(uid), ())), first)
+        for uid, count, first in rows
+    ]
 
 
 def summarise(entries: list[InstanceResults], aggregations: Mapping[str, str]) -> list[dict[str, Any]]:

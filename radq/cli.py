@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,18 +16,25 @@ from radq.client import ApiError, Client
 from radq.errors import RadqError
 from radq.settings import Settings
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
 EXIT_FAILED = 1
 """A command could not do what was asked (API error, bad input)."""
 EXIT_USAGE = 2
 """The options cannot work together (e.g. a CPU worker told to take GPU-only queues)."""
 EXIT_TIMEOUT = 3
 """``--wait`` gave up before the job ended."""
+FLOWER_SAVE_EVERY_MS = 60_000
+"""How often Flower writes its state file, so a crash loses at most this much history."""
 
 app = typer.Typer(help="radq: bulk CNN inference over DICOM archives.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 models_app = typer.Typer(help="Model directories.", no_args_is_help=True)
+tokens_app = typer.Typer(help="API tokens (written to the database directly).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+app.add_typer(tokens_app, name="tokens")
 console = Console()
 err = Console(stderr=True)
 
@@ -40,8 +49,21 @@ def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def _deployable(settings: Settings, command: str) -> Settings:
+    """``settings``, after refusing development-only settings in production (see radq.deployment)."""
+    from radq.deployment import ensure_deployable
+
+    try:
+        ensure_deployable(settings, command)
+    except RadqError as exc:
+        raise _fail(str(exc)) from None
+    return settings
+
+
+def _logging(level: str, settings: Settings) -> None:
+    from radq.logs import configure_logging
+
+    configure_logging(level, settings.log_format)
 
 
 @app.command()
@@ -55,8 +77,13 @@ def api(
 
     from api.app import create_app
 
-    _logging(log_level)
-    uvicorn.run(create_app(_settings()), host=host, port=port, log_level=log_level.lower())
+    settings = _deployable(_settings(), "api")
+    _logging(log_level, settings)
+    # In JSON mode uvicorn's loggers propagate to radq's handler instead of their own.
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level=log_level.lower(), log_config=log_config
+    )
 
 
 @app.command()
@@ -72,7 +99,9 @@ def worker(
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (RADQ_DEVICE).")] = None,
-    hostname: Annotated[str | None, typer.Option(help="Worker name (default radq@<host>).")] = None,
+    hostname: Annotated[
+        str | None, typer.Option(help="Worker name, %h: this host (default celery@<host>).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Run a worker process: decode processes, one model runner, one result writer.
@@ -81,13 +110,19 @@ def worker(
     may run on, for decoding and for torch. A CPU worker refuses queues that carry work
     for GPU-only models (exit 2).
     """
+    from celery.utils.nodenames import default_nodename, host_format
+
+    from radq.logs import set_worker_name
     from radq.model_card import cards_in
     from radq.routing import DeviceClass, check_worker_queues, worker_queues
     from workers.app import create_worker_app
     from workers.device import resolve_device
 
-    settings = _settings(device=device)
-    _logging(log_level)
+    settings = _deployable(_settings(device=device), "worker")
+    # Celery's own default (celery@<host>), resolved now so every log line names the worker.
+    hostname = host_format(default_nodename(hostname))
+    set_worker_name(hostname)
+    _logging(log_level, settings)
     cards = cards_in(settings.model_dir)
     try:
         device_class: DeviceClass = "gpu" if resolve_device(settings.device).type == "cuda" else "cpu"
@@ -106,6 +141,8 @@ def worker(
     )  # fmt: skip
     celery_app = create_worker_app(settings)
     argv = [
+        # Celery prints its banner straight to stdout; a JSON log keeps one object per line.
+        *(["--quiet"] if settings.log_format == "json" else []),
         "worker",
         f"--concurrency={concurrency}",
         f"--queues={','.join(chosen)}",
@@ -116,25 +153,70 @@ def worker(
         "--task-events",
         "--without-gossip",
         "--without-mingle",
+        f"--hostname={hostname}",
     ]
-    if hostname:
-        argv.append(f"--hostname={hostname}")
     celery_app.worker_main(argv)
+
+
+@app.command("worker-health")
+def worker_health(
+    hostname: Annotated[
+        str | None, typer.Option(help="The worker's name, %h: this host (default celery@<host>).")
+    ] = None,
+) -> None:
+    """Exit 0 when the worker's heartbeat in Redis is live, 1 when not (container healthchecks)."""
+    import redis
+    from celery.utils.nodenames import default_nodename, host_format
+
+    from radq.heartbeat import heartbeat_key
+
+    name = host_format(default_nodename(hostname))
+    try:
+        client = redis.Redis.from_url(_settings().broker_url, socket_timeout=5, socket_connect_timeout=5)
+        alive = bool(client.exists(heartbeat_key(name)))
+    except redis.RedisError as exc:
+        raise _fail(f"the broker is unreachable: {exc}") from None
+    if not alive:
+        raise _fail(f"no live heartbeat from worker {name}")
+    console.print(f"worker {name} is alive")
 
 
 @app.command()
 def flower(
     port: Annotated[int, typer.Option(help="TCP port of the Flower UI.")] = 5555,
     address: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    basic_auth: Annotated[str | None, typer.Option(help="user:password for the UI.")] = None,
+    basic_auth: Annotated[
+        str | None, typer.Option(help="user:password for the UI (default RADQ_FLOWER_BASIC_AUTH).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
-    """Run Flower, the Celery monitoring UI, against radq's broker."""
+    """Run Flower, the Celery monitoring UI, against radq's broker.
+
+    Its state (tasks and workers seen) is kept in RADQ_FLOWER_DB across restarts; workers
+    send task events (``--task-events``) and Flower asks for them again if they stop.
+    """
     from radq.queue import make_celery
 
-    argv = ["flower", f"--port={port}", f"--address={address}"]
-    if basic_auth:
-        argv.append(f"--basic-auth={basic_auth}")
-    make_celery(_settings()).start(argv=argv)
+    settings = _deployable(_settings(), "flower")
+    settings.ensure_dirs()
+    _logging(log_level, settings)
+    db = settings.resolved_flower_db
+    db.parent.mkdir(parents=True, exist_ok=True)
+    argv = [
+        *(["--quiet"] if settings.log_format == "json" else []),
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+        "--persistent=True",
+        f"--db={db}",
+        f"--state_save_interval={FLOWER_SAVE_EVERY_MS}",
+        "--enable_events=True",
+        f"--logging={log_level.lower()}",
+    ]
+    auth = basic_auth or settings.flower_basic_auth
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    make_celery(settings).start(argv=argv)
 
 
 @app.command()
@@ -158,12 +240,13 @@ def scp(
 
     if group not in {g.value for g in Grouping}:
         raise _fail(f"--group must be association or study, not {group!r}", 2)
-    _logging(log_level)
+    settings = _deployable(_settings(scp_quiet_seconds=quiet_seconds), "scp")
+    _logging(log_level, settings)
     if log_level.upper() != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it logs every PDU at INFO
     config = ScpConfig(ae_title=ae_title, host=host, port=port, grouping=Grouping(group), models=model or [])
     try:
-        code = run_scp(_settings(scp_quiet_seconds=quiet_seconds), config)
+        code = run_scp(settings, config)
     except RadqError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)
@@ -216,7 +299,9 @@ def db_current() -> None:
 
 
 def _client() -> Client:
-    return Client(_settings().api_url)
+    settings = _settings()
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    return Client(settings.api_url, token=token)
 
 
 def _report(client: Client, job: dict[str, object]) -> None:
@@ -336,6 +421,82 @@ def retry(job_id: str) -> None:
     except ApiError as exc:
         raise _fail(str(exc)) from None
     console.print(f"job {job['id']}: {job['status']}, {job['counts']['queued']} instance(s) queued again")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Option(help="Who or what uses it; shown in the audit trail.")],
+    scope: Annotated[str, typer.Option(help="read, submit (read + submit/cancel/retry) or admin.")],
+) -> None:
+    """Create an API token and print it, once: only its SHA-256 is stored."""
+    from db.session import transaction
+    from db.status import Scope
+    from db.tokens import create_token
+
+    if scope not in {s.value for s in Scope}:
+        raise _fail(f"--scope must be read, submit or admin, not {scope!r}", 2)
+    with _database() as sessions:
+        try:
+            with transaction(sessions) as session:
+                token = create_token(session, name=name, scope=Scope(scope))
+        except RadqError as exc:
+            raise _fail(str(exc)) from None
+    err.print(f"token {token.name!r} ({token.scope}) created; it is shown only now:")
+    typer.echo(token.secret)
+
+
+@tokens_app.command("list")
+def tokens_list() -> None:
+    """List tokens: name, scope, the first characters, created, revoked."""
+    from rich.table import Table
+
+    from db.jobs import as_utc
+    from db.tokens import list_tokens
+
+    with _database() as sessions, sessions() as session:
+        tokens = list_tokens(session)
+    table = Table(title="API tokens")
+    for col in ("name", "scope", "starts with", "created", "revoked"):
+        table.add_column(col, overflow="fold")
+    for t in tokens:
+        revoked = as_utc(t.revoked_at)
+        table.add_row(
+            t.name, t.scope, f"{t.prefix}…", f"{as_utc(t.created_at):%Y-%m-%d %H:%M:%S}Z",
+            f"{revoked:%Y-%m-%d %H:%M:%S}Z" if revoked else "",
+        )  # fmt: skip
+    console.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: Annotated[str, typer.Argument(help="The token's name.")]) -> None:
+    """Revoke a token: requests with it answer 401 from now on."""
+    from db.session import transaction
+    from db.tokens import revoke_token
+
+    with _database() as sessions:
+        try:
+            with transaction(sessions) as session:
+                revoke_token(session, name)
+        except RadqError as exc:
+            raise _fail(str(exc)) from None
+    console.print(f"token {name!r} revoked")
+
+
+@contextlib.contextmanager
+def _database() -> Iterator[sessionmaker[Session]]:
+    """Sessions on RADQ_DATABASE_URL, for commands that work on the database directly."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(_settings().resolved_database_url)
+    try:
+        yield make_sessionmaker(engine)
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        raise _fail(f"database error (has `radq db upgrade` run?): {type(exc).__name__}: {cause}") from None
+    finally:
+        engine.dispose()
 
 
 @models_app.command("list")

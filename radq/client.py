@@ -48,8 +48,11 @@ def expand_paths(paths: Sequence[Path]) -> list[tuple[str, Path]]:
 
 
 class Client:
-    def __init__(self, base_url: str, timeout: float = 600.0) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+    """The API over HTTP; ``token`` (RADQ_API_TOKEN for the CLI) is sent as a bearer token."""
+
+    def __init__(self, base_url: str, timeout: float = 600.0, token: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self.http.close()
@@ -64,6 +67,8 @@ class Client:
                 detail = response.json().get("detail", response.text)
             except ValueError:
                 detail = response.text
+            if response.status_code == 401:
+                detail = f"{detail}; the CLI sends the token in RADQ_API_TOKEN"
             raise ApiError(f"{response.status_code}: {detail}", response.status_code)
         return response.json()
 

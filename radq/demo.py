@@ -1,4 +1,4 @@
-"""``radq demo``: the embedded mode end to end on the bundled sample DICOM.
+"""``radq demo``: the embedded mode end to end on the bundled sample DICOM (auth off).
 
 Starts what is missing (Redis), migrates the SQLite database, runs the API and one
 worker as child processes, submits ``radq/samples``, waits, prints the results, and
@@ -50,6 +50,9 @@ def run_demo(settings: Settings, console: Console, *, timeout: float) -> int:
             "RADQ_BROKER_URL": settings.broker_url,
             # A queue of its own: the demo never feeds, or is fed by, other workers.
             "RADQ_QUEUE": f"radq-demo-{uuid.uuid4().hex[:8]}",
+            # The embedded demo is one user on 127.0.0.1: no tokens. Everything else requires them.
+            "RADQ_AUTH": "false",
+            "RADQ_ENV": "development",
         }
         api = spawn(["api", "--port", str(port)], env=env, log_file=logs / "api.log")
         started.append(api)

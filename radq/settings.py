@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "workers" / "bundled_models"
@@ -34,7 +34,23 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RADQ_", extra="ignore")
 
+    env: Literal["development", "production"] = Field(
+        "development",
+        description="production: `radq api/worker/scp/flower` refuse to start with development-only "
+        "settings (auth off, no pseudonym key, SQLite, the compose password); see radq.deployment.",
+    )
     home: Path = Field(Path(".radq"), description="State directory for the embedded mode.")
+    auth: bool = Field(
+        True, description="Require an API token (Authorization: Bearer) on every /v1 and /dicomweb route."
+    )
+    api_token: SecretStr | None = Field(
+        None, description="The token the CLI client sends (`radq tokens create` makes one)."
+    )
+    pseudonym_key: SecretStr | None = Field(
+        None,
+        description="Key of the HMAC-SHA256 that turns PatientID into the stored pseudonym; every "
+        "worker must have the same. Development without one: generated once into home/pseudonym.key.",
+    )
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite under home.")
     broker_url: str = "redis://127.0.0.1:6379/0"
     blob_dir: Path | None = Field(None, description="Content-addressed store for uploads.")
@@ -200,6 +216,27 @@ class Settings(BaseSettings):
         description="On SIGTERM, how long open associations may go on before `radq scp` aborts them.",
     )
 
+    log_format: str = Field(
+        "text",
+        pattern=r"^(text|json)$",
+        description="Log lines of api, worker, scp and flower: text, or json (one object per line with "
+        "time, level, logger, message, and job_id, instance_id, worker where known).",
+    )
+    worker_metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="TCP port on which each worker process serves its Prometheus metrics; 0: off.",
+    )
+    flower_basic_auth: str | None = Field(
+        None,
+        pattern=r"^[^:]+:.+$",
+        description="user:password that `radq flower` requires (the --basic-auth option overrides it).",
+    )
+    flower_db: Path | None = Field(
+        None, description="File where `radq flower` keeps its state across restarts; default home/flower.db."
+    )
+
     @field_validator("allowed_roots", mode="before")
     @classmethod
     def _parse_roots(cls, value: object) -> object:
@@ -219,6 +256,10 @@ class Settings(BaseSettings):
         return url
 
     @property
+    def resolved_flower_db(self) -> Path:
+        return (self.flower_db or self.home / "flower.db").resolve()
+
+    @property
     def resolved_blob_dir(self) -> Path:
         return (self.blob_dir or self.home / "blobs").resolve()
 
@@ -229,7 +270,9 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if value is None:
                 continue
-            if name == "allowed_roots":
+            if isinstance(value, SecretStr):
+                text = value.get_secret_value()
+            elif name == "allowed_roots":
                 text = os.pathsep.join(str(p) for p in value)
             elif isinstance(value, list):
                 text = ",".join(str(v) for v in value)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -25,6 +26,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.migrate import upgrade
 from db.session import make_engine, make_sessionmaker
+from db.status import Scope
+from db.tokens import issue_token
 from radq.client import Client
 from radq.services import free_port, spawn, stop, wait_for_http
 from radq.settings import Settings
@@ -132,6 +135,8 @@ def make_settings(home: Path, database_url: str, broker_url: str, **overrides: o
         "batch_size": 8,
         # Some tests read uploaded files after their job ended; retention tests ask for 0.
         "blob_retention_days": 1.0,
+        # A key as production has one; the development fallback (a key file) has tests of its own.
+        "pseudonym_key": "test-pseudonym-key-0123456789abcdef0123456789",
         **overrides,
     }
     settings = Settings(**values)  # type: ignore[arg-type]
@@ -142,15 +147,28 @@ def make_settings(home: Path, database_url: str, broker_url: str, **overrides: o
 
 @dataclass
 class Stack:
-    """A running API and worker over one database, with handles for assertions."""
+    """A running API and worker over one database, with handles for assertions.
+
+    The API requires tokens (RADQ_AUTH, as deployed): ``client`` and ``http`` send the
+    admin ``token``; raw requests add ``headers``.
+    """
 
     settings: Settings
     api_url: str
     engine: Engine
     sessions: sessionmaker[Session]
     client: Client
+    http: httpx.Client
+    token: str
+    client_name: str
+    """The admin token's name, as the audit trail shows it."""
     api: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The admin token's Authorization header."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     @property
     def archive(self) -> Path:
@@ -181,11 +199,16 @@ def running_stack(settings: Settings, extra_env: dict[str, str] | None = None) -
     )
     api_url = f"http://127.0.0.1:{port}"
     engine = make_engine(database_url)
-    client = Client(api_url, timeout=120)
+    name = f"stack-{uuid.uuid4().hex[:8]}"
+    token = issue_token(database_url, name=name, scope=Scope.ADMIN)
+    client = Client(api_url, timeout=120, token=token)
+    http = httpx.Client(base_url=api_url, timeout=120, headers={"Authorization": f"Bearer {token}"})
     try:
         wait_for_http(f"{api_url}/healthz", api)
-        yield Stack(settings, api_url, engine, make_sessionmaker(engine), client, api, worker)
+        sessions = make_sessionmaker(engine)
+        yield Stack(settings, api_url, engine, sessions, client, http, token, name, api, worker)
     finally:
+        http.close()
         client.close()
         stop(worker)
         stop(api)

@@ -26,9 +26,14 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 PYPROJECT = ROOT / "pyproject.toml"
 
-REQUIRED_SERVICES = {"redis", "postgres", "migrate", "api", "worker", "flower"}
-RADQ_SERVICES = ("migrate", "api", "worker", "flower")
+REQUIRED_SERVICES = {"redis", "postgres", "migrate", "api", "worker", "worker-gpu", "scp", "flower", "minio"}
+RADQ_SERVICES = ("migrate", "api", "worker", "worker-gpu", "scp", "flower")
 """Services that run the radq image, with a ``radq ...`` command."""
+WORKERS = ("worker", "worker-gpu")
+ONE_SHOT = {"migrate"}
+"""Services that run to completion; every other one is long-running and needs a healthcheck."""
+SAMPLE_ENV = {"RADQ_FLOWER_BASIC_AUTH": "ops:secret", "MINIO_ROOT_PASSWORD": "minio-secret"}
+"""What an operator puts in .env for the variables compose requires."""
 VALID_CONDITIONS = {"service_healthy", "service_completed_successfully"}
 TORCH_PIN = "torch==2.13.0"
 
@@ -64,6 +69,22 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
     if isinstance(env, list):
         env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
     return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
+
+
+def _interpolated(value: str) -> str:
+    """``value`` as compose would expand it with :data:`SAMPLE_ENV` as the host environment."""
+
+    def expand(match: re.Match[str]) -> str:
+        name, kind, rest = match.groups()
+        if name in SAMPLE_ENV:
+            return SAMPLE_ENV[name]
+        assert kind != "?", f"${{{name}}} is required by compose; add a sample to SAMPLE_ENV"
+        return rest or ""
+
+    return _INTERPOLATION.sub(expand, value)
 
 
 def _argv(service: dict[str, Any]) -> list[str]:
@@ -182,7 +203,7 @@ def test_compose_environment_builds_valid_settings(
     for name in RADQ_SERVICES:
         with monkeypatch.context() as m:
             for var, value in _env(services[name]).items():
-                m.setenv(var, value)
+                m.setenv(var, _interpolated(value))
             settings = Settings()
             assert settings.resolved_database_url.startswith("postgresql+psycopg://"), name
             env = _env(services[name])
@@ -213,6 +234,8 @@ def test_expected_commands(services: dict[str, Any], cli: Any) -> None:
         "migrate": ["radq", "db", "upgrade"],
         "api": ["radq", "api"],
         "worker": ["radq", "worker"],
+        "worker-gpu": ["radq", "worker"],
+        "scp": ["radq", "scp"],
         "flower": ["radq", "flower"],
     }
     for name, path in expected.items():
@@ -333,7 +356,7 @@ def test_startup_order(services: dict[str, Any]) -> None:
         return ((services[name].get("depends_on") or {}).get(target) or {}).get("condition")
 
     assert condition("migrate", "postgres") == "service_healthy"
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "worker-gpu", "scp"):
         assert condition(name, "migrate") == "service_completed_successfully", name
         assert condition(name, "redis") == "service_healthy", name
     assert condition("flower", "redis") == "service_healthy"
@@ -367,12 +390,19 @@ def test_allowed_roots_are_mounted(services: dict[str, Any]) -> None:
 # --- Dockerfile -----------------------------------------------------------------------------
 
 
+def _dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)\s*$", DOCKERFILE.read_text(), re.MULTILINE))
+
+
 def test_dockerfile_installs_pinned_cpu_torch_first() -> None:
     text = DOCKERFILE.read_text()
     torch_install = re.search(r"pip install\s+(?:[^\n\\]*\s)?(torch[^\s]*)\s+[^\n]*", text)
     assert torch_install, "Dockerfile does not pip install torch"
     assert torch_install.group(1) == TORCH_PIN, f"Dockerfile installs {torch_install.group(1)}"
-    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_install.group(0)
+    index = re.search(r"--index-url\s+(\S+)", torch_install.group(0))
+    assert index, "torch is not installed from an explicit index"
+    url = re.sub(r"\$\{?(\w+)\}?", lambda m: _dockerfile_args().get(m.group(1), m.group(0)), index.group(1))
+    assert url == "https://download.pytorch.org/whl/cpu", f"the default image installs torch from {url}"
     project_install = re.search(
         r"pip install\s+'?(?:\.|/[^\s'\[]*radq[^\s'\[]*)(\[[\w,-]+\])?'?\s*$", text, re.MULTILINE
     )
@@ -387,3 +417,127 @@ def test_dockerfile_runs_as_non_root() -> None:
     users = re.findall(r"^USER\s+(\S+)", DOCKERFILE.read_text(), re.MULTILINE)
     assert users and users[-1] not in ("root", "0"), "the image must not run as root"
     assert re.search(r"^WORKDIR\s+/app\s*$", DOCKERFILE.read_text(), re.MULTILINE)
+
+
+def test_dockerfile_exposes_the_ports_compose_uses(services: dict[str, Any]) -> None:
+    exposed = {int(p) for line in re.findall(r"^EXPOSE\s+(.+)$", DOCKERFILE.read_text(), re.MULTILINE)
+               for p in line.split()}  # fmt: skip
+    for name in ("api", "flower", "scp"):
+        port = _option_value(_argv(services[name]), "--port")
+        assert port is not None and int(port) in exposed, f"{name} port {port} not in EXPOSE {exposed}"
+    assert int(_env(services["worker"])["RADQ_WORKER_METRICS_PORT"]) in exposed
+
+
+# --- healthchecks of long-running services --------------------------------------------------
+
+
+def _healthcheck_text(service: dict[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    return " ".join(test) if isinstance(test, list) else str(test)
+
+
+def test_every_long_running_service_has_a_healthcheck(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        if name in ONE_SHOT:
+            continue
+        check = service.get("healthcheck") or {}
+        assert check.get("test") and not check.get("disable"), f"{name} has no healthcheck"
+        assert check["test"][0] != "NONE", f"{name} disables its healthcheck"
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_worker_healthcheck_asks_for_this_workers_heartbeat(
+    name: str, services: dict[str, Any], cli: Any
+) -> None:
+    worker = services[name]
+    test = worker["healthcheck"]["test"]
+    assert isinstance(test, list) and test[0] == "CMD", f"{name}: exec-form healthcheck expected"
+    path, command, rest = _resolve(cli, [str(t) for t in test[1:]])
+    assert path == ["radq", "worker-health"], f"{name}: healthcheck runs {path}"
+    command.make_context(" ".join(path), list(rest))
+    # Both sides default to celery@<container hostname>; a --hostname must be the same on both.
+    assert _option_value(rest, "--hostname") == _option_value(_argv(worker), "--hostname"), name
+
+
+def test_flower_healthcheck_hits_a_flower_route(services: dict[str, Any], cli: Any) -> None:
+    from flower.urls import handlers
+
+    flower = services["flower"]
+    urls = re.findall(r"https?://[^\s'\"]+", _healthcheck_text(flower))
+    assert len(urls) == 1, _healthcheck_text(flower)
+    match = re.fullmatch(r"https?://(?:127\.0\.0\.1|localhost):(\d+)(/[^?#]*)", urls[0])
+    assert match, urls[0]
+    assert int(match.group(1)) == _port_in_command(flower, _default(cli.commands["flower"], "port"))
+    # Tornado serves the first matching route; Flower's last one is a catch-all 404.
+    specs = [(h.regex.pattern, h.handler_class) if hasattr(h, "regex") else (h[0], h[1]) for h in handlers]
+    handler = next(cls for pattern, cls in specs if re.fullmatch(pattern.rstrip("$"), match.group(2)))
+    assert "NotFound" not in handler.__name__, f"{match.group(2)} is not a Flower route"
+
+
+def test_scp_healthcheck_connects_to_its_port(services: dict[str, Any], cli: Any) -> None:
+    scp = services["scp"]
+    port = _port_in_command(scp, _default(cli.commands["scp"], "port"))
+    assert _option_value(_argv(scp), "--host") == "0.0.0.0"
+    assert port in _published(scp), f"scp listens on {port} but publishes {_published(scp)}"
+    assert re.search(rf"\(\s*'127\.0\.0\.1'\s*,\s*{port}\s*\)", _healthcheck_text(scp)), (
+        f"scp healthcheck does not connect to port {port}: {_healthcheck_text(scp)}"
+    )
+
+
+# --- workers: metrics, GPU profile ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_worker_metrics_port_is_exposed_inside_the_network(name: str, services: dict[str, Any]) -> None:
+    worker = services[name]
+    port = Settings(worker_metrics_port=_env(worker)["RADQ_WORKER_METRICS_PORT"]).worker_metrics_port  # type: ignore[arg-type]
+    assert port > 0, f"{name}: RADQ_WORKER_METRICS_PORT=0 turns metrics off"
+    assert port in {int(str(p).split("/")[0]) for p in worker.get("expose") or []}, (
+        f"{name} does not expose {port}"
+    )
+    assert not worker.get("ports"), f"{name}: published ports prevent --scale"
+
+
+def test_gpu_worker_is_optional_and_reserves_a_gpu(services: dict[str, Any]) -> None:
+    gpu, cpu = services["worker-gpu"], services["worker"]
+    assert "gpu" in (gpu.get("profiles") or []), "worker-gpu must be in the gpu profile"
+    assert not cpu.get("profiles"), "the CPU worker must start with a plain `docker compose up`"
+    assert Settings(device=_env(gpu)["RADQ_DEVICE"]).device.startswith("cuda")
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices), devices
+    build = gpu.get("build") or {}
+    assert isinstance(build, dict), "worker-gpu must build with CUDA torch wheels"
+    index = (build.get("args") or {}).get("TORCH_INDEX", "")
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", index), index
+    assert "TORCH_INDEX" in _dockerfile_args(), "the Dockerfile takes no TORCH_INDEX build argument"
+    assert gpu.get("image") != cpu.get("image"), "the CUDA image must not overwrite the CPU one"
+
+
+def test_minio_is_optional(services: dict[str, Any]) -> None:
+    assert "s3" in (services["minio"].get("profiles") or [])
+
+
+# --- flower: auth and state -----------------------------------------------------------------
+
+
+def test_flower_auth_comes_from_the_environment(services: dict[str, Any]) -> None:
+    flower = services["flower"]
+    assert _option_value(_argv(flower), "--basic-auth") is None, "a password in the command is in the file"
+    value = _env(flower).get("RADQ_FLOWER_BASIC_AUTH", "")
+    assert re.fullmatch(r"\$\{RADQ_FLOWER_BASIC_AUTH:\?[^}]*\}", value), (
+        f"RADQ_FLOWER_BASIC_AUTH must come from the host environment, required: {value!r}"
+    )
+
+
+def test_flower_state_is_on_a_named_volume(
+    compose: dict[str, Any], services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in [v for v in os.environ if v.startswith("RADQ_")]:
+        monkeypatch.delenv(var)
+    flower = services["flower"]
+    for var, value in _env(flower).items():
+        monkeypatch.setenv(var, _interpolated(value))
+    db = Settings().resolved_flower_db
+    source, _ = _volume_holding(flower, str(db))
+    assert source in (compose.get("volumes") or {}), f"flower state {db} is on {source}, not a named volume"
+    assert source != "blobs", "flower state must not share the blob volume"

@@ -22,10 +22,12 @@ import radq
 from db.status import InstanceStatus
 from db.work import ResultRow
 from radq.blobs import BlobStore
+from radq.logs import log_context
 from workers.chunk import Chunk
 from workers.device_prep import RawFrame, to_batch
 from workers.gradcam import explain, to_png
 from workers.inference import activate, as_label_dicts, is_out_of_memory, precision_context
+from workers.metrics import WorkerMetrics
 from workers.models.loader import LoadedModel
 from workers.writer import Writer
 
@@ -72,8 +74,10 @@ class Batcher:
         blobs: BlobStore,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.batch_size = batch_size
+        self.metrics = metrics
         self.deadline = deadline
         self.writer = writer
         self.blobs = blobs
@@ -137,7 +141,10 @@ class Batcher:
     def _run(self, key: _Key) -> None:
         size = self._limit(key[0])
         batch, self.queues[key] = self.queues[key][:size], self.queues[key][size:]
-        self._infer(key, batch)
+        jobs = {frame.chunk.job_id for frame in batch}
+        # Batches mix jobs; their log lines name the job only when there is one.
+        with log_context(job_id=jobs.pop() if len(jobs) == 1 else None):
+            self._infer(key, batch)
 
     def _predict(
         self, model: LoadedModel, threshold: float | None, batch: list[_Frame]
@@ -149,21 +156,29 @@ class Batcher:
         if model.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         prepared = time.perf_counter()
-        self.times.prep_s += prepared - started  # on CUDA, launches only: the wait lands in model_s
-        self.times.batches += 1
-        self.times.frames += len(batch)
+        # On CUDA prep_s holds the launches only: the wait lands in the forward pass.
         if threshold is None:
             with torch.inference_mode(), precision_context(model):
                 probs = activate(card, model.forward(inputs).float())
             labelled = as_label_dicts(card, probs)  # copies to the host: the device is done
-            self.times.model_s += time.perf_counter() - prepared
+            self._timed(card.name, len(batch), prepared - started, time.perf_counter() - prepared)
             return labelled, [{} for _ in batch]
         explained = explain(model, inputs, threshold)
+        self._timed(card.name, len(batch), prepared - started, time.perf_counter() - prepared)
         stored = [
             {label: self.blobs.put(io.BytesIO(to_png(m)))[0] for label, m in maps.items()}
             for maps in explained.saliency
         ]
         return explained.probabilities, stored
+
+    def _timed(self, model: str, frames: int, prep_s: float, model_s: float) -> None:
+        """One batch's timings, for the periodic log line and the worker's metrics."""
+        self.times.batches += 1
+        self.times.frames += frames
+        self.times.prep_s += prep_s
+        self.times.model_s += model_s
+        if self.metrics is not None:
+            self.metrics.batch(model, frames, prep_s, model_s)
 
     def _infer(self, key: _Key, batch: list[_Frame]) -> None:
         name, threshold = key
@@ -199,6 +214,8 @@ class Batcher:
                 continue  # failed in an earlier batch already
             self.best.pop((name, i), None)
             self.waiting_on.pop(i, None)
+            if self.metrics is not None:
+                self.metrics.failed.labels(name).inc()
             self.writer.outcome(frame.chunk, i, InstanceStatus.FAILED, reason)
 
     def _collect(
@@ -226,6 +243,8 @@ class Batcher:
             if self.frames_left[key]:
                 continue
             del self.frames_left[key], self.best[key]
+            if self.metrics is not None:
+                self.metrics.processed.labels(card.name).inc()
             self.writer.result(
                 frame.chunk,
                 ResultRow(

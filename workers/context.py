@@ -17,6 +17,7 @@ from radq.blobs import BlobStore, open_blob_store
 from radq.settings import Settings
 from workers.device import resolve_device
 from workers.engine import Engine, usable_cores
+from workers.metrics import WorkerMetrics
 from workers.models.loader import ModelRegistry, Runtime
 
 
@@ -40,19 +41,24 @@ def _runtime(settings: Settings) -> Runtime:
     return Runtime(device, settings.precision, settings.channels_last, settings.compile)
 
 
-def get_context(settings: Settings) -> WorkerContext:
-    """The context of the current process, created on first use after any fork."""
+def get_context(settings: Settings, metrics: WorkerMetrics | None = None) -> WorkerContext:
+    """The context of the current process, created on first use after any fork.
+
+    ``metrics`` are the worker process's (served on its metrics port); a fresh, unserved
+    set by default.
+    """
     global _context, _context_pid
     if _context is None or _context_pid != os.getpid() or _context.settings is not settings:
         if _context is not None and _context_pid == os.getpid():
             _context.engine.close()  # settings changed in-process (tests)
         torch.set_num_threads(settings.torch_threads or usable_cores())
-        engine = make_engine(
+        database = make_engine(
             settings.resolved_database_url, idle_transaction_timeout=settings.worker_idle_transaction_timeout
         )
-        sessions = make_sessionmaker(engine)
+        sessions = make_sessionmaker(database)
         models = ModelRegistry(settings.model_dir, _runtime(settings))
         blobs = open_blob_store(settings)
-        _context = WorkerContext(settings, sessions, models, blobs, Engine(settings, sessions, models, blobs))
+        engine = Engine(settings, sessions, models, blobs, metrics)
+        _context = WorkerContext(settings, sessions, models, blobs, engine)
         _context_pid = os.getpid()
     return _context

@@ -34,12 +34,15 @@ from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
 from radq.blobs import BlobStore
 from radq.errors import InstanceError, ModelError
+from radq.logs import configure_child_logging, current_level, log_context, worker_name
 from radq.model_card import AUTO
+from radq.pseudonyms import pseudonym_key
 from radq.settings import Settings
 from workers.batching import Batcher
 from workers.chunk import Chunk, ChunkReport
 from workers.dedup import reuse_known
 from workers.header import printable
+from workers.metrics import WorkerMetrics
 from workers.models.loader import LoadedModel, ModelRegistry
 from workers.prepare import Prepared, Source, StoredBlob, inspect, load
 from workers.procpool import ProcessPool
@@ -86,16 +89,31 @@ class Engine:
     """The three stages of one worker process; started after any fork, in the process that uses it."""
 
     def __init__(
-        self, settings: Settings, sessions: sessionmaker[Session], models: ModelRegistry, blobs: BlobStore
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        models: ModelRegistry,
+        blobs: BlobStore,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.models = models
         self.blobs = blobs
+        self.metrics = metrics or WorkerMetrics()
+        self.pseudonym_key = pseudonym_key(settings)
         processes = settings.decode_processes or usable_cores()
-        self.decoders = ProcessPool(processes, task_timeout=settings.decode_timeout, preload=DECODE_PRELOAD)
-        self.writer = Writer(sessions)
-        self.batcher = Batcher(settings.batch_size, settings.batch_deadline, self.writer, blobs)
+        self.decoders = ProcessPool(
+            processes,
+            task_timeout=settings.decode_timeout,
+            preload=DECODE_PRELOAD,
+            initializer=configure_child_logging,
+            initargs=(current_level(), settings.log_format, worker_name()),
+        )
+        self.writer = Writer(sessions, metrics=self.metrics)
+        self.batcher = Batcher(
+            settings.batch_size, settings.batch_deadline, self.writer, blobs, metrics=self.metrics
+        )
         ahead = settings.decode_ahead or 2 * settings.batch_size + processes
         self._slots = threading.Semaphore(ahead)
         self._ready: queue.SimpleQueue[_Decoded | None] = queue.SimpleQueue()
@@ -127,6 +145,8 @@ class Engine:
         try:
             models = self._models(model_names)
         except ModelError as exc:
+            for name in model_names:
+                self.metrics.failed.labels(name).inc(len(claimed))
             for c in claimed:
                 self.writer.outcome(chunk, c.id, InstanceStatus.FAILED, f"model unavailable: {exc}")
             return self._wait(chunk)
@@ -139,7 +159,7 @@ class Engine:
         pixels = self.settings.max_image_pixels
         for c, sha in todo:
             self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
-            future = self.decoders.submit(load, c, self.locate(c), cards, pixels, sha)
+            future = self.decoders.submit(load, c, self.locate(c), self.pseudonym_key, cards, pixels, sha)
             item = _Decoded(chunk, c, future, by_name, threshold)
             future.add_done_callback(partial(self._decoded, item))
         return self._wait(chunk)
@@ -154,11 +174,12 @@ class Engine:
         self, chunk: Chunk, claimed: Sequence[Claimed], models: Sequence[LoadedModel]
     ) -> list[tuple[Claimed, str | None]]:
         """Headers and hashes first (no pixels); record reused results; return what to decode."""
-        futures = [(c, self.decoders.submit(inspect, c, self.locate(c))) for c in claimed]
+        futures = [(c, self.decoders.submit(inspect, c, self.locate(c), self.pseudonym_key)) for c in claimed]
         readable: list[Prepared] = []
         for c, future in futures:
             header = _outcome_of(c, future)
             if header.status:
+                self._unusable(chunk, c.id, header.status, header.reason, [m.card.name for m in models])
                 self.writer.metadata(chunk, header.metadata)
                 self.writer.outcome(chunk, c.id, header.status, header.reason)
             else:
@@ -229,10 +250,28 @@ class Engine:
             period, times.batches, times.frames / times.batches, times.prep_s, times.model_s, waited,
         )  # fmt: skip
 
+    def _unusable(
+        self, chunk: Chunk, instance_id: int, status: str, reason: str | None, models: Sequence[str]
+    ) -> None:
+        """Log a file that ends without inference; count a failure for each of its job's models."""
+        with log_context(job_id=chunk.job_id, instance_id=instance_id):
+            log.info("instance %s %s: %s", instance_id, status, reason)
+        if status == InstanceStatus.FAILED:
+            for name in models:
+                self.metrics.failed.labels(name).inc()
+
     def _add(self, item: _Decoded) -> None:
+        # This thread serves every message: the item carries the ids its log lines need.
+        with log_context(job_id=item.chunk.job_id, instance_id=item.claimed.id):
+            self._add_in_context(item)
+
+    def _add_in_context(self, item: _Decoded) -> None:
         prepared = _outcome_of(item.claimed, item.future)
+        if prepared.decode_s is not None:
+            self.metrics.decode_seconds.observe(prepared.decode_s)
         self.writer.metadata(item.chunk, prepared.metadata)
         if prepared.status:
+            self._unusable(item.chunk, item.claimed.id, prepared.status, prepared.reason, list(item.models))
             self.writer.outcome(item.chunk, item.claimed.id, prepared.status, prepared.reason)
             return
         try:
@@ -241,4 +280,5 @@ class Engine:
         except Exception as exc:  # a bug costs this instance, with its cause, not the chunk's wait
             log.exception("queueing instance %s for inference failed", item.claimed.id)
             reason = f"could not queue for inference: {type(exc).__name__}: {printable(str(exc), 300)}"
+            self._unusable(item.chunk, item.claimed.id, InstanceStatus.FAILED, reason, list(item.models))
             self.writer.outcome(item.chunk, item.claimed.id, InstanceStatus.FAILED, reason)

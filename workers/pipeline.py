@@ -12,6 +12,7 @@ from db.models import Job
 from db.session import transaction
 from db.status import MESSAGE_PRIORITY, Priority
 from db.work import claim, still_waiting
+from radq.logs import log_context
 from radq.model_card import cards_in
 from radq.routing import gpu_only_models, gpu_queue_for
 from workers.chunk import ChunkReport, HandBack
@@ -30,6 +31,13 @@ def run_chunk(
     worker claims nothing of a job that needs a GPU-only model: the report's
     ``handed_back`` says where the caller must publish the instances again.
     """
+    with log_context(job_id=job_id):
+        return _run_chunk(ctx, job_id, instance_ids, worker)
+
+
+def _run_chunk(
+    ctx: WorkerContext, job_id: str, instance_ids: Sequence[int], worker: str | None
+) -> ChunkReport:
     with transaction(ctx.sessions) as session:
         job = get_job(session, job_id)
         if job is not None and ctx.models.device.type != "cuda":

@@ -9,29 +9,34 @@ model's device).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
 from radq.blobs import BlobStore, sha256_of
 from radq.errors import BlobStoreUnavailable, InstanceError
+from radq.logs import log_context
 from radq.model_card import ModelCard
 from workers.decode import DecodedImage, check_image, decode
 from workers.device_prep import RawFrame, raw_frames
-from workers.header import InstanceMeta, printable, read_header, short_error
+from workers.header import InstanceMeta, printable, pydicom_notes, read_header, short_error
+from workers.phi import patient_pseudonym, patient_values, redact
 
 log = logging.getLogger(__name__)
 
 _MAX_REASON = 1000
 
 
-def _joined(notes: Sequence[str]) -> str | None:
-    """Notes for their column; they quote file content, so none of it unstorable."""
-    return printable("; ".join(notes), 20_000) or None
+def _joined(notes: Sequence[str], patient: list[str]) -> str | None:
+    """Notes for their column; they quote file content, so none of it unstorable or identifying."""
+    return printable(redact("; ".join(notes), patient) or "", 20_000) or None
 
 
 @dataclass(frozen=True)
@@ -76,13 +81,32 @@ class Prepared:
     inputs: dict[str, list[RawFrame]] = field(default_factory=dict)
     status: str | None = None
     reason: str | None = None
+    decode_s: float | None = None
+    """Seconds :func:`load` took in the decode process (None: it did not run there)."""
+    patient: list[str] = field(default_factory=list, repr=False)
+    """The file's patient values, cut out of notes and reasons; cleared before leaving the process."""
 
     def fail(self, status: str, reason: str) -> None:
-        # Reasons quote file content: never let a NUL or a kilobyte of it reach the database.
-        self.status, self.reason = status, printable(reason, _MAX_REASON)
+        # Reasons quote file content: never let a NUL, a kilobyte of it or a patient's name
+        # reach the database.
+        self.status, self.reason = status, printable(redact(reason, self.patient) or "", _MAX_REASON)
 
 
-def _metadata_columns(instance_id: int, meta: InstanceMeta, notes: Sequence[str]) -> dict[str, Any]:
+def _read(out: Prepared, path: Path, pseudonym_key: bytes) -> tuple[Dataset, InstanceMeta, list[str]]:
+    """Read the header into ``out``: metadata columns, the patient's pseudonym, no patient values."""
+    ds, meta, notes = read_header(path)
+    with pydicom_notes(notes):  # reading patient elements may warn, quoting them: into the notes
+        out.patient = patient_values(ds)
+        pseudonym = patient_pseudonym(ds, pseudonym_key)
+    out.meta = meta
+    out.metadata = _metadata_columns(out.claimed.id, meta, notes, out.patient)
+    out.metadata["patient_pseudonym"] = pseudonym
+    return ds, meta, notes
+
+
+def _metadata_columns(
+    instance_id: int, meta: InstanceMeta, notes: Sequence[str], patient: list[str]
+) -> dict[str, Any]:
     return {
         "id": instance_id,
         "sop_instance_uid": meta.sop_instance_uid,
@@ -91,7 +115,7 @@ def _metadata_columns(instance_id: int, meta: InstanceMeta, notes: Sequence[str]
         "modality": meta.modality,
         "body_part": meta.body_part,
         "series_description": meta.series_description,
-        "notes": _joined(notes),
+        "notes": _joined(notes, patient),
     }
 
 
@@ -106,7 +130,10 @@ def applies(card: ModelCard, meta: InstanceMeta) -> bool:
 
 @contextmanager
 def _recorded(out: Prepared, path: Source) -> Iterator[None]:
-    """Turn any per-file problem into ``out.status``/``out.reason``; nothing escapes."""
+    """Turn any per-file problem into ``out.status``/``out.reason``; nothing escapes.
+
+    ``out.patient`` is emptied on the way out: patient values never leave the decode process.
+    """
     try:
         yield
     except InstanceError as exc:
@@ -124,17 +151,23 @@ def _recorded(out: Prepared, path: Source) -> Iterator[None]:
             InstanceStatus.FAILED,
             f"unexpected error while reading the file: {type(exc).__name__}: {short_error(exc)}",
         )
+    finally:
+        out.patient = []
 
 
-def inspect(claimed: Claimed, source: Source) -> Prepared:
+def inspect(claimed: Claimed, source: Source, pseudonym_key: bytes) -> Prepared:
     """Header, content hash and a check that the image can be decoded at all; no pixels.
 
     What a chunk asking for reuse of earlier results needs before deciding what to decode.
+    ``pseudonym_key`` keys the HMAC that stands for the PatientID.
     """
     out = Prepared(claimed)
-    with _recorded(out, source), _local(source) as path:
-        ds, meta, notes = read_header(path)
-        out.meta, out.metadata = meta, _metadata_columns(claimed.id, meta, notes)
+    with (
+        log_context(job_id=claimed.job_id, instance_id=claimed.id),
+        _recorded(out, source),
+        _local(source) as path,
+    ):
+        ds, meta, _ = _read(out, path, pseudonym_key)
         # Uploads are stored under their hash; files read in place are hashed here.
         sha = sha256_of(path) if claimed.storage == StorageKind.PATH else claimed.location
         out.metadata["content_sha256"] = sha
@@ -145,37 +178,58 @@ def inspect(claimed: Claimed, source: Source) -> Prepared:
 def load(
     claimed: Claimed,
     source: Source,
+    pseudonym_key: bytes,
     cards: Sequence[ModelCard],
     max_pixels: int,
     content_sha256: str | None = None,
 ) -> Prepared:
     """Read, check, route and decode one instance into raw frames for every card that applies.
 
-    ``content_sha256`` skips hashing a file :func:`inspect` already hashed.
+    ``content_sha256`` skips hashing a file :func:`inspect` already hashed; ``pseudonym_key``
+    keys the HMAC that stands for the PatientID. The time it takes travels back in
+    ``decode_s`` (the worker's decode-latency metric).
     """
+    started = time.perf_counter()
     out = Prepared(claimed)
-    with _recorded(out, source), _local(source) as path:
-        ds, meta, notes = read_header(path)
-        out.meta, out.metadata = meta, _metadata_columns(claimed.id, meta, notes)
-        if content_sha256 is None:
-            content_sha256 = sha256_of(path) if claimed.storage == StorageKind.PATH else claimed.location
-        out.metadata["content_sha256"] = content_sha256
-        check_image(ds, meta)
-        applicable = [card for card in cards if applies(card, meta)]
-        if not applicable:
-            what = " ".join(filter(None, [meta.modality, meta.body_part])) or "an instance without Modality"
-            names = ", ".join(card.name for card in cards) or "none"
-            out.fail(InstanceStatus.SKIPPED, f"no model for {what} (models tried: {names})")
-            return out
-        images: dict[str, DecodedImage] = {}  # one decode per frame policy
-        by_recipe: dict[str, list[RawFrame]] = {}
-        for card in applicable:
-            policy = card.preprocessing.frame
-            if policy not in images:
-                images[policy] = decode(ds, meta, notes, max_pixels=max_pixels, frame=policy)
-            recipe = card.preprocessing_recipe
-            if recipe not in by_recipe:
-                by_recipe[recipe] = raw_frames(images[policy], card.input, card.preprocessing)
-            out.inputs[card.name] = by_recipe[recipe]
-        out.metadata["notes"] = _joined(notes)  # decode appended its notes
+    with (
+        log_context(job_id=claimed.job_id, instance_id=claimed.id),
+        _recorded(out, source),
+        _local(source) as path,
+    ):
+        _load_into(out, path, pseudonym_key, cards, max_pixels, content_sha256)
+    out.decode_s = time.perf_counter() - started
     return out
+
+
+def _load_into(
+    out: Prepared,
+    path: Path,
+    pseudonym_key: bytes,
+    cards: Sequence[ModelCard],
+    max_pixels: int,
+    content_sha256: str | None,
+) -> None:
+    """The body of :func:`load`; per-file problems escape to its ``_recorded``."""
+    claimed = out.claimed
+    ds, meta, notes = _read(out, path, pseudonym_key)
+    if content_sha256 is None:
+        content_sha256 = sha256_of(path) if claimed.storage == StorageKind.PATH else claimed.location
+    out.metadata["content_sha256"] = content_sha256
+    check_image(ds, meta)
+    applicable = [card for card in cards if applies(card, meta)]
+    if not applicable:
+        what = " ".join(filter(None, [meta.modality, meta.body_part])) or "an instance without Modality"
+        names = ", ".join(card.name for card in cards) or "none"
+        out.fail(InstanceStatus.SKIPPED, f"no model for {what} (models tried: {names})")
+        return
+    images: dict[str, DecodedImage] = {}  # one decode per frame policy
+    by_recipe: dict[str, list[RawFrame]] = {}
+    for card in applicable:
+        policy = card.preprocessing.frame
+        if policy not in images:
+            images[policy] = decode(ds, meta, notes, max_pixels=max_pixels, frame=policy)
+        recipe = card.preprocessing_recipe
+        if recipe not in by_recipe:
+            by_recipe[recipe] = raw_frames(images[policy], card.input, card.preprocessing)
+        out.inputs[card.name] = by_recipe[recipe]
+    out.metadata["notes"] = _joined(notes, out.patient)  # decode appended its notes

@@ -97,11 +97,15 @@ def _decode(parts: list[bytearray]) -> Any:
 # --- Child side -----------------------------------------------------------------------
 
 
-def _child_main(conn: Connection) -> None:
+def _child_main(
+    conn: Connection, initializer: Callable[..., object] | None = None, initargs: tuple[Any, ...] = ()
+) -> None:
     """Run tasks read from ``conn`` one at a time until the parent closes it or dies."""
     # Ctrl-C reaches the whole process group; the parent decides how its children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
+    if initializer is not None:
+        initializer(*initargs)
     while True:
         try:
             parts = _receive(conn)
@@ -206,6 +210,8 @@ class ProcessPool:
             before it first starts counts.
         context: a ``multiprocessing`` start method; "forkserver" or "spawn" keep torch's
             threads and CUDA state out of the children.
+        initializer: a module-level function each child calls with ``initargs`` before
+            its first task (e.g. to configure logging, which a fresh child lacks).
 
     Raises:
         ValueError: for a count or timeout that is not positive, or an unknown context.
@@ -221,6 +227,8 @@ class ProcessPool:
         name: str = "radq-decode",
         preload: Sequence[str] = (),
         context: str = "forkserver",
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be at least 1, got {processes}")
@@ -238,6 +246,7 @@ class ProcessPool:
         self._processes = processes
         self._timeout = task_timeout
         self._name = name
+        self._initializer, self._initargs = initializer, initargs
         self._started = 0
         self._children: list[_Child] = []  # the dispatcher thread's alone
         self._lock = threading.Lock()
@@ -363,7 +372,9 @@ class ProcessPool:
         parent_end, child_end = self._ctx.Pipe()
         self._started += 1
         process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=_child_main, args=(child_end,), name=f"{self._name}-{self._started}", daemon=True
+            target=_child_main,
+            args=(child_end, self._initializer, self._initargs),
+            name=f"{self._name}-{self._started}", daemon=True
         )
         process.start()
         child_end.close()  # so the child's death reads as EOF here

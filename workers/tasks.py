@@ -10,6 +10,7 @@ from sqlalchemy.exc import OperationalError
 from radq.settings import Settings
 from radq.tasks import INFER_CHUNK, NOTIFY_JOB
 from workers.context import get_context
+from workers.metrics import WorkerMetrics
 from workers.pipeline import run_chunk
 from workers.webhooks import DeliveryFailed, deliver
 
@@ -19,8 +20,11 @@ WEBHOOK_BACKOFF_S = 1.0
 """First retry delay; doubled each attempt (1, 2, 4, 8 s)."""
 
 
-def register_tasks(app: Celery, settings: Settings) -> None:
-    """Attach radq's tasks to ``app``; ``settings`` travel with them into forked children."""
+def register_tasks(app: Celery, settings: Settings, metrics: WorkerMetrics | None = None) -> None:
+    """Attach radq's tasks to ``app``; ``settings`` travel with them into forked children.
+
+    ``metrics``: where the engine reports (the worker process's served metrics).
+    """
 
     @app.task(
         name=INFER_CHUNK,
@@ -33,7 +37,8 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         bind=True,
     )
     def infer_chunk(self: Task, job_id: str, instance_ids: list[int]) -> dict[str, object]:
-        report = run_chunk(get_context(settings), job_id, instance_ids, worker=self.request.hostname)
+        context = get_context(settings, metrics)
+        report = run_chunk(context, job_id, instance_ids, worker=self.request.hostname)
         back = report.handed_back
         if back is not None and back.instance_ids:
             # Published before this message is acknowledged (acks_late): a crash in
@@ -49,7 +54,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     def notify_job(self: Task, job_id: str) -> bool:
         attempt = self.request.retries + 1
         try:
-            return deliver(get_context(settings), job_id, attempt)
+            return deliver(get_context(settings, metrics), job_id, attempt)
         except DeliveryFailed as exc:
             if attempt >= WEBHOOK_ATTEMPTS:
                 return False  # every attempt is recorded in webhook_deliveries

@@ -23,7 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import transaction
 from db.work import ResultRow, close_finished_jobs, finish, record_metadata, write_results
+from radq.logs import log_context
 from workers.chunk import Chunk
+from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,14 @@ class Writer:
     """Queue writes from any thread; a background thread commits them in order."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], *, sleep: Callable[[float], None] = time.sleep
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._sessions = sessions
+        self._metrics = metrics
         self._sleep = sleep
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="radq-writer", daemon=True)
@@ -102,7 +109,10 @@ class Writer:
             if first is None:
                 return
             batch, stop = self._collect(first)
-            self._commit(batch)
+            jobs = {chunk.job_id for chunk, *_ in batch.outcomes}
+            # A transaction often serves several jobs; its log lines name the job when it is one.
+            with log_context(job_id=jobs.pop() if len(jobs) == 1 else None):
+                self._commit(batch)
             if stop:
                 return
 
@@ -110,7 +120,10 @@ class Writer:
         delay = 1.0
         while True:
             try:
+                started = time.perf_counter()
                 closed = self._write(batch)
+                if self._metrics is not None:
+                    self._metrics.write_seconds.observe(time.perf_counter() - started)
                 break
             except OperationalError as exc:
                 log.warning("could not write %d item(s), retrying in %.0f s: %s", len(batch), delay, exc.orig)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from api.deps import StateDep
+from api.audit import audit
+from api.deps import Caller, StateDep, SubmitDep
 from api.dicomweb import (
     DICOM_JSON,
     Failure,
@@ -30,6 +32,7 @@ from api.ingest import Ingest
 from api.schemas import ErrorOut
 from api.state import AppState
 from api.submit import resolve_models, submit
+from db.audit import AuditAction
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
@@ -68,20 +71,24 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/studies", openapi_extra=_OPENAPI, responses=_RESPONSES, response_class=Response)
-async def store_instances_route(request: Request, state: StateDep, models: ModelsQuery = None) -> Response:
+async def store_instances_route(
+    request: Request, state: StateDep, caller: SubmitDep, models: ModelsQuery = None
+) -> Response:
     """STOW-RS Store Instances: any studies, submitted together as one radq job."""
-    return await _stow(request, state, models, study=None)
+    return await _stow(request, state, caller, models, study=None)
 
 
 @router.post("/studies/{study}", openapi_extra=_OPENAPI, responses=_RESPONSES, response_class=Response)
 async def store_study_instances_route(
-    study: str, request: Request, state: StateDep, models: ModelsQuery = None
+    study: str, request: Request, state: StateDep, caller: SubmitDep, models: ModelsQuery = None
 ) -> Response:
     """STOW-RS Store Instances of one study: parts of another study fail with 0xA900."""
-    return await _stow(request, state, models, study=study)
+    return await _stow(request, state, caller, models, study=study)
 
 
-async def _stow(request: Request, state: AppState, models: list[str] | None, study: str | None) -> Response:
+async def _stow(
+    request: Request, state: AppState, caller: Caller, models: list[str] | None, study: str | None
+) -> Response:
     if not accepts_dicom_json(request.headers.get("accept")):
         raise HTTPException(406, f"STOW-RS responses are {DICOM_JSON}; send Accept: {DICOM_JSON}")
     try:
@@ -112,6 +119,12 @@ async def _stow(request: Request, state: AppState, models: list[str] | None, stu
     finally:
         await run_in_threadpool(spool.cleanup)
 
+    if job_id is not None:
+        detail = f"stow-rs: {len(outcome.stored)} instance(s)"
+        await run_in_threadpool(
+            partial(audit, job_id=job_id, study_instance_uid=study, detail=detail), state, caller,
+            AuditAction.SUBMIT,
+        )  # fmt: skip
     for failure in outcome.failed:
         log.info("stow-rs: %s", failure.reason)
     log.info(

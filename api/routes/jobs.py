@@ -13,7 +13,8 @@ from pydantic import BaseModel, BeforeValidator, ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData, UploadFile
 
-from api.deps import RegistrarDep, SessionDep, StateDep
+from api.audit import audit
+from api.deps import ReadDep, RegistrarDep, SessionDep, StateDep, SubmitDep
 from api.ingest import Ingest
 from api.retention import retention_reason
 from api.schemas import (
@@ -31,6 +32,7 @@ from api.schemas import (
 )
 from api.state import AppState
 from api.submit import enqueue, notify_ended, submit, submit_paths
+from db.audit import AuditAction
 from db.jobs import (
     as_utc,
     cancel_job,
@@ -159,7 +161,7 @@ def _validated(model: type[Options], data: object) -> Options:
                415: {"model": ErrorOut}, 503: {"model": ErrorOut}},
 )
 async def create_job(
-    request: Request, response: Response, state: StateDep, registrar: RegistrarDep
+    request: Request, response: Response, state: StateDep, registrar: RegistrarDep, caller: SubmitDep
 ) -> JobOut:
     """Submit files (multipart upload) or paths on shared storage (JSON).
 
@@ -183,6 +185,7 @@ async def create_job(
                 partial(submit, priority=opts.priority or Priority.NORMAL, webhook_url=opts.webhook_url),
                 state, collect, opts.models, opts.job_options(dedup_by_default=state.settings.dedup),
             )  # fmt: skip
+        how = f"upload: {len(uploads)} part(s)"
     elif content_type.startswith("application/json"):
         body = _validated(PathsRequest, await request.body())
         job_id, sources = await run_in_threadpool(
@@ -190,11 +193,13 @@ async def create_job(
             state, body.paths, body.models, body.job_options(dedup_by_default=state.settings.dedup),
         )  # fmt: skip
         registrar.register(sources)
+        how = f"paths: {len(body.paths)}"
     else:
         raise HTTPException(
             415,
             "send multipart/form-data with 'files' parts, or application/json with {\"paths\": [...]}",
         )
+    await run_in_threadpool(partial(audit, job_id=job_id, detail=how), state, caller, AuditAction.SUBMIT)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return await run_in_threadpool(_view, state, job_id)
 
@@ -204,7 +209,7 @@ def _view(state: AppState, job_id: str) -> JobOut:
         return job_view(session, job_id)
 
 
-def _not_a_number(value: object) -> object:
+def not_a_number(value: object) -> object:
     """Refuse a number for a date-time: pydantic would read it as Unix time, so ISO 8601's
     basic form ``20240131`` would silently mean 1970-08-23."""
     if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+(\.\d*)?\s*", value):
@@ -218,7 +223,7 @@ def read_jobs(
     status: Annotated[JobStatus | None, Query()] = None,
     since: Annotated[
         datetime | None,
-        BeforeValidator(_not_a_number),
+        BeforeValidator(not_a_number),
         Query(description="ISO 8601; jobs created at or after"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -239,13 +244,14 @@ def read_job(job_id: str, session: SessionDep) -> JobOut:
 @router.post("/{job_id}/cancel", response_model=JobOut,
              responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut},
                         422: {"model": ErrorOut}})  # fmt: skip
-def cancel(job_id: str, state: StateDep) -> JobOut:
+def cancel(job_id: str, state: StateDep, caller: SubmitDep) -> JobOut:
     """Drop a job's waiting work; chunks already being processed finish and are counted."""
     with transaction(state.sessions) as session:
         job = _job_or_404(session, job_id)
         if not cancel_job(session, job_id):
             raise HTTPException(409, f"job {job_id} has already ended ({job.status}); nothing to cancel")
         webhook = job.webhook_url
+    audit(state, caller, AuditAction.CANCEL, job_id=job_id)
     if webhook:
         notify_ended(state, job_id)
     return _view(state, job_id)
@@ -254,7 +260,7 @@ def cancel(job_id: str, state: StateDep) -> JobOut:
 @router.post("/{job_id}/retry", response_model=JobOut, status_code=202,
              responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut},
                         422: {"model": ErrorOut}})  # fmt: skip
-def retry(job_id: str, state: StateDep) -> JobOut:
+def retry(job_id: str, state: StateDep, caller: SubmitDep) -> JobOut:
     """Run a job's failed instances again."""
     with transaction(state.sessions) as session:
         job = _job_or_404(session, job_id)
@@ -272,6 +278,7 @@ def retry(job_id: str, state: StateDep) -> JobOut:
         )
     if not ids:
         raise HTTPException(409, f"job {job_id} has no failed instances to retry")
+    audit(state, caller, AuditAction.RETRY, job_id=job_id, detail=f"{len(ids)} instance(s)")
     enqueue(state, job_id, ids, priority, queue=queue)
     return _view(state, job_id)
 
@@ -281,12 +288,15 @@ def retry(job_id: str, state: StateDep) -> JobOut:
 def read_instances(
     job_id: str,
     session: SessionDep,
+    state: StateDep,
+    caller: ReadDep,
     status: Annotated[InstanceStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     # SQL's OFFSET is a signed 64-bit integer: past it SQLite and PostgreSQL raise, not answer.
     offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
 ) -> InstancesPage:
     _job_or_404(session, job_id)
+    audit(state, caller, AuditAction.READ_INSTANCES, job_id=job_id)
     rows = list_instances(session, job_id, status=status, limit=limit, offset=offset)
     return InstancesPage(
         job_id=job_id,

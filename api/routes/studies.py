@@ -4,27 +4,33 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse, Response
 
-from api.deps import SessionDep, StateDep
+from api.audit import audit
+from api.deps import ReadDep, SessionDep, StateDep
 from api.schemas import (
     ErrorOut,
     ResultOut,
     SeriesOut,
+    StudiesPage,
+    StudyFound,
     StudyInstanceOut,
     StudyResultsOut,
     SummaryOut,
 )
+from db.audit import AuditAction
 from db.jobs import as_utc
 from db.models import Result
-from db.studies import study_instances, summarise
+from db.studies import studies_of_patient, study_instances, study_pseudonym, summarise
 from radq.errors import BlobMissing
 from radq.model_card import discover_cards
 
 router = APIRouter(tags=["studies"], responses={422: {"model": ErrorOut}})
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256_PATTERN = SHA256.pattern
 
 
 def _result(r: Result) -> ResultOut:
@@ -45,8 +51,13 @@ def _result(r: Result) -> ResultOut:
     response_model=StudyResultsOut,
     responses={404: {"model": ErrorOut}},
 )
-def read_study_results(study_instance_uid: str, session: SessionDep, state: StateDep) -> StudyResultsOut:
+def read_study_results(
+    study_instance_uid: str, session: SessionDep, state: StateDep, caller: ReadDep
+) -> StudyResultsOut:
     entries = study_instances(session, study_instance_uid)
+    # Attempts on unknown studies are recorded too: probing for UIDs is worth seeing.
+    audit(state, caller, AuditAction.READ_STUDY, study_instance_uid=study_instance_uid,
+          detail=None if entries else "no such study")  # fmt: skip
     if not entries:
         raise HTTPException(
             404,
@@ -82,8 +93,36 @@ def read_study_results(study_instance_uid: str, session: SessionDep, state: Stat
     }
     return StudyResultsOut(
         study_instance_uid=study_instance_uid,
+        patient_pseudonym=study_pseudonym(entries),
         series=list(series.values()),
         summary=[SummaryOut.model_validate(s) for s in summarise(entries, aggregations)],
+    )
+
+
+@router.get("/v1/studies", response_model=StudiesPage)
+def find_studies(
+    session: SessionDep,
+    state: StateDep,
+    caller: ReadDep,
+    patient_pseudonym: Annotated[
+        str, Query(pattern=SHA256_PATTERN, description="A study's patient_pseudonym (64 hex digits)")
+    ],
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> StudiesPage:
+    """The studies of one patient, found by the pseudonym another study's results show."""
+    audit(state, caller, AuditAction.FIND_STUDIES, detail=f"patient_pseudonym={patient_pseudonym}")
+    found = studies_of_patient(session, patient_pseudonym, limit)
+    return StudiesPage(
+        patient_pseudonym=patient_pseudonym,
+        items=[
+            StudyFound(
+                study_instance_uid=s.study_instance_uid,
+                instances=s.instances,
+                modalities=s.modalities,
+                first_submitted=as_utc(s.first_submitted),  # type: ignore[arg-type]
+            )
+            for s in found
+        ],
     )
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import uuid
+from pathlib import Path
 
-import httpx
+import pydicom
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from db.models import Instance, Result
@@ -15,6 +16,14 @@ from tests.jobwait import wait_done
 FILES = ("CT5N_2062.dcm", "CT5N_2392.dcm", "MR_small.dcm")
 
 
+def _with_new_uid(source: Path, target: Path, uid: str | None = None) -> None:
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = uid or generate_uid()
+    if "MediaStorageSOPInstanceUID" in ds.file_meta:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(target)
+
+
 def _results(stack: Stack, job_id: str) -> list[Result]:
     with stack.sessions() as session:
         query = select(Result).join(Instance).where(Instance.job_id == job_id)
@@ -22,7 +31,7 @@ def _results(stack: Stack, job_id: str) -> list[Result]:
 
 
 def _paths(stack: Stack, paths: list[str], **extra: object) -> dict[str, object]:
-    response = httpx.post(f"{stack.api_url}/v1/jobs", json={"paths": paths, **extra})
+    response = stack.http.post("/v1/jobs", json={"paths": paths, **extra})
     assert response.status_code == 202, response.text
     return response.json()  # type: ignore[no-any-return]
 
@@ -31,7 +40,9 @@ def test_resubmission_is_all_skipped_with_results_linked(stack: Stack) -> None:
     folder = stack.archive / f"dedup-{uuid.uuid4().hex[:6]}"
     folder.mkdir()
     for name in FILES:
-        shutil.copy(SAMPLES / "real" / name, folder / name)
+        # New SOPInstanceUIDs: results of the same samples from earlier tests in this
+        # session's database must not count as duplicates of the first submission.
+        _with_new_uid(SAMPLES / "real" / name, folder / name)
     first = wait_done(stack.client, _paths(stack, [str(folder)], force=False)["id"])
     assert first["counts"]["done"] == 3
     originals = {r.instance_id: r for r in _results(stack, first["id"])}
@@ -52,7 +63,8 @@ def test_resubmission_is_all_skipped_with_results_linked(stack: Stack) -> None:
             assert inst["reason"].startswith("already processed: same SOPInstanceUID and content")
 
     # Different bytes under the same SOPInstanceUID are not a duplicate.
-    (folder / "MR_small.dcm").write_bytes((SAMPLES / "real" / "MR_small_padded.dcm").read_bytes())
+    uid = pydicom.dcmread(folder / "MR_small.dcm").SOPInstanceUID
+    _with_new_uid(SAMPLES / "real" / "MR_small_padded.dcm", folder / "MR_small.dcm", uid)
     changed = wait_done(stack.client, _paths(stack, [str(folder / "MR_small.dcm")], force=False)["id"])
     assert changed["counts"]["done"] == 1
 

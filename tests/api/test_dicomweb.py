@@ -63,8 +63,8 @@ def _stow(
     stack: Stack, parts: list[bytes | tuple[str, bytes]], path: str = "/dicomweb/studies", **kw: str
 ) -> httpx.Response:
     boundary = uuid.uuid4().hex
-    return httpx.post(
-        f"{stack.api_url}{path}",
+    return stack.http.post(
+        path,
         content=_body(parts, boundary),
         # The type parameter unquoted on purpose: dicomweb-client quotes it, others do not.
         headers={"content-type": f"multipart/related; type=application/dicom; boundary={boundary}", **kw},
@@ -92,7 +92,7 @@ def test_dicomweb_client_stores_instances_as_one_job(stack: Stack) -> None:
     files = [REAL / "CT_small.dcm", REAL / "MR_small.dcm", *CT5N]
     datasets = [pydicom.dcmread(p) for p in files]
     # A small chunk size makes the client send chunked transfer encoding: no Content-Length.
-    client = DICOMwebClient(url=f"{stack.api_url}/dicomweb", chunk_size=16 * 1024)
+    client = DICOMwebClient(url=f"{stack.api_url}/dicomweb", chunk_size=16 * 1024, headers=stack.headers)
     answer = client.store_instances(datasets=datasets, additional_params={"models": "radq-smoke"})
 
     assert "FailedSOPSequence" not in answer
@@ -195,9 +195,7 @@ def test_requests_that_are_not_stow_rs_are_refused(
     stack: Stack, content_type: str, body: bytes, status: int, fragment: str
 ) -> None:
     before = _jobs(stack)
-    response = httpx.post(
-        f"{stack.api_url}/dicomweb/studies", content=body, headers={"content-type": content_type}
-    )
+    response = stack.http.post("/dicomweb/studies", content=body, headers={"content-type": content_type})
     assert response.status_code == status, response.text
     assert fragment in response.json()["detail"]
     assert _jobs(stack) == before
@@ -207,9 +205,7 @@ def test_body_cut_short_is_400_and_stores_nothing(stack: Stack) -> None:
     before = _jobs(stack)
     whole = _body([p.read_bytes() for p in CT5N[:3]], "cut")
     cut = whole[: len(whole) - 2000]  # two parts complete, the third cut in its middle
-    response = httpx.post(
-        f"{stack.api_url}/dicomweb/studies", content=cut, headers={"content-type": STOW_TYPE + "cut"}
-    )
+    response = stack.http.post("/dicomweb/studies", content=cut, headers={"content-type": STOW_TYPE + "cut"})
     assert response.status_code == 400, response.text
     detail = response.json()["detail"]
     assert "ends after 2 complete part(s) without its closing boundary --cut--" in detail

@@ -7,15 +7,13 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import httpx
-
 from tests.conftest import SAMPLES, Stack
 from tests.integration.test_scale import _generate
 from tests.jobwait import wait_done
 
 
 def _paths_job(stack: Stack, paths: list[str], **extra: object) -> dict[str, object]:
-    response = httpx.post(f"{stack.api_url}/v1/jobs", json={"paths": paths, **extra}, timeout=60)
+    response = stack.http.post("/v1/jobs", json={"paths": paths, **extra}, timeout=60)
     assert response.status_code == 202, response.text
     return response.json()  # type: ignore[no-any-return]
 
@@ -43,7 +41,7 @@ def test_cancel_drops_waiting_work_and_keeps_counts_true(stack: Stack) -> None:
     _generate(root)
     job = _paths_job(stack, [str(root)])
     time.sleep(0.5)
-    response = httpx.post(f"{stack.api_url}/v1/jobs/{job['id']}/cancel")
+    response = stack.http.post(f"/v1/jobs/{job['id']}/cancel")
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "cancelled"
     deadline = time.monotonic() + 60
@@ -60,7 +58,7 @@ def test_cancel_drops_waiting_work_and_keeps_counts_true(stack: Stack) -> None:
     assert counts["skipped"] > 0
     skipped = stack.client.instances(str(job["id"]), "skipped")
     assert all(i["reason"] == "job cancelled before this file was processed" for i in skipped)
-    again = httpx.post(f"{stack.api_url}/v1/jobs/{job['id']}/cancel")
+    again = stack.http.post(f"/v1/jobs/{job['id']}/cancel")
     assert again.status_code == 409 and "already ended" in again.json()["detail"]
 
 
@@ -70,25 +68,25 @@ def test_retry_runs_failed_instances_again(stack: Stack) -> None:
     job = wait_done(stack.client, str(_paths_job(stack, [str(target)])["id"]))
     assert job["counts"]["failed"] == 1
     shutil.copy(SAMPLES / "real" / "MR_small.dcm", target)  # the file is fixed on storage
-    response = httpx.post(f"{stack.api_url}/v1/jobs/{job['id']}/retry")
+    response = stack.http.post(f"/v1/jobs/{job['id']}/retry")
     assert response.status_code == 202, response.text
     job = wait_done(stack.client, str(job["id"]))
     assert job["counts"]["done"] == 1 and job["counts"]["failed"] == 0
     (inst,) = stack.client.instances(str(job["id"]))
     assert inst["attempts"] == 2 and inst["reason"] is None
-    nothing = httpx.post(f"{stack.api_url}/v1/jobs/{job['id']}/retry")
+    nothing = stack.http.post(f"/v1/jobs/{job['id']}/retry")
     assert nothing.status_code == 409 and "no failed instances" in nothing.json()["detail"]
 
 
 def test_list_jobs_with_filters_and_progress(stack: Stack) -> None:
     before = datetime.now(UTC) - timedelta(seconds=1)
     done = wait_done(stack.client, stack.client.upload([SAMPLES / "real" / "MR_small.dcm"])["id"])
-    listed = httpx.get(f"{stack.api_url}/v1/jobs", params={"status": "done", "since": before.isoformat()})
+    listed = stack.http.get("/v1/jobs", params={"status": "done", "since": before.isoformat()})
     assert listed.status_code == 200
     items = listed.json()["items"]
     assert done["id"] in [j["id"] for j in items] and all(j["status"] == "done" for j in items)
     assert done["progress"]["finished"] == 1 and done["progress"]["eta_seconds"] == 0.0
     assert done["studies"][0]["done"] == 1
-    assert httpx.get(f"{stack.api_url}/v1/jobs", params={"status": "bogus"}).status_code == 422
-    bad = httpx.post(f"{stack.api_url}/v1/jobs", json={"paths": ["/x"], "priority": "asap"})
+    assert stack.http.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
+    bad = stack.http.post("/v1/jobs", json={"paths": ["/x"], "priority": "asap"})
     assert bad.status_code == 400 and "priority" in bad.json()["detail"]

@@ -27,7 +27,7 @@ from radq.queue import redis_queue_keys
 from radq.routing import all_queues, model_queue
 from radq.services import free_port, spawn, stop, wait_for_http
 from radq.settings import Settings
-from tests.apiserver import serve
+from tests.apiserver import bearer, serve
 from tests.conftest import make_settings
 
 
@@ -166,11 +166,13 @@ def test_registration_resumes_after_the_api_is_killed(settings: Settings, databa
         wait_for_http(f"http://127.0.0.1:{port}/healthz", process)
         return process, f"http://127.0.0.1:{port}"
 
+    auth = bearer(database_url)
     first, url = start_api()
     try:
-        job_id = httpx.post(f"{url}/v1/jobs", json={"paths": [str(root)]}).json()["id"]
+        job_id = httpx.post(f"{url}/v1/jobs", json={"paths": [str(root)]}, headers=auth).json()["id"]
         deadline = time.monotonic() + 60
-        while (seen := httpx.get(f"{url}/v1/jobs/{job_id}").json()["registration"]["files_seen"]) == 0:
+        job_url = f"{url}/v1/jobs/{job_id}"
+        while (seen := httpx.get(job_url, headers=auth).json()["registration"]["files_seen"]) == 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert seen < 30_000
@@ -180,7 +182,7 @@ def test_registration_resumes_after_the_api_is_killed(settings: Settings, databa
         stop(first)
     second, url = start_api()
     try:
-        with httpx.Client(base_url=url, timeout=30) as http:
+        with httpx.Client(base_url=url, timeout=30, headers=auth) as http:
             job = wait_registered(http, job_id, timeout=180)
             deadline = time.monotonic() + 30
             while job["counts"]["pending"] and time.monotonic() < deadline:

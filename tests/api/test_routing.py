@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 
-import httpx
 import pydicom
 from pydicom.uid import generate_uid
 
@@ -32,7 +31,7 @@ def test_auto_routes_by_modality_and_body_part(stack: Stack) -> None:
     for broken in ("MR_small_cut_in_pixels.dcm", "structured_report_no_image.dcm"):
         files[broken] = (SAMPLES / "broken" / broken).read_bytes()
     parts = [("files", (name, io.BytesIO(body))) for name, body in files.items()]
-    response = httpx.post(f"{stack.api_url}/v1/jobs", files=parts, data={"models": "auto"}, timeout=60)
+    response = stack.http.post("/v1/jobs", files=parts, data={"models": "auto"}, timeout=60)
     assert response.status_code == 202, response.text
     job = wait_done(stack.client, response.json()["id"], timeout=300)
     assert job["models"] == ["auto"]

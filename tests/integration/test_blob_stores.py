@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import select
 
@@ -111,7 +110,7 @@ def test_upload_runs_then_its_files_leave_the_store_and_results_stay(blob_stack:
     # ...and what a user reads stays: results, and the Grad-CAM maps (never deleted).
     assert stack.client.study_results(ct_uid) == results
     for url in maps:
-        png = httpx.get(f"{stack.api_url}{url}", timeout=30)
+        png = stack.http.get(url)
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG"), url
 
     if blob_stack.kind == "s3":
@@ -125,7 +124,7 @@ def test_upload_runs_then_its_files_leave_the_store_and_results_stay(blob_stack:
         assert len(pngs) == 4, "saliency maps are kept in the bucket"
 
     # A retry cannot bring the deleted upload back: it says why, naming the setting.
-    retry = httpx.post(f"{stack.api_url}/v1/jobs/{job['id']}/retry", timeout=30)
+    retry = stack.http.post(f"/v1/jobs/{job['id']}/retry")
     assert retry.status_code == 409, retry.text
     assert "RADQ_BLOB_RETENTION_DAYS=0" in retry.json()["detail"]
     (still,) = stack.client.instances(str(job["id"]), "failed")
@@ -144,11 +143,10 @@ def test_stow_rs_parts_go_to_the_store_and_run(blob_stack: BlobStack) -> None:
         )
         + f"--{boundary}--\r\n".encode()
     )
-    response = httpx.post(
-        f"{stack.api_url}/dicomweb/studies?models=radq-smoke",
+    response = stack.http.post(
+        "/dicomweb/studies?models=radq-smoke",
         content=body,
         headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
-        timeout=60,
     )
     assert response.status_code == 200, response.text
     job = wait_done(stack.client, response.headers["X-Radq-Job-Id"])

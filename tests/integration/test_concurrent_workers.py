@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 
-import httpx
 from sqlalchemy import func, select
 
 from db.models import Instance, Result
@@ -23,7 +22,7 @@ def test_three_worker_processes_share_a_job(stack: Stack) -> None:
     try:
         root = stack.archive / f"concurrent-{uuid.uuid4().hex[:6]}"
         expected = _generate(root)
-        response = httpx.post(f"{stack.api_url}/v1/jobs", json={"paths": [str(root)]}, timeout=60)
+        response = stack.http.post("/v1/jobs", json={"paths": [str(root)]}, timeout=60)
         assert response.status_code == 202, response.text
         job = wait_done(stack.client, response.json()["id"], timeout=600)
         total = sum(expected.values())

@@ -57,7 +57,7 @@ def test_outputs_equal_the_model_on_the_same_input(tmp_path: Path, database_url:
     settings = make_settings(tmp_path, database_url, redis_url, batch_size=3, batch_deadline=0.2)
     folder = _folder(settings.allowed_roots[0] / "same", FILES)
     with processes(settings) as running:
-        job = wait_done(running.client, submit_paths(running.url, [folder]), timeout=180)
+        job = wait_done(running.client, submit_paths(running, [folder]), timeout=180)
     assert job["counts"]["done"] == len(FILES), job["counts"]
     stored = _outputs(database_url, job["id"])
     model = load_model(discover_cards(BUNDLED_MODEL_DIR)["radq-smoke"][0], torch.device("cpu"))
@@ -81,7 +81,7 @@ def test_a_small_job_is_not_held_back_for_a_full_batch(
     settings = make_settings(tmp_path, database_url, redis_url, batch_size=64, batch_deadline=0.5)
     folder = _folder(settings.allowed_roots[0] / "small", FILES[:3])
     with processes(settings) as running:
-        job = wait_done(running.client, submit_paths(running.url, [folder]), timeout=120)
+        job = wait_done(running.client, submit_paths(running, [folder]), timeout=120)
     assert job["counts"]["done"] == 3
 
 
@@ -134,7 +134,7 @@ def test_out_of_memory_batches_are_split_not_failed(
     for name in names:
         shutil.copy(SAMPLES / "real" / "CT_small.dcm", folder / name)
     with processes(settings) as running:
-        job = wait_done(running.client, submit_paths(running.url, [folder]), timeout=120)
+        job = wait_done(running.client, submit_paths(running, [folder]), timeout=120)
     assert job["counts"]["done"] == 8 and job["counts"]["failed"] == 0, job["counts"]
     assert len(_outputs(database_url, job["id"])) == 8
     log = "".join(p.read_text(errors="replace") for p in settings.home.glob("worker-*.log"))

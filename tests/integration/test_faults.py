@@ -30,6 +30,8 @@ from sqlalchemy import func, select
 from db.migrate import upgrade
 from db.models import Instance, Result
 from db.session import make_engine
+from db.status import Scope
+from db.tokens import issue_token
 from radq.client import Client
 from radq.queue import KOMBU_PRIORITY_STEPS, redis_queue_keys
 from radq.routing import model_queue
@@ -55,6 +57,11 @@ class Processes:
     api: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes]
     client: Client
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         name = f"faults-{uuid.uuid4().hex[:6]}@%h"
@@ -70,7 +77,9 @@ def processes(settings: Settings) -> Iterator[Processes]:
     port = free_port()
     api = spawn(["api", "--port", str(port)], env=env, log_file=settings.home / "api.log")
     url = f"http://127.0.0.1:{port}"
-    running = Processes(settings, url, api, api, Client(url, timeout=60))
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    token = issue_token(settings.resolved_database_url, name=name, scope=Scope.ADMIN)
+    running = Processes(settings, url, api, api, Client(url, timeout=60, token=token), token)
     running.start_worker()
     try:
         wait_for_http(f"{url}/healthz", api)
@@ -81,8 +90,9 @@ def processes(settings: Settings) -> Iterator[Processes]:
         stop(api)
 
 
-def submit_paths(url: str, paths: list[Path]) -> str:
-    response = httpx.post(f"{url}/v1/jobs", json={"paths": [str(p) for p in paths]}, timeout=60)
+def submit_paths(running: Processes, paths: list[Path]) -> str:
+    response = httpx.post(f"{running.url}/v1/jobs", json={"paths": [str(p) for p in paths]}, timeout=60,
+                          headers=running.headers)  # fmt: skip
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
 
@@ -126,7 +136,7 @@ def test_worker_killed_mid_job_loses_and_doubles_nothing(
     root = settings.allowed_roots[0] / "killed"
     _generate(root)
     with processes(settings) as running:
-        job_id = submit_paths(running.url, [root])
+        job_id = submit_paths(running, [root])
 
         def mid_chunk() -> bool:
             counts = running.client.job(job_id)["counts"]
@@ -154,7 +164,7 @@ def test_redis_restarted_without_its_data_mid_job(tmp_path: Path, database_url: 
     _generate(root)
     try:
         with processes(settings) as running:
-            job_id = submit_paths(running.url, [root])
+            job_id = submit_paths(running, [root])
             wait_for(lambda: running.client.job(job_id)["counts"]["done"] >= 16, 120, "the first results")
             server.kill()  # Redis dies; what it held (the queued chunks) is gone with it
             server.wait(10)
@@ -182,7 +192,7 @@ def test_file_that_hangs_the_reader_fails_alone(tmp_path: Path, database_url: st
     # codec that never returns.
     os.mkfifo(folder / "BB_hangs.dcm")
     with processes(settings) as running:
-        job = wait_done(running.client, submit_paths(running.url, [folder]), timeout=180)
+        job = wait_done(running.client, submit_paths(running, [folder]), timeout=180)
         assert running.worker.poll() is None  # the worker replaced its decode process and went on
         failed = running.client.instances(job["id"], "failed")
     assert job["counts"]["done"] == 3 and job["counts"]["failed"] == 1
@@ -200,7 +210,7 @@ def test_sigterm_finishes_the_chunk_and_a_restart_loses_nothing(
     root = settings.allowed_roots[0] / "sigterm"
     _generate(root)
     with processes(settings) as running:
-        job_id = submit_paths(running.url, [root])
+        job_id = submit_paths(running, [root])
         wait_for(lambda: running.client.job(job_id)["counts"]["done"] >= 16, 120, "the first results")
         running.worker.send_signal(signal.SIGTERM)  # what systemd, docker stop and k8s send
         assert running.worker.wait(60) == 0  # warm shutdown: the chunk in hand is finished
@@ -261,13 +271,13 @@ def test_postgresql_down_for_20_seconds_mid_job(tmp_path: Path, redis_url: str) 
         root = settings.allowed_roots[0] / "outage"
         _generate(root)
         with processes(settings) as running:
-            job_id = submit_paths(running.url, [root])
+            job_id = submit_paths(running, [root])
             wait_for(lambda: running.client.job(job_id)["counts"]["done"] >= 16, 120, "the first results")
             cluster.stop()
             down_at = time.monotonic()
             health = httpx.get(f"{running.url}/healthz", timeout=30)
             assert health.status_code == 503 and health.json()["database"].startswith("unreachable")
-            status = httpx.get(f"{running.url}/v1/jobs/{job_id}", timeout=30)
+            status = httpx.get(f"{running.url}/v1/jobs/{job_id}", timeout=30, headers=running.headers)
             assert status.status_code == 503 and status.headers["retry-after"]
             time.sleep(max(0.0, 20 - (time.monotonic() - down_at)))
             cluster.start()
@@ -312,7 +322,7 @@ def test_message_redelivered_while_its_worker_still_works_infers_nothing_twice(
     os.mkfifo(folder / "BB_hangs.dcm")  # keeps the first worker busy on the chunk
     with processes(settings) as running:
         first = running.worker
-        job_id = submit_paths(running.url, [folder])
+        job_id = submit_paths(running, [folder])
         wait_for(
             lambda: running.client.job(job_id)["counts"]["processing"] == 4, 60, "the chunk to be claimed"
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
@@ -39,7 +38,7 @@ def _generate(root: Path) -> dict[str, int]:
 def test_hundreds_of_instances_across_studies(stack: Stack) -> None:
     root = stack.archive / f"scale-{stack.settings.queue}"
     expected = _generate(root)
-    response = httpx.post(f"{stack.api_url}/v1/jobs", json={"paths": [str(root)]}, timeout=60)
+    response = stack.http.post("/v1/jobs", json={"paths": [str(root)]}, timeout=60)
     assert response.status_code == 202, response.text
     job = wait_done(stack.client, response.json()["id"], timeout=600)
 

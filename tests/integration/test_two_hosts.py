@@ -30,6 +30,8 @@ from sqlalchemy import func, select
 from db.migrate import upgrade
 from db.models import Instance, Result
 from db.session import make_engine, make_sessionmaker
+from db.status import Scope
+from db.tokens import issue_token
 from radq.client import Client
 from radq.services import free_port, spawn, stop, wait_for_http
 from tests.conftest import SAMPLES, PostgresServer, unavailable
@@ -130,6 +132,8 @@ def test_two_hosts_share_a_job_and_one_finishes_when_the_other_is_cut_off(
             "RADQ_BLOB_URL": bucket_url,
             "RADQ_DEFAULT_MODELS": "radq-smoke",
             "RADQ_DEDUP": "false",
+            # One key for every host, or each would pseudonymise PatientIDs its own way.
+            "RADQ_PSEUDONYM_KEY": "two-hosts-pseudonym-key-0123456789abcdef",
             "RADQ_CHUNK_SIZE": "8",
             "RADQ_BATCH_SIZE": "8",
             "RADQ_DECODE_PROCESSES": "1",
@@ -180,7 +184,8 @@ def test_two_hosts_share_a_job_and_one_finishes_when_the_other_is_cut_off(
 
         engine = make_engine(database_url)
         sessions = make_sessionmaker(engine)
-        with closing(Client(api_url, timeout=120)) as client:
+        token = issue_token(database_url, name="two-hosts", scope=Scope.SUBMIT)
+        with closing(Client(api_url, timeout=120, token=token)) as client:
             archive = tmp_path / "archive.zip"
             archive.write_bytes(_ct_zip(INSTANCES))
             job = client.upload([archive])

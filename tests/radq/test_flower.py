@@ -1,7 +1,8 @@
-"""``radq flower`` watches the same broker as the workers and lists them."""
+"""``radq flower`` watches the same broker as the workers, behind basic auth from settings."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -10,28 +11,43 @@ from radq.services import free_port, spawn, stop
 from tests.conftest import Stack
 
 
-def test_flower_lists_the_running_worker(stack: Stack) -> None:
+def test_flower_takes_auth_from_settings_lists_the_worker_and_keeps_state(stack: Stack) -> None:
     port = free_port()
-    flower = spawn(
-        ["flower", "--port", str(port), "--basic-auth", "ops:secret"],
-        env=stack.settings.to_env(),
-        log_file=stack.settings.home / "flower.log",
-    )
+    home = stack.settings.home
+    db = home / "flower-state" / "flower.db"
+    env = {
+        **stack.settings.to_env(),
+        "RADQ_FLOWER_BASIC_AUTH": "ops:secret",
+        "RADQ_FLOWER_DB": str(db),
+        "RADQ_LOG_FORMAT": "json",
+    }
+    log_file = home / "flower.log"
+    flower = spawn(["flower", "--port", str(port)], env=env, log_file=log_file)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         workers: dict[str, object] = {}
+        unauthenticated = wrong_password = None
         while time.monotonic() < deadline and not any(w.startswith("test-") for w in workers):
             try:
-                assert httpx.get(f"{url}/api/workers", timeout=5).status_code == 401  # auth required
-                response = httpx.get(
-                    f"{url}/api/workers?refresh=1", auth=("ops", "secret"), timeout=15
-                )
+                unauthenticated = httpx.get(f"{url}/api/workers", timeout=5).status_code
+                wrong_password = httpx.get(f"{url}/api/workers", auth=("ops", "nope"), timeout=5).status_code
+                response = httpx.get(f"{url}/api/workers?refresh=1", auth=("ops", "secret"), timeout=15)
                 if response.status_code == 200:
                     workers = response.json()
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
+        assert unauthenticated == 401 and wrong_password == 401, (unauthenticated, wrong_password)
         assert any(w.startswith("test-") for w in workers), workers
+        # Flower's state file (persistent mode) is opened at start under RADQ_FLOWER_DB.
+        assert list(db.parent.glob("flower.db*")), f"no state file under {db.parent}"
     finally:
         stop(flower)
+    saved = list(db.parent.glob("flower.db*"))
+    assert saved and any(p.stat().st_size > 0 for p in saved), saved
+    lines = [line for line in log_file.read_text().splitlines() if line.strip()]
+    assert lines, "flower logged nothing"
+    for line in lines:
+        record = json.loads(line)  # RADQ_LOG_FORMAT=json: one object per line
+        assert {"time", "level", "logger", "message"} <= set(record), record

@@ -507,7 +507,9 @@ def test_bombs_are_refused_before_any_allocation(tmp_path: Path) -> None:
 
 # --- the worker's own wrappers, in its decode threads ---------------------------------
 
+KEY = b"hostile-input-test-pseudonym-key"
 COLUMNS = {  # db.models.Instance: the columns metadata goes to, and their sizes
+    "patient_pseudonym": 64,
     "sop_instance_uid": 64,
     "study_instance_uid": 64,
     "series_instance_uid": 64,
@@ -529,8 +531,10 @@ def test_the_worker_phases_record_each_hostile_file_with_its_reason(tmp_path: Pa
         path.write_bytes(data)
         claimed.append(Claimed(n, "job", path.name, StorageKind.PATH, str(path), 1))
     with ProcessPool(2, task_timeout=120, preload=("workers.prepare",)) as pool:
-        headers = [pool.submit(inspect, c, Path(c.location)) for c in claimed]
-        loads = [pool.submit(load, c, Path(c.location), CARDS, settings.max_image_pixels) for c in claimed]
+        headers = [pool.submit(inspect, c, Path(c.location), KEY) for c in claimed]
+        loads = [
+            pool.submit(load, c, Path(c.location), KEY, CARDS, settings.max_image_pixels) for c in claimed
+        ]
         outcomes = []
         for header, loaded in zip(headers, loads, strict=True):
             first, second = header.result(), loaded.result()
