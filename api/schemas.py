@@ -102,6 +102,7 @@ class InstanceOut(BaseModel):
     reason: str | None
     notes: str | None
     attempts: int
+    worker: str | None = Field(description="Celery node name of the worker that last took it")
     sop_instance_uid: str | None
     study_instance_uid: str | None
     series_instance_uid: str | None

@@ -52,6 +52,8 @@ class Instance(Base):
         Index("ix_instances_study", "study_instance_uid"),
         Index("ix_instances_sop", "sop_instance_uid"),
         Index("ix_instances_status_updated", "status", "updated_at"),
+        # The blob retention sweep looks uploads up by hash (db/retention.py).
+        Index("ix_instances_storage_location", "storage", "location"),
         Index("ix_instances_patient", "patient_pseudonym"),
     )
 
@@ -69,6 +71,8 @@ class Instance(Base):
     # Leases that ran out while this file was processing (its worker died or hung).
     lost_leases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The Celery node name of the worker that last claimed it (which host did the work).
+    worker: Mapped[str | None] = mapped_column(String(200))
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(String(64))
     series_instance_uid: Mapped[str | None] = mapped_column(String(64))

@@ -10,8 +10,18 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine; SQLite gets WAL and a busy timeout so API and workers can share it."""
+def make_engine(url: str, *, idle_transaction_timeout: float | None = None, **kwargs: Any) -> Engine:
+    """Create an engine; SQLite gets WAL and a busy timeout so API and workers can share it.
+
+    Args:
+        url: SQLAlchemy URL.
+        idle_transaction_timeout: PostgreSQL only: seconds a transaction of this engine may
+            sit idle before the server ends its session and releases its row locks. Set for
+            workers: a host cut off in the middle of a transaction would otherwise hold the
+            rows of its instances until TCP keepalive gives up on it (hours), and the
+            reaper and every other worker touching those rows would wait as long.
+        kwargs: passed to :func:`sqlalchemy.create_engine`.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 60}, **kwargs)
 
@@ -25,6 +35,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.close()
 
         return engine
+    if idle_transaction_timeout is not None:
+        timeout_ms = max(1, round(idle_transaction_timeout * 1000))
+        options = f"-c idle_in_transaction_session_timeout={timeout_ms}"
+        kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "options": options}
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

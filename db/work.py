@@ -45,7 +45,12 @@ def still_waiting(session: Session, job_id: str, instance_ids: Sequence[int]) ->
 
 
 def claim(
-    session: Session, job_id: str, instance_ids: Sequence[int], *, lease_seconds: int
+    session: Session,
+    job_id: str,
+    instance_ids: Sequence[int],
+    *,
+    lease_seconds: int,
+    worker: str | None = None,
 ) -> list[Claimed]:
     """Take the instances that are waiting, for this worker.
 
@@ -68,6 +73,7 @@ def claim(
             status=InstanceStatus.PROCESSING,
             attempts=Instance.attempts + 1,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
+            worker=worker,
             updated_at=now,
         )
         .returning(

@@ -165,6 +165,12 @@ class Settings(BaseSettings):
         "their leases then lapse and the reaper sends them again. A file that hangs its reader is "
         "stopped sooner, by RADQ_DECODE_TIMEOUT.",
     )
+    worker_idle_transaction_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="PostgreSQL: seconds a worker's transaction may sit idle before the server ends it and "
+        "releases its row locks (a worker host cut off mid-transaction would otherwise hold them for hours).",
+    )
     visibility_timeout: int = Field(
         3600,
         ge=1,

@@ -52,7 +52,10 @@ def get_context(settings: Settings, metrics: WorkerMetrics | None = None) -> Wor
         if _context is not None and _context_pid == os.getpid():
             _context.engine.close()  # settings changed in-process (tests)
         torch.set_num_threads(settings.torch_threads or usable_cores())
-        sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
+        database = make_engine(
+            settings.resolved_database_url, idle_transaction_timeout=settings.worker_idle_transaction_timeout
+        )
+        sessions = make_sessionmaker(database)
         models = ModelRegistry(settings.model_dir, _runtime(settings))
         blobs = open_blob_store(settings)
         engine = Engine(settings, sessions, models, blobs, metrics)

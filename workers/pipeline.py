@@ -22,24 +22,31 @@ from workers.leases import LeaseKeeper
 log = logging.getLogger(__name__)
 
 
-def run_chunk(ctx: WorkerContext, job_id: str, instance_ids: Sequence[int]) -> ChunkReport:
+def run_chunk(
+    ctx: WorkerContext, job_id: str, instance_ids: Sequence[int], *, worker: str | None = None
+) -> ChunkReport:
     """Process the instances of one message; safe to call again with the same ids.
 
-    A CPU worker claims nothing of a job that needs a GPU-only model: the report's
+    ``worker`` (the Celery node name) is recorded on each claimed instance. A CPU
+    worker claims nothing of a job that needs a GPU-only model: the report's
     ``handed_back`` says where the caller must publish the instances again.
     """
     with log_context(job_id=job_id):
-        return _run_chunk(ctx, job_id, instance_ids)
+        return _run_chunk(ctx, job_id, instance_ids, worker)
 
 
-def _run_chunk(ctx: WorkerContext, job_id: str, instance_ids: Sequence[int]) -> ChunkReport:
+def _run_chunk(
+    ctx: WorkerContext, job_id: str, instance_ids: Sequence[int], worker: str | None
+) -> ChunkReport:
     with transaction(ctx.sessions) as session:
         job = get_job(session, job_id)
         if job is not None and ctx.models.device.type != "cuda":
             handed = _hand_back(ctx, session, job, instance_ids)
             if handed is not None:
                 return ChunkReport(handed_back=handed)
-        claimed = claim(session, job_id, instance_ids, lease_seconds=ctx.settings.lease_seconds)
+        claimed = claim(
+            session, job_id, instance_ids, lease_seconds=ctx.settings.lease_seconds, worker=worker
+        )
         model_names = list(job.models) if job else []
         options = dict(job.options or {}) if job else {}
     if not claimed:

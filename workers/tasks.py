@@ -34,9 +34,11 @@ def register_tasks(app: Celery, settings: Settings, metrics: WorkerMetrics | Non
         retry_backoff=True,
         retry_backoff_max=60,
         max_retries=10,
+        bind=True,
     )
-    def infer_chunk(job_id: str, instance_ids: list[int]) -> dict[str, object]:
-        report = run_chunk(get_context(settings, metrics), job_id, instance_ids)
+    def infer_chunk(self: Task, job_id: str, instance_ids: list[int]) -> dict[str, object]:
+        context = get_context(settings, metrics)
+        report = run_chunk(context, job_id, instance_ids, worker=self.request.hostname)
         back = report.handed_back
         if back is not None and back.instance_ids:
             # Published before this message is acknowledged (acks_late): a crash in

@@ -18,7 +18,7 @@ from tests.conftest import PostgresServer
 
 def test_migrated_schema_matches_models(database_url: str) -> None:
     upgrade(database_url)  # idempotent: already at head
-    assert current(database_url) == "0006"
+    assert current(database_url) == "0007"
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
@@ -50,7 +50,7 @@ def test_0006_keeps_existing_instances_and_downgrades(empty_database: str) -> No
             conn.execute(text("INSERT INTO instances (job_id, file_name, storage, location, status, "
                               "attempts, lost_leases, study_instance_uid, updated_at) VALUES ('j1', 'a.dcm', "
                               "'path', '/a.dcm', 'done', 1, 0, '1.2.3', CURRENT_TIMESTAMP)"))  # fmt: skip
-        upgrade(url)
+        upgrade(url, "0006")
         assert current(url) == "0006"
         with engine.connect() as conn:
             row = conn.execute(text("SELECT study_instance_uid, patient_pseudonym FROM instances")).one()
