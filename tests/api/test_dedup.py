@@ -19,6 +19,7 @@ FILES = ("CT5N_2062.dcm", "CT5N_2392.dcm", "MR_small.dcm")
 def _with_new_uid(source: Path, target: Path, uid: str | None = None) -> None:
     ds = pydicom.dcmread(source)
     ds.SOPInstanceUID = uid or generate_uid()
+    ds.StudyInstanceUID = generate_uid()  # nor do they join other tests' studies
     if "MediaStorageSOPInstanceUID" in ds.file_meta:
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.save_as(target)
