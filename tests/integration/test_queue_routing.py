@@ -15,6 +15,8 @@ from pathlib import Path
 
 import redis
 
+from db.status import Scope
+from db.tokens import issue_token
 from radq.client import Client
 from radq.model_card import cards_in
 from radq.queue import instance_ids_in_broker, make_celery, publish_chunks, redis_queue_keys
@@ -48,7 +50,8 @@ def running(
         env={**env, **(worker_env or {})},
         log_file=log,
     )
-    client = Client(f"http://127.0.0.1:{port}", timeout=60)
+    token = issue_token(settings.database_url, name=f"routing-{uuid.uuid4().hex[:6]}", scope=Scope.SUBMIT)
+    client = Client(f"http://127.0.0.1:{port}", timeout=60, token=token)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", api)
         yield client, log

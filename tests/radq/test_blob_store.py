@@ -34,6 +34,10 @@ def s3_store(s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     yield open_blob_store(settings)
 
 
+KEY = b"test-pseudonym-key"
+"""HMAC key for the PatientID pseudonym load() computes."""
+
+
 def _spooled(store: BlobStore) -> list[Path]:
     return [p for p in store.spool_dir.rglob("*") if p.is_file()] if store.spool_dir.exists() else []
 
@@ -79,7 +83,7 @@ def test_s3_missing_object_is_a_clear_instance_failure(s3_store: BlobStore) -> N
     # What a decode process does with it: the instance fails with the reason, nothing raises.
     card = read_card(BUNDLED_MODEL_DIR / "radq-smoke")
     claimed = Claimed(1, "job", "gone.dcm", StorageKind.BLOB, sha, 1)
-    out = load(claimed, StoredBlob(s3_store, sha), [card], 10**8)
+    out = load(claimed, StoredBlob(s3_store, sha), KEY, [card], 10**8)
     assert out.status == "failed"
     assert (
         out.reason
@@ -94,7 +98,7 @@ def test_s3_store_travels_to_another_process_and_reads_there(s3_store: BlobStore
     card = read_card(BUNDLED_MODEL_DIR / "radq-smoke")
     copy = pickle.loads(pickle.dumps(s3_store))  # what a decode process receives
     claimed = Claimed(1, "job", "mr.dcm", StorageKind.BLOB, sha, 1)
-    out = load(claimed, StoredBlob(copy, sha), [card], 10**8)
+    out = load(claimed, StoredBlob(copy, sha), KEY, [card], 10**8)
     assert out.status is None, out.reason
     assert out.metadata["modality"] == "MR" and out.inputs["radq-smoke"]
 
