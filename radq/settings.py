@@ -102,6 +102,12 @@ class Settings(BaseSettings):
         description="Decoded instances a worker process holds waiting for the model; bounds its memory. "
         "0: two batches plus one per decode process.",
     )
+    preprocess_in_decoders: bool = Field(
+        True,
+        description="CPU workers: the decode processes also preprocess (rescale, window, resize, "
+        "normalise) into finished model inputs, one torch thread each, instead of the inference "
+        "thread doing it in batches. CUDA workers always preprocess on the GPU.",
+    )
     precision: str = Field(
         "auto",
         pattern=r"^(auto|fp32|fp16|bf16)$",

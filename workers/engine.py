@@ -85,6 +85,15 @@ def _outcome_of(claimed: Claimed, future: Future[Prepared]) -> Prepared:
         return out
 
 
+def _start_decoder(level: str, log_format: str, worker: str | None, uses_torch: bool) -> None:
+    """What each decode process runs first: log like the worker; one torch thread if it preprocesses."""
+    configure_child_logging(level, log_format, worker)
+    if uses_torch:
+        import torch
+
+        torch.set_num_threads(1)  # one process per core already: more threads oversubscribe
+
+
 class Engine:
     """The three stages of one worker process; started after any fork, in the process that uses it."""
 
@@ -103,12 +112,15 @@ class Engine:
         self.metrics = metrics or WorkerMetrics()
         self.pseudonym_key = pseudonym_key(settings)
         processes = settings.decode_processes or usable_cores()
+        # On the CPU the decode processes also preprocess: in parallel, and what crosses
+        # to the inference thread is the small finished input, not the decoded frame.
+        self.finish_in_decoders = models.device.type == "cpu" and settings.preprocess_in_decoders
         self.decoders = ProcessPool(
             processes,
             task_timeout=settings.decode_timeout,
-            preload=DECODE_PRELOAD,
-            initializer=configure_child_logging,
-            initargs=(current_level(), settings.log_format, worker_name()),
+            preload=(*DECODE_PRELOAD, "torch") if self.finish_in_decoders else DECODE_PRELOAD,
+            initializer=_start_decoder,
+            initargs=(current_level(), settings.log_format, worker_name(), self.finish_in_decoders),
         )
         self.writer = Writer(sessions, metrics=self.metrics)
         self.batcher = Batcher(
@@ -159,7 +171,10 @@ class Engine:
         pixels = self.settings.max_image_pixels
         for c, sha in todo:
             self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
-            future = self.decoders.submit(load, c, self.locate(c), self.pseudonym_key, cards, pixels, sha)
+            future = self.decoders.submit(
+                partial(load, finish=self.finish_in_decoders),
+                c, self.locate(c), self.pseudonym_key, cards, pixels, sha,
+            )  # fmt: skip
             item = _Decoded(chunk, c, future, by_name, threshold)
             future.add_done_callback(partial(self._decoded, item))
         return self._wait(chunk)

@@ -21,11 +21,11 @@ from pydicom.dataset import Dataset
 from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
 from radq.blobs import BlobStore, sha256_of
-from radq.errors import BlobStoreUnavailable, InstanceError
+from radq.errors import BlobStoreUnavailable, InstanceError, ModelError
 from radq.logs import log_context
 from radq.model_card import ModelCard
 from workers.decode import DecodedImage, check_image, decode
-from workers.device_prep import RawFrame, raw_frames
+from workers.device_prep import RawFrame, finish_on_host, raw_frames
 from workers.header import InstanceMeta, printable, pydicom_notes, read_header, short_error
 from workers.phi import patient_pseudonym, patient_values, redact
 
@@ -182,12 +182,15 @@ def load(
     cards: Sequence[ModelCard],
     max_pixels: int,
     content_sha256: str | None = None,
+    *,
+    finish: bool = False,
 ) -> Prepared:
     """Read, check, route and decode one instance into raw frames for every card that applies.
 
     ``content_sha256`` skips hashing a file :func:`inspect` already hashed; ``pseudonym_key``
     keys the HMAC that stands for the PatientID. The time it takes travels back in
-    ``decode_s`` (the worker's decode-latency metric).
+    ``decode_s`` (the worker's decode-latency metric). ``finish``: also preprocess here,
+    into finished CPU model inputs (:func:`workers.device_prep.finish_on_host`).
     """
     started = time.perf_counter()
     out = Prepared(claimed)
@@ -196,7 +199,7 @@ def load(
         _recorded(out, source),
         _local(source) as path,
     ):
-        _load_into(out, path, pseudonym_key, cards, max_pixels, content_sha256)
+        _load_into(out, path, pseudonym_key, cards, max_pixels, content_sha256, finish)
     out.decode_s = time.perf_counter() - started
     return out
 
@@ -208,6 +211,7 @@ def _load_into(
     cards: Sequence[ModelCard],
     max_pixels: int,
     content_sha256: str | None,
+    finish: bool,
 ) -> None:
     """The body of :func:`load`; per-file problems escape to its ``_recorded``."""
     claimed = out.claimed
@@ -230,6 +234,13 @@ def _load_into(
             images[policy] = decode(ds, meta, notes, max_pixels=max_pixels, frame=policy)
         recipe = card.preprocessing_recipe
         if recipe not in by_recipe:
-            by_recipe[recipe] = raw_frames(images[policy], card.input, card.preprocessing)
+            frames = raw_frames(images[policy], card.input, card.preprocessing)
+            if finish:
+                try:
+                    frames = finish_on_host(frames, card.input, card.preprocessing)
+                except ModelError as exc:
+                    out.fail(InstanceStatus.FAILED, f"preprocessing for model {card.name} failed: {exc}")
+                    return
+            by_recipe[recipe] = frames
         out.inputs[card.name] = by_recipe[recipe]
     out.metadata["notes"] = _joined(notes, out.patient)  # decode appended its notes

@@ -23,7 +23,10 @@ def test_urgent_job_overtakes_a_running_bulk_job(stack: Stack) -> None:
     _generate(root)  # 300 instances: about 19 chunks of 16
     bulk = _paths_job(stack, [str(root)])
     assert bulk["priority"] == "bulk"  # the default for path submissions
-    time.sleep(1.0)  # the worker is busy with the bulk backlog
+    deadline = time.monotonic() + 60
+    while stack.client.job(str(bulk["id"]))["counts"]["done"] == 0:  # the worker is on the backlog
+        assert time.monotonic() < deadline, "the bulk job never started"
+        time.sleep(0.05)
     urgent_file = stack.archive / f"urgent-{uuid.uuid4().hex[:6]}.dcm"
     shutil.copy(SAMPLES / "real" / "CT_small.dcm", urgent_file)
     urgent = _paths_job(stack, [str(urgent_file)], priority="urgent")

@@ -31,7 +31,16 @@ from radq.model_card import FramePolicy, InputSpec, Preprocessing, Window
 from radq.settings import BUNDLED_MODEL_DIR
 from tests.workers.dicom_files import lut_sequence, write_image
 from workers.decode import DecodedImage, read_instance
-from workers.device_prep import DECIMATE_PIXELS, TOLERANCE, RawFrame, raw_frames, resize, to_batch, widen
+from workers.device_prep import (
+    DECIMATE_PIXELS,
+    TOLERANCE,
+    RawFrame,
+    finish_on_host,
+    raw_frames,
+    resize,
+    to_batch,
+    widen,
+)
 from workers.frames import FrameTransform
 from workers.header import InstanceMeta
 from workers.preprocess import preprocess
@@ -444,3 +453,18 @@ def test_decode_side_never_imports_torch() -> None:
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("recipe", ["chexnet-densenet121", "radq-smoke"])
+def test_finished_on_the_host_is_the_batch_the_inference_thread_makes(tmp_path: Path, recipe: str) -> None:
+    """What a CPU worker's decode processes send (RADQ_PREPROCESS_IN_DECODERS) is the very
+    input the inference thread would have made, also mixed with unfinished frames."""
+    spec, prep = RECIPES[recipe]
+    cr = raw_frames(_generated_cr(tmp_path, False, WindowCenter=2000, WindowWidth=3000), spec, prep)
+    ct = raw_frames(_image(SHARED / "real" / "CT_small.dcm", tmp_path, prep.frame), spec, prep)
+    finished = finish_on_host(cr, spec, prep)
+    assert all(f.ready and f.pixels.shape == (spec.channels, spec.height, spec.width) for f in finished)
+    assert sum(f.pixels.nbytes for f in finished) < sum(f.pixels.nbytes for f in cr) / 10
+    finished = pickle.loads(pickle.dumps(finished, protocol=5))  # as it crosses from the process
+    expected = to_batch([*cr, *ct], spec, prep, CPU)
+    assert torch.equal(to_batch([*finished, *ct], spec, prep, CPU), expected)
