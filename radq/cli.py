@@ -89,8 +89,11 @@ def api(
 @app.command()
 def worker(
     concurrency: Annotated[
-        int, typer.Option(help="Messages processed at once; their instances share batches.")
-    ] = 2,
+        int | None,
+        typer.Option(
+            help="Messages processed at once; their instances share batches (RADQ_WORKER_CONCURRENCY, 2)."
+        ),
+    ] = None,
     queues: Annotated[
         str | None,
         typer.Option(
@@ -144,7 +147,7 @@ def worker(
         # Celery prints its banner straight to stdout; a JSON log keeps one object per line.
         *(["--quiet"] if settings.log_format == "json" else []),
         "worker",
-        f"--concurrency={concurrency}",
+        f"--concurrency={concurrency or settings.worker_concurrency}",
         f"--queues={','.join(chosen)}",
         # Threads, not prefork: every message in flight feeds the one engine of this
         # process (batches across messages); decoding runs in the engine's processes.

@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         description="Models a job runs when it names none; 'auto' routes by each card's applies_to.",
     )
     chunk_size: int = Field(64, ge=1, le=4096, description="Instances per Celery message.")
+    worker_concurrency: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Messages one worker process holds at once (radq worker --concurrency); their "
+        "instances share batches. A GPU worker that drains between messages wants more.",
+    )
     batch_size: int = Field(16, ge=1, le=1024, description="Images per model forward pass.")
     decode_processes: int = Field(
         0,

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+import uuid
+from pathlib import Path
 
 import redis
 
 from radq.heartbeat import live_workers
-from tests.conftest import Stack
+from radq.services import spawn, stop
+from tests.conftest import Stack, make_settings
 
 
 def _health(stack: Stack, hostname: str) -> subprocess.CompletedProcess[str]:
@@ -37,3 +41,24 @@ def test_worker_health_sees_the_running_worker_and_not_a_missing_one(stack: Stac
     missing = _health(stack, "nobody@nowhere")
     assert missing.returncode == 1
     assert "no live heartbeat from worker nobody@nowhere" in missing.stderr
+
+
+def test_worker_takes_its_concurrency_from_the_settings(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """RADQ_WORKER_CONCURRENCY sets the messages in hand; --concurrency still overrides it."""
+    settings = make_settings(tmp_path, database_url, redis_url)
+    env = {**settings.to_env(), "RADQ_WORKER_CONCURRENCY": "3"}
+    for args, expected in (([], 3), (["--concurrency", "5"], 5)):
+        log_file = tmp_path / f"worker-{expected}.log"
+        worker = spawn(["worker", "--hostname", f"conc-{uuid.uuid4().hex[:6]}@%h", *args],
+                       env=env, log_file=log_file)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while "ready." not in log_file.read_text(errors="replace"):
+                assert worker.poll() is None, log_file.read_text(errors="replace")
+                assert time.monotonic() < deadline, "the worker never became ready"
+                time.sleep(0.2)
+            assert re.search(rf"concurrency:\s+{expected} \(thread\)", log_file.read_text(errors="replace"))
+        finally:
+            stop(worker)
