@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import redis
 from sqlalchemy import Engine
 
@@ -78,6 +77,8 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def _create_postgres_database(admin_url: str) -> str:
+    import psycopg  # here, not at the top: a SQLite run needs no libpq (the GPU host has none)
+
     name = f"radq_bench_{uuid.uuid4().hex[:10]}"
     try:
         with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
@@ -88,6 +89,8 @@ def _create_postgres_database(admin_url: str) -> str:
 
 
 def _drop_postgres_database(admin_url: str, url: str) -> None:
+    import psycopg
+
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
