@@ -27,7 +27,15 @@ from api.state import AppState
 from api.submit import enqueue, notify_ended
 from db.jobs import NewInstance
 from db.session import transaction
-from db.sources import SourceRef, finish_source, record_batch, release_sources
+from db.sources import (
+    SourceRef,
+    cancel_sources,
+    finish_source,
+    leave_registering,
+    record_batch,
+    record_files,
+    release_sources,
+)
 from db.status import SourceStatus, StorageKind
 from radq.errors import SubmissionError, TransientError
 
@@ -35,6 +43,7 @@ log = logging.getLogger(__name__)
 
 BATCH_FILES = 1000
 """Files registered per transaction (and published right after it)."""
+CANCELLED_NOTE = "job cancelled during enumeration"
 
 
 class Registrar:
@@ -79,11 +88,70 @@ class Registrar:
 
     def _run(self, sources: list[SourceRef]) -> None:
         unpublished: list[int] = []
+        files = [source for source in sources if _listed_file(source)]
+        walks = [source for source in sources if not _listed_file(source)]
         try:
-            for n, source in enumerate(sources, 1):
-                self._run_one(source, unpublished, last=n == len(sources))
+            for start in range(0, len(files), BATCH_FILES):
+                last = not walks and start + BATCH_FILES >= len(files)
+                if not self._run_files(files[start : start + BATCH_FILES], unpublished, last=last):
+                    self._cancel(files[start:])
+                    break
+            for n, source in enumerate(walks, 1):
+                self._run_one(source, unpublished, last=n == len(walks))
         finally:
             self._publish(sources[0], unpublished, everything=True)
+
+    def _run_files(self, sources: list[SourceRef], unpublished: list[int], *, last: bool) -> bool:
+        """Register listed files (sources that are one plain file each) in one transaction.
+
+        Returns:
+            False when the job was cancelled (nothing registered), else True.
+        """
+        job_id = sources[0].job_id
+        try:
+            if self._stop.is_set():
+                return True  # released in stop(); the next process registers them
+            roots = [r.resolve() for r in self.state.settings.allowed_roots]
+            rows = [(source, self._instances(Path(source.path), roots)) for source in sources]
+            with transaction(self.state.sessions) as session:
+                ids = record_files(session, job_id, rows)
+            if ids is None:
+                return False
+            unpublished.extend(ids)
+            self._publish(sources[0], unpublished, everything=last)
+            with transaction(self.state.sessions) as session:
+                notify = leave_registering(session, job_id)
+            log.info("registered %d listed file(s) for job %s", len(sources), job_id)
+            if notify:
+                notify_ended(self.state, notify)
+        except TransientError as exc:
+            log.warning("registration of %d files of job %s paused (%s); it resumes when their lease "
+                        "expires", len(sources), job_id, exc)  # fmt: skip
+        except OperationalError as exc:
+            log.warning("registration of %d files of job %s paused: database unreachable (%s)",
+                        len(sources), job_id, exc.orig)  # fmt: skip
+        except Exception:  # a bug must not kill the pool thread silently
+            log.exception("registration of %d files of job %s failed", len(sources), job_id)
+        finally:
+            with self._lock:
+                self._active.difference_update(source.id for source in sources)
+        return True
+
+    def _cancel(self, sources: list[SourceRef]) -> None:
+        """Close the listed files of a job cancelled before they were registered."""
+        job_id = sources[0].job_id
+        try:
+            with transaction(self.state.sessions) as session:
+                notify = cancel_sources(session, job_id, [source.id for source in sources])
+            log.info("registration of job %s cancelled with %d listed file(s) left", job_id, len(sources))
+            if notify:
+                notify_ended(self.state, notify)
+        except (TransientError, OperationalError) as exc:
+            log.warning("closing the cancelled registration of job %s failed (%s); retried when "
+                        "the lease expires", job_id, exc)  # fmt: skip
+        finally:
+            with self._lock:
+                self._active.difference_update(source.id for source in sources)
 
     def _run_one(self, source: SourceRef, unpublished: list[int], *, last: bool) -> None:
         try:
@@ -114,7 +182,7 @@ class Registrar:
                 with transaction(self.state.sessions) as session:
                     ids = record_batch(session, source, rows, files_seen=seen, lease_seconds=lease)
                 if ids is None:
-                    self._finish(source, SourceStatus.CANCELLED, "job cancelled during enumeration")
+                    self._finish(source, SourceStatus.CANCELLED, CANCELLED_NOTE)
                     return
                 unpublished.extend(ids)
                 self._publish(source, unpublished)
@@ -178,6 +246,11 @@ class Registrar:
         with path.open("rb") as stream:
             ingest.add_archive(str(path), stream)
         return ingest.files
+
+
+def _listed_file(source: SourceRef) -> bool:
+    """A source that is one plain file, not yet started: registered with others in bulk."""
+    return source.files_seen == 0 and not is_archive_name(source.path) and Path(source.path).is_file()
 
 
 def _refused(path: Path, reason: str) -> NewInstance:

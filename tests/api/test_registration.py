@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,55 @@ def test_a_list_of_single_files_is_published_in_full_chunks(settings: Settings) 
     assert job["counts"]["queued"] == 100
     sizes = sorted(len(chunk) for chunk in messages_of(settings.broker_url, job["queue"], job["id"]))
     assert sizes == [4] + [settings.chunk_size] * 6  # 100 = 6 x 16 + 4
+
+
+def test_listed_files_register_in_bulk_beside_folders_archives_and_refusals(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A list of many file paths (as an archive index gives them) registers every one,
+    mixed with a folder (holding a link out of the roots) and a zip, each with its own outcome."""
+    listed = make_tree(settings.allowed_roots[0] / "listed-many", 2500)
+    files = sorted(str(p) for p in listed.rglob("*") if p.is_file())
+    folder = make_tree(settings.allowed_roots[0] / "folder", 30)
+    archive = settings.allowed_roots[0] / "two.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(REAL_CT, "a.dcm")
+        zf.write(REAL_CT, "b.dcm")
+    outside = tmp_path / "outside.dcm"
+    shutil.copy(REAL_CT, outside)
+    escape = folder / "escape.dcm"  # listed directly, the submission itself would refuse it (403)
+    escape.symlink_to(outside)
+    paths = [*files[:1000], str(folder), *files[1000:], str(archive)]
+    with serve(settings) as http:
+        response = http.post("/v1/jobs", json={"paths": paths})
+        assert response.status_code == 202, response.text
+        job = wait_registered(http, response.json()["id"])
+        failed = http.get(f"/v1/jobs/{job['id']}/instances", params={"status": "failed"}).json()["items"]
+    assert job["status"] == "running"  # one instance is final already: the refused link
+    assert job["registration"]["status"] == "done"
+    assert job["registration"]["registered"] == 2500 + 30 + 2 + 1
+    assert job["registration"]["errors"] == []
+    assert job["counts"]["total"] == 2533 and job["counts"]["queued"] == 2532
+    assert [f["file_name"] for f in failed] == [str(escape)]
+    assert "outside the allowed roots" in failed[0]["reason"]
+    carried = queued_instance_ids(settings.broker_url, job["queue"], job["id"])
+    assert len(carried) == len(set(carried)) == 2532  # every waiting instance in exactly one message
+
+
+def test_cancel_while_listed_files_register_leaves_nothing_waiting(settings: Settings) -> None:
+    root = make_tree(settings.allowed_roots[0] / "listed-cancel", 20_000)
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    with serve(settings) as http:
+        job_id = http.post("/v1/jobs", json={"paths": files}).json()["id"]
+        cancelled = http.post(f"/v1/jobs/{job_id}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        job = wait_registered(http, job_id)
+    assert job["status"] == "cancelled"
+    assert job["registration"]["status"] == "cancelled"
+    assert job["registration"]["errors"] == []  # not one line per listed file
+    counts = job["counts"]
+    assert counts["pending"] == counts["queued"] == counts["processing"] == 0
+    assert counts["skipped"] == counts["total"] < 20_000
 
 
 def test_files_the_walk_cannot_take_are_recorded_with_their_reason(
