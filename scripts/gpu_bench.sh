@@ -11,7 +11,7 @@
 #
 # Leaves in $OUT (default bench/results/gpu): gpu.json (the bench's report), bench.log (what
 # it printed, the table included), env.txt (versions, nvidia-smi, timings), gpu_util.csv
-# (nvidia-smi every second), api.log and worker.log (the stack's logs, which the bench keeps
+# (nvidia-smi every second), worker.log (the stack's worker log, which the bench keeps
 # in a temporary folder it deletes; hard-linked while it runs). Exit code: the bench's.
 #
 # Knobs (environment): QUICK, VARIANT_BUDGET (0: no variant run), OUT, WHEELS (.whl), SITE (/tmp/site), PY (python3), PIP_PY ($PY),
@@ -148,7 +148,7 @@ fi
 export TMPDIR=$WORK/tmp
 copy_logs() {
     local f
-    for f in "$WORK"/logs/*.log; do
+    for f in "$WORK"/logs/worker*.log; do
         # At most 16 MiB comes back per file: keep the end.
         if [[ -e $f ]]; then tail -c 16000000 "$f" >"$OUT/${f##*/}" || true; fi
     done
@@ -163,7 +163,21 @@ copy_logs() {
         sleep 1
     done
 ) &
-pids+=($!)
+linker=$!
+pids+=("$linker")
+
+# Optional: where the worker's Python threads spend their time while the first pipeline job runs
+# (py-spy, carried as a wheel in $WHEELS): $OUT/worker-profile.txt, collapsed stacks.
+if [[ -x $SITE/bin/py-spy ]]; then
+    (
+        until grep -q "pipeline," "$OUT/bench.log" 2>/dev/null; do sleep 0.5; done
+        sleep 2
+        pid=$(pgrep -f "radq.cli worker" | head -1)
+        [[ -n $pid ]] && "$SITE/bin/py-spy" record --pid "$pid" --duration 6 --threads --idle --nonblocking \
+            --format raw -o "$OUT/worker-profile.txt" >"$WORK/py-spy.log" 2>&1
+    ) &
+    pids+=($!)
+fi
 
 # 5. The bench.
 args=(--models "$MODELS" --inputs "$INPUTS" --seconds "$SECONDS_PER_FIGURE" --max-images "$MAX_IMAGES"
@@ -191,8 +205,8 @@ if ((SECONDS - T0 < VARIANT_BUDGET)); then
     say "variant exited with $?"
     set -e
 fi
-kill "${pids[-1]}" 2>/dev/null || true  # the log linker: no copy of its own from now on
-wait "${pids[-1]}" 2>/dev/null || true
+kill "$linker" 2>/dev/null || true  # the log linker: no copy of its own from now on
+wait "$linker" 2>/dev/null || true
 copy_logs
 say "done; files in $OUT: $(cd "$OUT" && echo *)"
 exit "$rc"
