@@ -37,7 +37,7 @@ _context_pid: int | None = None
 def _runtime(settings: Settings) -> Runtime:
     device = resolve_device(settings.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
+        torch.backends.cudnn.benchmark = True  # one input shape per model (batches padded): tuned once
     return Runtime(device, settings.precision, settings.channels_last, settings.compile)
 
 

@@ -166,3 +166,28 @@ def test_mixed_precision_stays_within_its_tolerance(tmp_path: Path, smoke: Loade
 MIXED_PRECISION_TOLERANCE = 0.02
 """Largest difference of a probability under bf16 autocast (8 bits of mantissa); measured:
 3e-5 for radq-smoke, 1.4e-3 for DenseNet-121 on random inputs."""
+
+
+def test_a_padded_partial_batch_gives_each_instance_its_own_result(
+    tmp_path: Path, smoke: LoadedModel
+) -> None:
+    """On CUDA partial batches are padded to the batch size (one shape for cudnn.benchmark to
+    tune); the padding must reach the model and change no instance's result."""
+    seen = OutOfMemoryAbove(smoke.module, limit=1000)  # records the batch sizes it is given
+    model = LoadedModel(smoke.card, seen, smoke.device)
+    names = ["CT_small.dcm", "MR_small.dcm", "CR2_6247.dcm"]
+    outputs = {}
+    for pad in (False, True):
+        clock = Clock()
+        writer = Recorder()
+        batcher = Batcher(8, 0.5, writer, FileBlobStore(tmp_path), clock=clock, pad=pad)
+        for i, name in enumerate(names):
+            frames = {"radq-smoke": _frames(smoke, name)}
+            batcher.add(Chunk("job", {i}), i, frames, {"radq-smoke": model}, None)
+        clock.now += 1
+        batcher.run_due()
+        outputs[pad] = {i: o for kind, i, o in writer.calls if kind == "result"}
+        assert writer.outcomes() == {i: ("done", None) for i in range(3)}
+    assert seen.sizes == [3, 8]
+    for i in range(3):
+        assert outputs[True][i] == pytest.approx(outputs[False][i], abs=1e-6), names[i]
