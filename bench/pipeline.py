@@ -147,7 +147,7 @@ def pipeline(
         "upload_s": round(run.upload_s, 3),
         "first_result_s": None if run.first_result_s is None else round(run.first_result_s, 3),
         "last_result_s": None if run.last_result_s is None else round(run.last_result_s, 3),
-        "worker": "1 worker process (--concurrency 2: two messages in flight)",
+        "worker": f"1 worker process ({settings.worker_concurrency} messages in hand)",
         "batch_size": settings.batch_size,
         "chunk_size": settings.chunk_size,
         "decode_processes": decode_processes(settings),

@@ -154,9 +154,10 @@ def embedded_stack(
 
 
 def start_worker(settings: Settings, log_file: Path) -> subprocess.Popen[bytes]:
-    """One ``radq worker --concurrency 1`` on the stack's queue; the caller stops it."""
+    """One ``radq worker`` (RADQ_WORKER_CONCURRENCY messages in hand) on the stack's queue; the
+    caller stops it."""
     name = f"bench-{uuid.uuid4().hex[:8]}@%h"
-    args = ["worker", "--hostname", name]  # default --concurrency: the next message waits in hand
+    args = ["worker", "--hostname", name]
     return spawn(args, env=settings.to_env(), log_file=log_file)
 
 
