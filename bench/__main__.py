@@ -106,7 +106,7 @@ def _row(
     rates = Rates(
         model_only=medians["model_only"].rate,
         decode=medians["decode"].rate,
-        preprocess=medians["preprocess"].rate,
+        decoder=medians["decoder"].rate,
         naive=medians["naive_loop"].rate,
         pipeline=pipe.rate,
         upload=pipe.images / upload_s if upload_s else 0.0,

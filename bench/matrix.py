@@ -2,7 +2,7 @@
 
 Models are taken one at a time. For each, a fresh ``radq worker`` starts (so its peak
 memory is that model's) and runs an untimed warm-up job; then ``--repeat`` rounds each
-measure the model alone once and, for every input of the model, decoding, preprocessing,
+measure the model alone once and, for every input of the model, decoding, a decode process,
 the naive loop and the pipeline, in that order. The pipeline's file count is fixed in the
 first round from the rates measured just before it, so that its job takes about the
 time budget; the later rounds reuse it.
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.inputs import Corpus
-from bench.measure import Measurement, decode_only, median, model_only, naive_loop, preprocess_only
+from bench.measure import Measurement, decode_only, decoder_only, median, model_only, naive_loop
 from bench.models import Pair, load_as_worker
 from bench.pipeline import JobRun, pipeline, warm_up
 from bench.stack import Stack, decode_processes, start_worker
@@ -28,7 +28,7 @@ from radq.errors import RadqError
 from radq.services import stop
 from workers.models.loader import LoadedModel
 
-FIGURES = ("model_only", "decode", "preprocess", "naive_loop", "pipeline")
+FIGURES = ("model_only", "decode", "decoder", "naive_loop", "pipeline")
 """Figures of one row, in the order they are measured."""
 WARMUP_FILES = 2
 """Files of each input in a model's untimed warm-up job."""
@@ -37,8 +37,8 @@ MAX_CORPUS_BYTES = 4 * 1024**3
 caps it further."""
 UPLOAD_MARGIN = 0.95
 """Share of RADQ_MAX_UPLOAD_BYTES a job's files may fill (multipart or tar framing takes the rest)."""
-DECODE_SHARE, PREPROCESS_SHARE = 0.5, 0.25
-"""Shares of the time budget the decode and preprocess figures take."""
+DECODE_SHARE, DECODER_SHARE = 0.25, 0.5
+"""Shares of the time budget the decode and decode-process figures take."""
 
 
 @dataclass
@@ -76,8 +76,7 @@ def pipeline_files(
     corpus: Corpus,
     *,
     model_rate: float,
-    decode: float,
-    preprocess: float,
+    decoder: float,
     processes: int,
     batch: int,
     max_upload_bytes: int,
@@ -85,7 +84,7 @@ def pipeline_files(
     """Files for a pipeline job of about ``plan.seconds``: the expected rate is the slower of
     the model and the decode processes; at least two batches, at most ``--max-images``,
     :data:`MAX_CORPUS_BYTES` and what one upload may carry."""
-    core = per_core(Rates(model_rate, decode, preprocess, 0.0, 0.0))
+    core = per_core(Rates(model_rate, 0.0, decoder, 0.0, 0.0))
     expected = min(model_rate, core * processes)
     most_bytes = MAX_CORPUS_BYTES
     if plan.submit == "upload":
@@ -125,19 +124,19 @@ def _measure_model(
             corpus = corpora[pair.input]
             figures = outcome.rounds[pair]
             figures["model_only"].append(alone)
-            say(f"{name} on {pair.input}: decode, preprocess ...")
+            say(f"{name} on {pair.input}: decode, decode process ...")
             distinct = corpus.files(corpus.kind.distinct)
             max_pixels = settings.max_image_pixels
             decoded, images = decode_only(
                 distinct, model, max_pixels=max_pixels, seconds=plan.seconds * DECODE_SHARE
             )
-            prepared = preprocess_only(images, model, seconds=plan.seconds * PREPROCESS_SHARE)
             del images
+            decoder = decoder_only(distinct, model, settings, seconds=plan.seconds * DECODER_SHARE)
             figures["decode"].append(decoded)
-            figures["preprocess"].append(prepared)
+            figures["decoder"].append(decoder)
             if pair not in outcome.pipeline_files:
                 outcome.pipeline_files[pair] = pipeline_files(
-                    plan, corpus, model_rate=alone.rate, decode=decoded.rate, preprocess=prepared.rate,
+                    plan, corpus, model_rate=alone.rate, decoder=decoder.rate,
                     processes=processes, batch=batch, max_upload_bytes=settings.max_upload_bytes,
                 )  # fmt: skip
             files = corpus.files(outcome.pipeline_files[pair])

@@ -1,4 +1,4 @@
-"""In-process figures: the model alone, decoding and preprocessing alone, the naive one-file loop.
+"""In-process figures: the model alone, decoding alone, a decode process's work per file, the naive loop.
 
 Each runs for about a given number of seconds (after an untimed warm-up) rather than a
 given number of images, so that one budget fits a 2 img/s DenseNet on a laptop CPU and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import pickle
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,10 +23,14 @@ from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table,
 
 from bench.machine import load_average
 from bench.models import as_model_input, forward_context
+from db.status import StorageKind
+from db.work import Claimed
+from radq.settings import Settings
 from workers.decode import DecodedImage, decode
 from workers.header import read_header
 from workers.inference import predict
 from workers.models.loader import LoadedModel
+from workers.prepare import load
 from workers.preprocess import preprocess
 
 T = TypeVar("T")
@@ -37,7 +42,7 @@ MAX_WARMUP_BATCHES = 3
 SYNC_EVERY = 8
 """Passes queued on a GPU between synchronisations of the model-only figure."""
 MIN_FILES = 2
-"""Fewest files a decode, preprocess or naive-loop figure times."""
+"""Fewest files a decode, decode-process or naive-loop figure times."""
 
 
 @dataclass
@@ -150,8 +155,7 @@ def decode_only(
     """``read_header`` + ``decode`` of the frame the card asks for, one thread, no model, cycling files.
 
     Returns:
-        The figure, and the decoded images of the first pass over ``files`` (for
-        :func:`preprocess_only`).
+        The figure, and the decoded images of the first pass over ``files``.
     """
     frame = model.card.preprocessing.frame
 
@@ -174,19 +178,35 @@ def decode_only(
     return Measurement(count, elapsed, {"threads": 1, "files": len(files)}, load), kept
 
 
-def preprocess_only(images: Sequence[DecodedImage], model: LoadedModel, *, seconds: float) -> Measurement:
-    """``workers.preprocess.preprocess`` of decoded images for the card, one thread, cycling images."""
-    card = model.card
-    load = load_average()
+def decoder_only(
+    files: Sequence[Path], model: LoadedModel, settings: Settings, *, seconds: float
+) -> Measurement:
+    """What one of the worker's decode processes does per file, on one thread, cycling files.
+
+    ``workers.prepare.load`` as the worker calls it (read, hash, header, pseudonym,
+    decode, raw frames; on a CPU worker also the preprocessing, RADQ_PREPROCESS_IN_DECODERS),
+    and pickling its result for the pipe: the per-core rate the worker's decode capacity
+    follows from. ``decode_only`` times the codec's share of it.
+    """
+    finish = model.device.type == "cpu" and settings.preprocess_in_decoders
+    key = bytes(32)  # the HMAC costs the same whatever the key
+
+    def run(index: int, path: Path) -> None:
+        claimed = Claimed(index, "bench", path.name, StorageKind.PATH, str(path), 0)
+        prepared = load(claimed, path, key, [model.card], settings.max_image_pixels, finish=finish)
+        if prepared.status:
+            raise RuntimeError(f"{path}: {prepared.status}: {prepared.reason}")
+        pickle.dumps(prepared, protocol=5, buffer_callback=lambda _buffer: None)
+
+    load_before = load_average()
     with one_thread():
-        preprocess(images[0], card.input, card.preprocessing)
+        run(0, files[0])  # untimed: imports the codec
         count = 0
         start = time.perf_counter()
-        for image in _timed_loop(images, seconds):
-            preprocess(image, card.input, card.preprocessing)
-            count += 1
+        for count, path in enumerate(_timed_loop(files, seconds), 1):
+            run(count, path)
         elapsed = time.perf_counter() - start
-    return Measurement(count, elapsed, {"threads": 1}, load)
+    return Measurement(count, elapsed, {"threads": 1, "preprocesses": finish}, load_before)
 
 
 def _results_table(metadata: MetaData) -> Table:

@@ -13,7 +13,7 @@ from rich.table import Table
 FIGURE_LABELS = {
     "model_only": "model only (batched, random tensors on the device)",
     "decode": "read_header + decode, 1 thread, no model",
-    "preprocess": "workers.preprocess.preprocess, 1 thread",
+    "decoder": "a decode process's work per file (workers.prepare.load + pickling), 1 thread",
     "naive_loop": "naive loop (1 file, 1 forward pass, 1 commit)",
     "pipeline": "full pipeline (HTTP submission, Redis, radq worker, SQL)",
 }
@@ -56,7 +56,7 @@ def _rows_table(report: Mapping[str, Any]) -> Table:
     table = Table(title=title, title_justify="left")
     columns = (
         ("model", "left"), ("input", "left"), ("model only", "right"), ("naive", "right"),
-        ("decode /core", "right"), ("prep /core", "right"), ("pipeline", "right"), ("files", "right"),
+        ("decode /core", "right"), ("decoder /core", "right"), ("pipeline", "right"), ("files", "right"),
         ("pipe/ model", "right"), ("pipe/ naive", "right"), ("bound", "left"), ("worker MiB", "right"),
         ("load", "right"), ("targets", "left"),
     )  # fmt: skip
@@ -67,7 +67,7 @@ def _rows_table(report: Mapping[str, Any]) -> Table:
         pipe = figures.get("pipeline") or {}
         table.add_row(
             row["model"], row["input"], _rate(figures.get("model_only")), _rate(figures.get("naive_loop")),
-            _rate(figures.get("decode")), _rate(figures.get("preprocess")), _rate(figures.get("pipeline")),
+            _rate(figures.get("decode")), _rate(figures.get("decoder")), _rate(figures.get("pipeline")),
             str(pipe.get("images", "-")), _ratio(summary.get("pipeline_over_model_only")),
             _ratio(summary.get("pipeline_over_naive")), summary.get("bound", "-"),
             f"{pipe['worker_peak_mib']:.0f}" if pipe else "-",
@@ -94,7 +94,8 @@ def render(report: Mapping[str, Any], console: Console) -> None:
     for note in notes:
         console.print(f"note: {note}")
     console.print(
-        "decode, prep: img/s on one core. bound: the slowest of model only, decode+preprocess per core x "
+        "decode (codec alone), decoder (all a decode process does per file): img/s on one core. bound: the "
+        "slowest of model only, decoder per core x "
         "decode processes, and the upload (files/s until the API answered). worker MiB: sum of VmHWM over "
         "the worker's processes during the pipeline job. load: 1-minute load average before the pipeline "
         "job (other work skews every figure). Details per figure in the JSON report."
