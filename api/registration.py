@@ -123,7 +123,7 @@ class Registrar:
                 notify = leave_registering(session, job_id)
             log.info("registered %d listed file(s) for job %s", len(sources), job_id)
             if notify:
-                notify_ended(self.state, notify)
+                self._notify(notify)
         except TransientError as exc:
             log.warning("registration of %d files of job %s paused (%s); it resumes when their lease "
                         "expires", len(sources), job_id, exc)  # fmt: skip
@@ -145,7 +145,7 @@ class Registrar:
                 notify = cancel_sources(session, job_id, [source.id for source in sources])
             log.info("registration of job %s cancelled with %d listed file(s) left", job_id, len(sources))
             if notify:
-                notify_ended(self.state, notify)
+                self._notify(notify)
         except (TransientError, OperationalError) as exc:
             log.warning("closing the cancelled registration of job %s failed (%s); retried when "
                         "the lease expires", job_id, exc)  # fmt: skip
@@ -212,10 +212,14 @@ class Registrar:
             notify = finish_source(session, source.id, status, note)
         log.info("registration of %s for job %s: %s", source.path, source.job_id, status)
         if notify:
-            try:
-                notify_ended(self.state, notify)
-            except TransientError as exc:
-                log.warning("%s", exc)
+            self._notify(notify)
+
+    def _notify(self, job_id: str) -> None:
+        """Send the webhook of a job that ended at registration (everything failed or skipped)."""
+        try:
+            notify_ended(self.state, job_id)
+        except TransientError as exc:
+            log.warning("%s", exc)
 
     def _instances(self, item: os.DirEntry[str] | Path, roots: list[Path]) -> list[NewInstance]:
         """The instances one walked file becomes: one, an archive's members, or a recorded refusal."""
