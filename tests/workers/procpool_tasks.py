@@ -59,9 +59,13 @@ def image(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 4096, IMAGE_SHAPE, dtype=np.uint16)
 
 
+PARENT_MARKER = "radq_test_parent_only"
+"""A module only the test's own process holds: a child that has it was forked from that process."""
+
+
 def child_state() -> dict[str, object]:
     return {
         "pid": os.getpid(),
-        "torch": "torch" in sys.modules,
+        "parent_marker": PARENT_MARKER in sys.modules,
         "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
     }

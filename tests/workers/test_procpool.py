@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from pathlib import Path
@@ -117,12 +118,15 @@ def test_a_large_array_round_trips_intact_and_writable(pool: ProcessPool) -> Non
     assert np.array_equal(echoed, expected[::2, ::3])
 
 
-def test_children_start_clean(pool: ProcessPool) -> None:
-    import torch  # noqa: F401  (the worker's parent process has torch loaded)
-
-    state = pool.submit(tasks.child_state).result(timeout=5)
+def test_children_start_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Children come from the fork server, never from the parent (which runs torch, maybe CUDA):
+    nothing the parent loaded reaches them. (The fork server may preload torch itself, before
+    any thread or device exists: a CPU worker's decode processes preprocess with it.)"""
+    monkeypatch.setitem(sys.modules, tasks.PARENT_MARKER, types.ModuleType(tasks.PARENT_MARKER))
+    with ProcessPool(2, task_timeout=1.0, preload=PRELOAD) as pool:
+        state = pool.submit(tasks.child_state).result(timeout=5)
     assert state["pid"] != os.getpid()
-    assert state["torch"] is False
+    assert state["parent_marker"] is False
     assert state["sigint_ignored"] is True
 
 
