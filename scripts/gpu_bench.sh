@@ -7,7 +7,8 @@
 #
 # Needs, beside the tracked files: .whl/ (the wheels of radq's runtime dependencies the host
 # lacks, for its Python) and .redis/ (a redis-server with the libraries a stock Ubuntu may
-# lack). Both are git-ignored (.git/info/exclude): name them in the device tool's `carry`.
+# lack). Both are git-ignored (.git/info/exclude) and made by `bash scripts/gpu_carry.sh`: name
+# them in the device tool's `carry`.
 #
 # Leaves in $OUT (default bench/results/gpu): gpu.json (the bench's report), bench.log (what
 # it printed, the table included), env.txt (versions, nvidia-smi, timings), gpu_util.csv

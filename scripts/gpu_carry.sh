@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Make what scripts/gpu_bench.sh needs carried to a GPU host (the lent H200: Python 3.12,
+# torch, no network, no Redis), from this machine (x86-64, Debian, pip reaching PyPI):
+#
+#   .whl/    cp312 / pure wheels of radq's runtime dependencies that host lacks, pinned to the
+#            versions the tests pass with here, plus py-spy for a profile of the worker
+#   .redis/  Debian's redis-server with the libraries a stock Ubuntu may lack, and a wrapper
+#
+# Both are git-ignored through .git/info/exclude. About 22 MiB: with the tracked files the
+# device tool's 64 MiB limit leaves little else. Usage: bash scripts/gpu_carry.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+for path in /.whl/ /.redis/; do
+    grep -qxF "$path" .git/info/exclude 2>/dev/null || echo "$path" >>.git/info/exclude
+done
+
+# fastapi imports opentelemetry, celery tzlocal; tzdata serves a host without zoneinfo.
+# click, typer and typing_extensions are there already, in versions too old for these.
+WHEELS=(
+    alembic==1.20.1 amqp==5.4.2 annotated_types==0.7.0 billiard==4.3.2 celery==5.7.0 click==8.4.0
+    click_didyoumean==0.3.1 click_plugins==1.1.1.2 click_repl==0.4.1 fastapi==0.165.0
+    httptools==0.9.0 kombu==5.7.0 mako==1.4.3 opentelemetry_api==1.45.2 prompt_toolkit==3.0.52
+    py_spy==0.4.3 pydantic==2.13.4 pydantic_core==2.46.4 pydantic_settings==2.14.1 pydicom==3.0.2
+    pylibjpeg==2.1.0 pylibjpeg_openjpeg==2.6.0 pylibjpeg_rle==2.2.0 python_dotenv==1.2.2
+    python_multipart==0.0.34 redis==8.2.0 sqlalchemy==2.1.9 starlette==1.10.0 typer==0.29.2
+    typing_extensions==4.16.0 typing_inspection==0.4.2 tzdata==2026.6 tzlocal==5.4.5
+    uvicorn==0.55.0 vine==5.1.0 wcwidth==0.7.0
+)
+platforms=()
+for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+    manylinux_2_5_x86_64 manylinux1_x86_64; do
+    platforms+=(--platform "$tag")
+done
+mkdir -p .whl
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" -d .whl "${WHEELS[@]}"
+
+# redis-server and the shared libraries of its that a stock Ubuntu 24.04 may lack.
+if ! command -v redis-server >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+fi
+rm -rf .redis && mkdir -p .redis/lib
+cp "$(readlink -f "$(command -v redis-server)")" .redis/lib/redis-server
+for lib in liblzf.so.1 libjemalloc.so.2 libatomic.so.1; do
+    cp "$(ldd .redis/lib/redis-server | awk -v l="$lib" '$1 == l {print $3}')" .redis/lib/
+done
+cat >.redis/redis-server <<'EOF'
+#!/usr/bin/env bash
+# redis-server with the libraries beside it in lib/ (the host gives libssl3, libsystemd0, libstdc++).
+here=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
+export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+exec "$here/lib/redis-server" "$@"
+EOF
+chmod +x .redis/redis-server .redis/lib/redis-server
+du -sh .whl .redis
