@@ -2,7 +2,7 @@
 # Run `python -m bench` on a GPU host that has torch but none of radq's other dependencies
 # and no Redis (the lent NVIDIA H200: Python 3.12, no network), from the repository root:
 #
-#   bash scripts/gpu_bench.sh              # the GPU matrix, about 5 minutes on 16 cores + H200
+#   bash scripts/gpu_bench.sh              # the GPU matrix: 343 s on 16 cores + H200 (2026-12-04)
 #   QUICK=1 bash scripts/gpu_bench.sh      # smoke run (radq-smoke, 3 s per figure), about 1 minute
 #
 # Needs, beside the tracked files: .whl/ (the wheels of radq's runtime dependencies the host
