@@ -15,7 +15,7 @@
 # (nvidia-smi every second), worker.log (the stack's worker log, which the bench keeps
 # in a temporary folder it deletes; hard-linked while it runs). Exit code: the bench's.
 #
-# Knobs (environment): QUICK, VARIANT_BUDGET (0: no variant run), OUT, WHEELS (.whl), SITE (/tmp/site), PY (python3), PIP_PY ($PY),
+# Knobs (environment): QUICK, SECOND and SECOND_BUDGET (a second measurement, step 6), OUT, WHEELS (.whl), SITE (/tmp/site), PY (python3), PIP_PY ($PY),
 # WORK (/tmp/radq-gpubench), REDIS_PORT (6379), RADQ_DEVICE (cuda), RADQ_BATCH_SIZE (64 on
 # CUDA), MODELS, INPUTS, SECONDS_PER_FIGURE, MAX_IMAGES, CACHE, PIPELINE_TIMEOUT (--timeout),
 # BENCH_TIMEOUT (seconds before the bench is stopped), BENCH_ARGS (more bench arguments).
@@ -193,17 +193,30 @@ rc=${PIPESTATUS[0]}
 set -e
 say "bench exited with $rc"
 
-# 6. Where time is left (VARIANT_BUDGET seconds of the script's whole run), the first model and
-# input again with more messages in hand and larger chunks: does the GPU drain between messages?
-VARIANT_BUDGET=${VARIANT_BUDGET:-0}
-if ((SECONDS - T0 < VARIANT_BUDGET)); then
-    vargs=(--models "${MODELS%%,*}" --inputs "${INPUTS%%,*}" --seconds "$SECONDS_PER_FIGURE"
-           --max-images "$MAX_IMAGES" --cache "$CACHE" --out "$OUT/variant.json" --timeout "$PIPELINE_TIMEOUT")
-    say "variant: RADQ_WORKER_CONCURRENCY=4 RADQ_CHUNK_SIZE=256 python -m bench ${vargs[*]}"
+# 6. Where time is left (SECOND_BUDGET seconds of the script's whole run), a second
+# measurement of the first model and input, output in $OUT/second.log (and .json):
+#   SECOND=variant       more messages in hand, larger chunks (RADQ_WORKER_CONCURRENCY=4,
+#                        RADQ_CHUNK_SIZE=256): does the GPU drain between messages?
+#   SECOND=scaling:1,2,4 python -m bench.scaling: that many worker processes sharing the GPU
+#                        (each with its share of the cores), SQLite
+SECOND_BUDGET=${SECOND_BUDGET:-0}
+SECOND=${SECOND:-variant}
+if ((SECONDS - T0 < SECOND_BUDGET)); then
+    left=$((SECOND_BUDGET - SECONDS + T0))
     set +e
-    RADQ_WORKER_CONCURRENCY=4 RADQ_CHUNK_SIZE=256 timeout -k 30 $((VARIANT_BUDGET - SECONDS + T0)) \
-        "$PY" -m bench "${vargs[@]}" >"$OUT/variant.log" 2>&1
-    say "variant exited with $?"
+    if [[ $SECOND == scaling:* ]]; then
+        sargs=(--workers "${SECOND#scaling:}" --layouts split --model "${MODELS%%,*}" --input "${INPUTS%%,*}"
+               --images "$MAX_IMAGES" --database sqlite --cache "$CACHE" --timeout "$PIPELINE_TIMEOUT")
+        say "second: python -m bench.scaling ${sargs[*]}"
+        timeout -k 30 "$left" "$PY" -m bench.scaling "${sargs[@]}" >"$OUT/second.log" 2>&1
+    else
+        vargs=(--models "${MODELS%%,*}" --inputs "${INPUTS%%,*}" --seconds "$SECONDS_PER_FIGURE"
+               --max-images "$MAX_IMAGES" --cache "$CACHE" --out "$OUT/second.json" --timeout "$PIPELINE_TIMEOUT")
+        say "second: RADQ_WORKER_CONCURRENCY=4 RADQ_CHUNK_SIZE=256 python -m bench ${vargs[*]}"
+        RADQ_WORKER_CONCURRENCY=4 RADQ_CHUNK_SIZE=256 timeout -k 30 "$left" \
+            "$PY" -m bench "${vargs[@]}" >"$OUT/second.log" 2>&1
+    fi
+    say "second exited with $?"
     set -e
 fi
 kill "$linker" 2>/dev/null || true  # the log linker: no copy of its own from now on
