@@ -103,6 +103,7 @@ def _row(
         return row
     pipe = medians["pipeline"]
     upload_s = float(pipe.detail["upload_s"])  # type: ignore[arg-type]
+    registered_s = float(pipe.detail.get("registered_s") or 0.0)  # type: ignore[arg-type]
     rates = Rates(
         model_only=medians["model_only"].rate,
         decode=medians["decode"].rate,
@@ -110,6 +111,7 @@ def _row(
         naive=medians["naive_loop"].rate,
         pipeline=pipe.rate,
         upload=pipe.images / upload_s if upload_s else 0.0,
+        registration=pipe.images / registered_s if registered_s else 0.0,
     )
     row["summary"] = summarize(
         rates,

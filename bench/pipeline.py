@@ -15,7 +15,7 @@ from bench.measure import Measurement
 from bench.memory import TreePeak
 from bench.stack import BenchError, Stack, decode_processes, log_tail
 from db.jobs import as_utc
-from db.models import Instance, Result
+from db.models import Instance, JobSource, Result
 from db.status import FINAL_STATUSES
 from radq.client import MAX_PARTS
 
@@ -34,6 +34,8 @@ class JobRun:
     counts: dict[str, int]
     first_result_s: float | None
     last_result_s: float | None
+    registered_s: float | None = None
+    """Seconds from the start until a path job's last file was registered (None: an upload)."""
 
 
 def _final_count(stack: Stack, job_id: str) -> int:
@@ -62,6 +64,14 @@ def _result_span(stack: Stack, job_id: str, started: datetime) -> tuple[float | 
         (first - started).total_seconds() if first else None,
         (last - started).total_seconds() if last else None,
     )
+
+
+def _registered_s(stack: Stack, job_id: str, started: datetime) -> float | None:
+    """Seconds from ``started`` until the API had registered every file of a path job."""
+    query = select(func.max(JobSource.finished_at)).where(JobSource.job_id == job_id)
+    with stack.engine.connect() as conn:
+        finished = as_utc(conn.execute(query).scalar_one())
+    return (finished - started).total_seconds() if finished else None
 
 
 def run_job(
@@ -101,7 +111,8 @@ def run_job(
         time.sleep(POLL_SECONDS)
     total_s = time.perf_counter() - start
     first, last = _result_span(stack, job_id, started_at)
-    return JobRun(job_id, total, upload_s, total_s, _counts(stack, job_id), first, last)
+    registered = _registered_s(stack, job_id, started_at) if submit == "paths" else None
+    return JobRun(job_id, total, upload_s, total_s, _counts(stack, job_id), first, last, registered)
 
 
 def warm_up(
@@ -145,6 +156,7 @@ def pipeline(
         if submit == "paths"
         else ("one tar archive" if len(files) > MAX_PARTS else f"{len(files)} multipart parts"),
         "upload_s": round(run.upload_s, 3),
+        "registered_s": None if run.registered_s is None else round(run.registered_s, 3),
         "first_result_s": None if run.first_result_s is None else round(run.first_result_s, 3),
         "last_result_s": None if run.last_result_s is None else round(run.last_result_s, 3),
         "worker": f"1 worker process ({settings.worker_concurrency} messages in hand)",

@@ -10,8 +10,9 @@ Targets:
 (``workers.prepare.load``: read, hash, header, decode; on a CPU worker the preprocessing
 too), on one core; the codec's share alone is also given.
 The bounding stage is the slowest of: the model alone; decode capacity (that per-core
-rate times the worker's decode processes); and the upload (files per second until the
-API answered: a job's instances are queued once its upload has arrived).
+rate times the worker's decode processes); the upload (files per second until the API
+answered: a job's instances are queued once its upload has arrived); and, for a path
+submission, the registration (files per second until the API had registered the last).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Rates:
     pipeline: float
     upload: float = 0.0
     """Files per second of the pipeline job's upload (HTTP, until the API answered); 0 if unknown."""
+    registration: float = 0.0
+    """Files per second until a path job's last file was registered; 0 if not a path job."""
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -74,6 +77,8 @@ def summarize(
     stages = {"model": rates.model_only, "decode": decode_capacity}
     if rates.upload > 0:  # the job is processed once its upload has arrived, so it is a stage too
         stages["upload"] = rates.upload
+    if rates.registration > 0:  # workers get only what the API has registered and queued
+        stages["registration"] = rates.registration
     bound = min(stages, key=lambda stage: stages[stage])
     targets = [_target(f">= {NAIVE_FACTOR:g}x naive", NAIVE_FACTOR * rates.naive, rates.pipeline)]
     if device == "cpu" and (architecture, input_name) == (CPU_TARGET_ARCHITECTURE, CPU_TARGET_INPUT):
@@ -91,8 +96,9 @@ def summarize(
         "decode_capacity_img_s": round(decode_capacity, 2),
         "bound": bound,
         "upload_img_s": round(rates.upload, 2),
+        "registration_img_s": round(rates.registration, 2),
         "bound_why": f"model only {rates.model_only:.1f} img/s; decode process {core:.1f} img/s/core "
         f"x {decode_processes} decode processes = {decode_capacity:.1f} img/s; "
-        f"upload {rates.upload:.1f} img/s",
+        f"upload {rates.upload:.1f} img/s; registration {rates.registration:.1f} img/s",
         "targets": targets,
     }
