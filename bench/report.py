@@ -94,9 +94,9 @@ def render(report: Mapping[str, Any], console: Console) -> None:
     for note in notes:
         console.print(f"note: {note}")
     console.print(
-        "decode (codec alone), decoder (all a decode process does per file): img/s on one core. bound: the "
-        "slowest of model only, decoder per core x "
-        "decode processes, the upload (files/s until the API answered) and the registration of path jobs. worker MiB: sum of VmHWM over "
-        "the worker's processes during the pipeline job. load: 1-minute load average before the pipeline "
-        "job (other work skews every figure). Details per figure in the JSON report."
+        "decode (codec alone), decoder (all a decode process does per file): img/s on one core. bound: "
+        "the slowest of model only, decoder per core x decode processes, the upload (files/s until the "
+        "API answered) and the registration of path jobs. worker MiB: sum of VmHWM over the worker's "
+        "processes during the pipeline job. load: 1-minute load average before the pipeline job (other "
+        "work skews every figure). Details per figure in the JSON report."
     )
