@@ -21,8 +21,10 @@ from workers.app import create_worker_app
 
 
 @pytest.fixture
-def eager(database_url: str, tmp_path: Path) -> Iterator[tuple[Celery, Settings]]:
-    settings = make_settings(tmp_path, database_url, "memory://")
+def eager(own_database_url: str, tmp_path: Path) -> Iterator[tuple[Celery, Settings]]:
+    # A database of this module's own: the maintenance loop of another test's API would reap
+    # the expired lease set below and have its worker infer that instance meanwhile.
+    settings = make_settings(tmp_path, own_database_url, "memory://")
     app = create_worker_app(settings)
     app.conf.task_always_eager = True
     app.conf.task_eager_propagates = True
