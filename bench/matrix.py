@@ -23,7 +23,6 @@ from bench.measure import Measurement, decode_only, decoder_only, median, model_
 from bench.models import Pair, load_as_worker
 from bench.pipeline import JobRun, pipeline, warm_up
 from bench.stack import Stack, decode_processes, start_worker
-from bench.targets import Rates, per_core
 from radq.errors import RadqError
 from radq.services import stop
 from workers.models.loader import LoadedModel
@@ -84,8 +83,7 @@ def pipeline_files(
     """Files for a pipeline job of about ``plan.seconds``: the expected rate is the slower of
     the model and the decode processes; at least two batches, at most ``--max-images``,
     :data:`MAX_CORPUS_BYTES` and what one upload may carry."""
-    core = per_core(Rates(model_rate, 0.0, decoder, 0.0, 0.0))
-    expected = min(model_rate, core * processes)
+    expected = min(model_rate, decoder * processes)
     most_bytes = MAX_CORPUS_BYTES
     if plan.submit == "upload":
         most_bytes = min(most_bytes, int(max_upload_bytes * UPLOAD_MARGIN))
@@ -127,10 +125,7 @@ def _measure_model(
             say(f"{name} on {pair.input}: decode, decode process ...")
             distinct = corpus.files(corpus.kind.distinct)
             max_pixels = settings.max_image_pixels
-            decoded, images = decode_only(
-                distinct, model, max_pixels=max_pixels, seconds=plan.seconds * DECODE_SHARE
-            )
-            del images
+            decoded = decode_only(distinct, model, max_pixels=max_pixels, seconds=plan.seconds * DECODE_SHARE)
             decoder = decoder_only(distinct, model, settings, seconds=plan.seconds * DECODER_SHARE)
             figures["decode"].append(decoded)
             figures["decoder"].append(decoder)

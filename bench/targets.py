@@ -50,11 +50,6 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b > 0 else None
 
 
-def per_core(rates: Rates) -> float:
-    """Files one decode process gets through per second (one core)."""
-    return max(rates.decoder, 0.0)
-
-
 def _target(name: str, required: float, actual: float) -> dict[str, object]:
     return {"target": name, "required_img_s": round(required, 2), "met": actual >= required}
 
@@ -72,7 +67,7 @@ def summarize(
         decode_processes: decode processes of one worker process.
         host_cores: cores of the machine.
     """
-    core = per_core(rates)
+    core = rates.decoder  # files one decode process gets through per second
     decode_capacity = core * decode_processes
     stages = {"model": rates.model_only, "decode": decode_capacity}
     if rates.upload > 0:  # the job is processed once its upload has arrived, so it is a stage too
