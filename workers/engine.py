@@ -128,6 +128,11 @@ class Engine:
         )
         ahead = settings.decode_ahead or 2 * settings.batch_size + processes
         self._slots = threading.Semaphore(ahead)
+        # One message's thread submits at a time: messages go through in the order they
+        # came, so the first finishes, and its thread takes the next message, while the
+        # others are still decoding and inferring. Interleaved, they would all finish
+        # together and the pipeline would drain before the next ones were claimed.
+        self._submitting = threading.Lock()
         self._ready: queue.SimpleQueue[_Decoded | None] = queue.SimpleQueue()
         self._waited_s = 0.0
         self._period_start = time.perf_counter()
@@ -169,14 +174,15 @@ class Engine:
         by_name = {m.card.name: m for m in models}
         cards = [m.card for m in models]
         pixels = self.settings.max_image_pixels
-        for c, sha in todo:
-            self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
-            future = self.decoders.submit(
-                partial(load, finish=self.finish_in_decoders),
-                c, self.locate(c), self.pseudonym_key, cards, pixels, sha,
-            )  # fmt: skip
-            item = _Decoded(chunk, c, future, by_name, threshold)
-            future.add_done_callback(partial(self._decoded, item))
+        with self._submitting:
+            for c, sha in todo:
+                self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
+                future = self.decoders.submit(
+                    partial(load, finish=self.finish_in_decoders),
+                    c, self.locate(c), self.pseudonym_key, cards, pixels, sha,
+                )  # fmt: skip
+                item = _Decoded(chunk, c, future, by_name, threshold)
+                future.add_done_callback(partial(self._decoded, item))
         return self._wait(chunk)
 
     def _models(self, names: Sequence[str]) -> list[LoadedModel]:

@@ -1,0 +1,83 @@
+"""Messages a worker holds go through in the order they came, so one finishes while the next runs.
+
+If the messages in hand were decoded interleaved they would all finish together, and a
+worker would claim and start decoding its next messages only once its pipeline had
+drained: on a GPU host the device then waits for every round's first batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from sqlalchemy import select
+
+from db.jobs import NewInstance, add_instances, create_job
+from db.models import Instance
+from db.session import make_engine, make_sessionmaker, transaction
+from db.status import InstanceStatus, StorageKind
+from radq.settings import Settings
+from radq.tasks import INFER_CHUNK
+from tests.conftest import SAMPLES, make_settings
+from workers.app import create_worker_app
+from workers.context import get_context
+
+PER_MESSAGE = 24
+BATCH = 4
+
+
+@pytest.fixture
+def eager(own_database_url: str, tmp_path: Path) -> Iterator[tuple[Celery, Settings]]:
+    settings = make_settings(
+        tmp_path, own_database_url, "memory://",
+        batch_size=BATCH, decode_processes=1, device="cpu", batch_deadline=0.05,
+    )  # fmt: skip
+    app = create_worker_app(settings)
+    app.conf.task_always_eager = True
+    yield app, settings
+
+
+def test_first_message_finishes_before_the_second_is_half_done(eager: tuple[Celery, Settings]) -> None:
+    app, settings = eager
+    engine = make_engine(settings.resolved_database_url)
+    sessions = make_sessionmaker(engine)
+    ct = str(SAMPLES / "real" / "CT_small.dcm")
+    with transaction(sessions) as session:
+        job = create_job(session, models=["radq-smoke"])
+        ids = add_instances(
+            session,
+            job_id=job.id,
+            files=[NewInstance(f"ct{i}.dcm", StorageKind.PATH, ct) for i in range(2 * PER_MESSAGE)],
+        )
+    messages = [ids[:PER_MESSAGE], ids[PER_MESSAGE:]]
+    get_context(settings)  # one engine for both message threads, as in a worker process
+    reports: dict[int, dict[str, object]] = {}
+
+    def run(index: int) -> None:
+        reports[index] = app.tasks[INFER_CHUNK].apply(args=[job.id, messages[index]]).get()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(report["done"] == PER_MESSAGE for report in reports.values())
+
+    with sessions() as session:
+        finished = dict(
+            session.execute(select(Instance.id, Instance.updated_at).where(Instance.job_id == job.id)).all()
+        )
+        statuses = set(session.scalars(select(Instance.status).where(Instance.job_id == job.id)))
+    engine.dispose()
+    assert statuses == {InstanceStatus.DONE}
+    last = [max(finished[i] for i in message) for message in messages]
+    first, second = (0, 1) if last[0] <= last[1] else (1, 0)
+    # Instances of the later message already final when the earlier message's last one was:
+    # its first batches, sharing a batch or a write with the earlier message's tail.
+    early = sum(finished[i] <= last[first] for i in messages[second])
+    assert early < PER_MESSAGE // 2, (
+        f"{early} of the second message's {PER_MESSAGE} instances ended with the first"
+    )
