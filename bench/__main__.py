@@ -25,6 +25,7 @@ from radq.errors import RadqError
 from radq.model_card import ModelCard, discover_cards
 from radq.settings import Settings
 from workers.device import resolve_device
+from workers.gpu_decode import DECODERS, gpu_decode_device
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 """Where the JSON report goes unless --out says otherwise (git-ignored)."""
@@ -104,6 +105,7 @@ def _row(
     pipe = medians["pipeline"]
     upload_s = float(pipe.detail["upload_s"])  # type: ignore[arg-type]
     registered_s = float(pipe.detail.get("registered_s") or 0.0)  # type: ignore[arg-type]
+    worker_cpu_s = float(pipe.detail.get("worker_process_cpu_s") or 0.0)  # type: ignore[arg-type]
     rates = Rates(
         model_only=medians["model_only"].rate,
         decode=medians["decode"].rate,
@@ -112,9 +114,12 @@ def _row(
         pipeline=pipe.rate,
         upload=pipe.images / upload_s if upload_s else 0.0,
         registration=pipe.images / registered_s if registered_s else 0.0,
+        worker_process=pipe.images / worker_cpu_s if worker_cpu_s else 0.0,
     )
+    on_gpu = gpu_decode_device(settings.gpu_decode, device.type, device.index) is not None
     row["summary"] = summarize(
         rates,
+        gpu_decoded=on_gpu and INPUTS[pair.input].transfer_syntax in {d.UID for d in DECODERS},
         device=device.type,
         architecture=card.architecture,
         input_name=pair.input,
@@ -173,6 +178,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             "device": str(device),
             "batch_size": settings.batch_size,
             "decode_processes": decode_processes(settings),
+            "gpu_decode": gpu_decode_device(settings.gpu_decode, device.type, device.index) is not None,
             "chunk_size": settings.chunk_size,
             "warmup_jobs": {
                 name: {"files": w.files, "seconds": round(w.total_s, 3)}

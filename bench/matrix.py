@@ -10,9 +10,10 @@ time budget; the later rounds reuse it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from bench.pipeline import JobRun, pipeline, warm_up
 from bench.stack import Stack, decode_processes, start_worker
 from radq.errors import RadqError
 from radq.services import stop
+from radq.settings import Settings
+from workers.gpu_decode import gpu_decode_device
+from workers.gpu_decode import install as install_gpu_decode
+from workers.gpu_decode import uninstall as uninstall_gpu_decode
 from workers.models.loader import LoadedModel
 
 FIGURES = ("model_only", "decode", "decoder", "naive_loop", "pipeline")
@@ -91,6 +96,21 @@ def pipeline_files(
     return min(max(math.ceil(plan.seconds * expected), 2 * batch), ceiling)
 
 
+@contextlib.contextmanager
+def decoding_as_worker(settings: Settings, model: LoadedModel) -> Iterator[None]:
+    """Decode here as the worker's decode processes do: on the GPU where RADQ_GPU_DECODE puts
+    them there (the naive loop, outside, stays on the CPU codecs)."""
+    device = gpu_decode_device(settings.gpu_decode, model.device.type, model.device.index)
+    if device is None:
+        yield
+        return
+    install_gpu_decode(device)
+    try:
+        yield
+    finally:
+        uninstall_gpu_decode()
+
+
 def _start_worker(stack: Stack) -> None:
     stack.worker = start_worker(stack.settings, stack.logs / "worker.log")
 
@@ -125,8 +145,11 @@ def _measure_model(
             say(f"{name} on {pair.input}: decode, decode process ...")
             distinct = corpus.files(corpus.kind.distinct)
             max_pixels = settings.max_image_pixels
-            decoded = decode_only(distinct, model, max_pixels=max_pixels, seconds=plan.seconds * DECODE_SHARE)
-            decoder = decoder_only(distinct, model, settings, seconds=plan.seconds * DECODER_SHARE)
+            with decoding_as_worker(settings, model):
+                decoded = decode_only(
+                    distinct, model, max_pixels=max_pixels, seconds=plan.seconds * DECODE_SHARE
+                )
+                decoder = decoder_only(distinct, model, settings, seconds=plan.seconds * DECODER_SHARE)
             figures["decode"].append(decoded)
             figures["decoder"].append(decoder)
             if pair not in outcome.pipeline_files:

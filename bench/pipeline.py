@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,15 @@ class JobRun:
     last_result_s: float | None
     registered_s: float | None = None
     """Seconds from the start until a path job's last file was registered (None: an upload)."""
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) that process ``pid`` has used so far; its
+    children, e.g. the decode processes, not included."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) is in parentheses and may hold spaces or parentheses.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _final_count(stack: Stack, job_id: str) -> int:
@@ -146,8 +156,12 @@ def pipeline(
     if stack.worker is None:
         raise BenchError("the pipeline figure needs a running worker")
     load = load_average()
+    cpu_before = process_cpu_s(stack.worker.pid)
     with TreePeak(stack.worker.pid) as memory:
         run = run_job(stack, files, models=[model], timeout=timeout, submit=submit)
+    # The worker's own process (Celery, the inference and writer threads): Python in one
+    # process, so about one core's worth is all it can use, whatever the decoders do.
+    worker_cpu_s = process_cpu_s(stack.worker.pid) - cpu_before
     settings = stack.settings
     detail: dict[str, object] = {
         "job_id": run.job_id,
@@ -164,6 +178,9 @@ def pipeline(
         "chunk_size": settings.chunk_size,
         "decode_processes": decode_processes(settings),
         "database": stack.engine.url.get_backend_name(),
+        "worker_process_cpu_s": round(worker_cpu_s, 3),
+        "worker_process_cpu_ms_per_image": round(1000 * worker_cpu_s / len(files), 3),
+        "worker_process_cores_busy": round(worker_cpu_s / run.total_s, 3),
         "worker_peak_mib": memory.hwm_mib,
         "worker_peak_rss_sampled_mib": memory.rss_mib,
         "worker_processes": memory.processes,

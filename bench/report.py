@@ -57,7 +57,8 @@ def _rows_table(report: Mapping[str, Any]) -> Table:
     columns = (
         ("model", "left"), ("input", "left"), ("model only", "right"), ("naive", "right"),
         ("decode /core", "right"), ("decoder /core", "right"), ("pipeline", "right"), ("files", "right"),
-        ("pipe/ model", "right"), ("pipe/ naive", "right"), ("bound", "left"), ("worker MiB", "right"),
+        ("pipe/ model", "right"), ("pipe/ naive", "right"), ("bound", "left"), ("worker ms/img", "right"),
+        ("worker MiB", "right"),
         ("load", "right"), ("targets", "left"),
     )  # fmt: skip
     for name, justify in columns:
@@ -70,6 +71,7 @@ def _rows_table(report: Mapping[str, Any]) -> Table:
             _rate(figures.get("decode")), _rate(figures.get("decoder")), _rate(figures.get("pipeline")),
             str(pipe.get("images", "-")), _ratio(summary.get("pipeline_over_model_only")),
             _ratio(summary.get("pipeline_over_naive")), summary.get("bound", "-"),
+            f"{pipe['worker_process_cpu_ms_per_image']:.2f}" if pipe else "-",
             f"{pipe['worker_peak_mib']:.0f}" if pipe else "-",
             f"{pipe['load_avg_1m_before']:.2f}" if pipe else "-", _targets(row["summary"]),
         )  # fmt: skip
@@ -96,7 +98,9 @@ def render(report: Mapping[str, Any], console: Console) -> None:
     console.print(
         "decode (codec alone), decoder (all a decode process does per file): img/s on one core. bound: "
         "the slowest of model only, decoder per core x decode processes, the upload (files/s until the "
-        "API answered) and the registration of path jobs. worker MiB: sum of VmHWM over the worker's "
-        "processes during the pipeline job. load: 1-minute load average before the pipeline job (other "
-        "work skews every figure). Details per figure in the JSON report."
+        "API answered), the registration of path jobs and, on a GPU, the worker process (images per "
+        "CPU second of its own process, whose Python runs under one GIL). worker ms/img: CPU time of "
+        "the worker's own process per image (not its decode processes). worker MiB: sum of VmHWM over "
+        "the worker's processes during the pipeline job. load: 1-minute load average before the "
+        "pipeline job (other work skews every figure). Details per figure in the JSON report."
     )

@@ -115,6 +115,13 @@ class Settings(BaseSettings):
         "normalise) into finished model inputs, one torch thread each, instead of the inference "
         "thread doing it in batches. CUDA workers always preprocess on the GPU.",
     )
+    gpu_decode: str = Field(
+        "auto",
+        pattern=r"^(auto|on|off)$",
+        description="CUDA workers: decode JPEG and JPEG 2000 on the GPU with NVIDIA nvImageCodec "
+        "(pip install 'radq[gpu-decode]'), the CPU codecs as the fallback. auto: where it is installed; "
+        "on: a worker without it refuses to start; off: always the CPU.",
+    )
     precision: str = Field(
         "auto",
         pattern=r"^(auto|fp32|fp16|bf16)$",

@@ -41,6 +41,8 @@ from radq.settings import Settings
 from workers.batching import Batcher
 from workers.chunk import Chunk, ChunkReport
 from workers.dedup import reuse_known
+from workers.gpu_decode import gpu_decode_device
+from workers.gpu_decode import install as install_gpu_decode
 from workers.header import printable
 from workers.metrics import WorkerMetrics
 from workers.models.loader import LoadedModel, ModelRegistry
@@ -85,13 +87,18 @@ def _outcome_of(claimed: Claimed, future: Future[Prepared]) -> Prepared:
         return out
 
 
-def _start_decoder(level: str, log_format: str, worker: str | None, uses_torch: bool) -> None:
-    """What each decode process runs first: log like the worker; one torch thread if it preprocesses."""
+def _start_decoder(
+    level: str, log_format: str, worker: str | None, uses_torch: bool, gpu_decode: int | None
+) -> None:
+    """What each decode process runs first: log like the worker; one torch thread if it
+    preprocesses; nvImageCodec first in pydicom's line if it decodes on GPU ``gpu_decode``."""
     configure_child_logging(level, log_format, worker)
     if uses_torch:
         import torch
 
         torch.set_num_threads(1)  # one process per core already: more threads oversubscribe
+    if gpu_decode is not None:
+        install_gpu_decode(gpu_decode)
 
 
 class Engine:
@@ -115,12 +122,23 @@ class Engine:
         # On the CPU the decode processes also preprocess: in parallel, and what crosses
         # to the inference thread is the small finished input, not the decoded frame.
         self.finish_in_decoders = models.device.type == "cpu" and settings.preprocess_in_decoders
+        device = models.device
+        self.gpu_decode = gpu_decode_device(settings.gpu_decode, device.type, device.index)
+        if self.gpu_decode is not None:
+            log.info("decode processes decode JPEG and JPEG 2000 on GPU %d (nvImageCodec), the CPU "
+                     "codecs as the fallback", self.gpu_decode)  # fmt: skip
         self.decoders = ProcessPool(
             processes,
             task_timeout=settings.decode_timeout,
             preload=(*DECODE_PRELOAD, "torch") if self.finish_in_decoders else DECODE_PRELOAD,
             initializer=_start_decoder,
-            initargs=(current_level(), settings.log_format, worker_name(), self.finish_in_decoders),
+            initargs=(
+                current_level(),
+                settings.log_format,
+                worker_name(),
+                self.finish_in_decoders,
+                self.gpu_decode,
+            ),
         )
         self.writer = Writer(sessions, metrics=self.metrics)
         self.batcher = Batcher(

@@ -374,7 +374,8 @@ class ProcessPool:
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=_child_main,
             args=(child_end, self._initializer, self._initargs),
-            name=f"{self._name}-{self._started}", daemon=True
+            name=f"{self._name}-{self._started}",
+            daemon=True,
         )
         process.start()
         child_end.close()  # so the child's death reads as EOF here

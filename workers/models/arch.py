@@ -29,9 +29,7 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
 class SmallCNN(nn.Module):
     """A compact VGG-style classifier: strided stem, conv blocks, global pooling, linear head."""
 
-    def __init__(
-        self, in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64, 128)
-    ) -> None:
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (16, 32, 64, 128)) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 5, stride=2, padding=2, bias=False),
