@@ -15,7 +15,8 @@
 # (nvidia-smi every second), worker.log (the stack's worker log, which the bench keeps
 # in a temporary folder it deletes; hard-linked while it runs). Exit code: the bench's.
 #
-# Knobs (environment): QUICK, SECOND and SECOND_BUDGET (a second measurement, step 6), OUT, WHEELS (.whl), SITE (/tmp/site), PY (python3), PIP_PY ($PY),
+# Knobs (environment): QUICK, PYTEST (pytest arguments run first, e.g. the GPU decode tests),
+# SECOND and SECOND_BUDGET (a second measurement, step 6), OUT, WHEELS (.whl), SITE (/tmp/site), PY (python3), PIP_PY ($PY),
 # WORK (/tmp/radq-gpubench), REDIS_PORT (6379), RADQ_DEVICE (cuda), RADQ_BATCH_SIZE (64 on
 # CUDA), MODELS, INPUTS, SECONDS_PER_FIGURE, MAX_IMAGES, CACHE, PIPELINE_TIMEOUT (--timeout),
 # BENCH_TIMEOUT (seconds before the bench is stopped), BENCH_ARGS (more bench arguments).
@@ -85,6 +86,16 @@ export PYTHONPATH="$ROOT:$SITE"
 say "checking imports"
 "$PY" -c 'import radq.cli, api.app, workers.app, bench.__main__, celery.bin.celery, kombu.transport.redis, uvicorn, pydicom, pylibjpeg, openjpeg' 2>&1 |
     tee -a "$ENV_TXT" || { say "an import failed: a wheel is missing from $WHEELS"; exit 3; }
+
+# 1b. Optional: tests that need this host's GPU (PYTEST: pytest arguments), output in $OUT/pytest.log.
+if [[ -n ${PYTEST:-} ]]; then
+    say "pytest $PYTEST"
+    set +e
+    # shellcheck disable=SC2086
+    timeout -k 10 "${PYTEST_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider -rs $PYTEST >"$OUT/pytest.log" 2>&1
+    say "pytest exited with $? ($(tail -1 "$OUT/pytest.log"))"
+    set -e
+fi
 
 # 2. Redis on 127.0.0.1:$REDIS_PORT, no persistence, unless one answers there already.
 redis_up() {
@@ -174,7 +185,8 @@ if [[ -x $SITE/bin/py-spy ]]; then
         until grep -q "pipeline," "$OUT/bench.log" 2>/dev/null; do sleep 0.5; done
         sleep 2
         pid=$(pgrep -f "radq.cli worker" | head -1)
-        [[ -n $pid ]] && "$SITE/bin/py-spy" record --pid "$pid" --duration 6 --threads --idle --nonblocking \
+        # --gil: only the thread holding the GIL, i.e. what serialises the worker's Python.
+        [[ -n $pid ]] && "$SITE/bin/py-spy" record --pid "$pid" --duration 6 --threads --gil --nonblocking \
             --format raw -o "$OUT/worker-profile.txt" >"$WORK/py-spy.log" 2>&1
     ) &
     pids+=($!)

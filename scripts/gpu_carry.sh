@@ -36,6 +36,25 @@ mkdir -p .whl
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl "${WHEELS[@]}"
 
+# GPU_DECODE=1: nvImageCodec for RADQ_GPU_DECODE too, slimmed to fit the device tool's 64 MiB:
+# the cp312 binding and the nvJPEG / nvJPEG2000 extensions only (6 of its 25 MB), plus the
+# nvJPEG2000 and nvJPEG libraries (8 MB). The repository's ResNet-18 weights must then stay
+# behind (see the README's GPU section).
+if [[ ${GPU_DECODE:-0} == 1 ]]; then
+    tmp=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${platforms[@]}" -d "$tmp" nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg2k-cu13==0.11.0.51 \
+        nvidia-nvjpeg==13.3.2.43
+    mv "$tmp"/nvidia_nvjpeg*.whl .whl/
+    wheel=$(ls "$tmp"/nvidia_nvimgcodec_cu13-*.whl)
+    mkdir "$tmp/x" && (cd "$tmp/x" && unzip -q "$wheel" &&
+        find . -name 'nvimgcodec_impl.cpython-*.so' ! -name '*cpython-312-*' -delete &&
+        rm -rf nvidia/nvimgcodec/include nvidia/nvimgcodec/extensions/lib{opencv,tiff,nvtiff,jpeg_turbo,nvbmp,nvpnm}_ext* &&
+        rm -f "$wheel" && zip -q -r "$wheel" .)
+    mv "$wheel" .whl/
+    rm -rf "$tmp"
+fi
+
 # redis-server and the shared libraries of its that a stock Ubuntu 24.04 may lack.
 if ! command -v redis-server >/dev/null; then
     apt-get update -qq && apt-get install -y -qq redis-server >/dev/null

@@ -16,10 +16,11 @@ from pydicom.pixels.decoders import JPEG2000LosslessDecoder
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
 
 from radq.errors import ConfigurationError
-from tests.conftest import SAMPLES
 from workers import gpu_decode
 
-REAL = SAMPLES / "real"
+# Not tests.conftest's SAMPLES: a GPU host runs this file alone (--noconftest), without
+# the suite's services and their client libraries.
+REAL = Path(__file__).resolve().parents[2] / "radq" / "samples" / "real"
 LOSSLESS = [REAL / "examples_jpeg2k.dcm", REAL / "J2K_pixelrep_mismatch.dcm", REAL / "GDCMJ2K_TextGBR.dcm"]
 """Real JPEG 2000 files of radq's samples (lossless and not: each decodes to fixed integers)."""
 gpu = pytest.mark.skipif(
