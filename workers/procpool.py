@@ -21,6 +21,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import pickle
+import selectors
 import signal
 import socket
 import sys
@@ -32,10 +33,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any, TypeVar
+
+import numpy as np
 
 from radq.errors import ConfigurationError, DecoderCrashed, DecoderTimeout, RadqError
 
@@ -53,7 +56,7 @@ MAX_HANDOVERS = 3
 # receiving from a forkserver child, median of 40): Connection.send/recv 16 ms; pickle
 # protocol 5 with out-of-band buffers sent by send_bytes and read by recv_bytes 3.6 ms,
 # but the array is then read-only; the same buffers read with os.readv straight into a
-# bytearray 2.6 ms and writable (one kernel copy, none in Python). So a message is its
+# buffer 2.6 ms and writable (one kernel copy, none in Python). So a message is its
 # sizes (one send_bytes frame), then the pickle head and its buffers raw on the socket.
 
 _Message = tuple[bytes, list[memoryview]]
@@ -74,13 +77,15 @@ def _write(conn: Connection, message: _Message) -> None:
             part = part[os.write(fd, part) :]
 
 
-def _receive(conn: Connection) -> list[bytearray]:
+def _receive(conn: Connection) -> list[memoryview]:
     sizes = array("Q", conn.recv_bytes())
     fd = conn.fileno()
-    parts = []
+    parts: list[memoryview] = []
     for size in sizes:
-        data = bytearray(size)
-        view = memoryview(data)
+        # Uninitialised: a bytearray is zeroed first, under the GIL, a decoded frame
+        # (up to 10 MB) at a time; readv below runs without it.
+        data = np.empty(size, np.uint8).data  # a writable memoryview of the array
+        view = data
         while view:
             count = os.readv(fd, [view])
             if count == 0:
@@ -90,7 +95,7 @@ def _receive(conn: Connection) -> list[bytearray]:
     return parts
 
 
-def _decode(parts: list[bytearray]) -> Any:
+def _decode(parts: list[memoryview]) -> Any:
     return pickle.loads(parts[0], buffers=parts[1:])
 
 
@@ -249,12 +254,16 @@ class ProcessPool:
         self._initializer, self._initargs = initializer, initargs
         self._started = 0
         self._children: list[_Child] = []  # the dispatcher thread's alone
+        # What the dispatcher waits on: the wake-up socket, each child's pipe and exit
+        # sentinel; kept across waits, not built anew for each result.
+        self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._queue: deque[_Task] = deque()
         self._shutdown = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
         # Children are started by this thread: under spawn, PR_SET_PDEATHSIG follows the
         # thread that forked, and this one outlives every child.
         self._thread = threading.Thread(target=self._run, name=f"{name}-dispatcher", daemon=True)
@@ -336,6 +345,7 @@ class ProcessPool:
             for child in list(self._children):
                 self._retire(child)
             with self._lock:
+                self._selector.close()
                 self._wake_r.close()
                 self._wake_w.close()
 
@@ -351,10 +361,7 @@ class ProcessPool:
                 self._hand_out()
             deadline = min((child.deadline for child in self._children), default=math.inf)
             timeout = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
-            sources: list[Any] = [self._wake_r]
-            for child in self._children:
-                sources += [child.conn, child.process.sentinel]
-            ready = set(wait(sources, timeout))
+            ready = {key.fileobj for key, _ in self._selector.select(timeout)}
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     while self._wake_r.recv(4096):
@@ -379,7 +386,15 @@ class ProcessPool:
         )
         process.start()
         child_end.close()  # so the child's death reads as EOF here
+        self._selector.register(parent_end, selectors.EVENT_READ)
+        self._selector.register(process.sentinel, selectors.EVENT_READ)
         return _Child(process, parent_end)
+
+    def _forget(self, child: _Child) -> None:
+        """Stop waiting on a child's pipe and sentinel (before either is closed)."""
+        for source in (child.conn, child.process.sentinel):
+            with contextlib.suppress(KeyError, ValueError, OSError):  # forgotten, or closed
+                self._selector.unregister(source)
 
     def _hand_out(self) -> None:
         """Give queued tasks to idle children, starting children up to ``processes``."""
@@ -442,6 +457,7 @@ class ProcessPool:
 
     def _retire(self, child: _Child, *, timed_out: bool = False) -> None:
         """Kill (if needed) and reap a child; fail the task it was running, if any."""
+        self._forget(child)
         if child.process.is_alive():
             child.process.kill()
         child.process.join()
@@ -465,6 +481,7 @@ class ProcessPool:
         """Close idle children's pipes so they exit, then reap them."""
         idle = [child for child in self._children if child.task is None]
         for child in idle:
+            self._forget(child)
             child.conn.close()
         for child in idle:
             child.process.join(STOP_GRACE_S)
