@@ -1,10 +1,11 @@
 """``python -m bench.scaling``: one job's throughput with 1, 2, 4... worker processes on this host.
 
 Each count gets the same stack (API, Redis, a fresh database) and the same files; the
-workers start, run an untimed warm-up job (each loads its model and starts its decode
-processes), then one timed job. Besides images per second it reports how busy the
-host's CPUs were during the timed job (``/proc/stat``) and the workers' summed peak
-memory, so the table names what bounds the scaling.
+workers start, run untimed warm-up jobs until each has taken some (each loads its model,
+starts its decode processes and, on CUDA, tunes cuDNN), then one timed job. Besides
+images per second it reports how busy the host's CPUs were during the timed job
+(``/proc/stat``) and the workers' summed peak memory, so the table names what bounds
+the scaling.
 
 Two layouts: ``whole`` starts every worker as ``docker compose up --scale worker=N``
 does (each worker sizes its torch threads and decode processes to every core it may
@@ -25,13 +26,15 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import select
 
 from bench import machine
 from bench.inputs import DEFAULT_CACHE, INPUTS, Corpus
 from bench.memory import TreePeak
 from bench.models import model_dir
 from bench.pipeline import run_job
-from bench.stack import DATABASES, BenchError, embedded_stack, start_worker
+from bench.stack import DATABASES, BenchError, Stack, embedded_stack, start_worker
+from db.models import Instance
 from radq.errors import RadqError
 from radq.services import stop
 from radq.settings import Settings
@@ -52,6 +55,10 @@ def _cpu_times() -> tuple[int, int]:
     return total - idle, total
 
 
+WARMUP_ROUNDS = 5
+"""Warm-up jobs at most before a worker that took none of them fails the measurement."""
+
+
 @dataclass(frozen=True)
 class Point:
     layout: str
@@ -64,6 +71,34 @@ class Point:
     @property
     def rate(self) -> float:
         return self.images / self.seconds
+
+
+def _warm_every_worker(
+    stack: Stack, workers: int, warm: Sequence[Path], *, model: str, timeout: float
+) -> None:
+    """Run untimed warm-up jobs until every worker process has processed some of them.
+
+    A worker that took no warm-up message would load its model, start its decoders and,
+    on CUDA, tune cuDNN (seconds per model) inside the timed job. One that starts first
+    can take a warm-up job's every message (RADQ_WORKER_CONCURRENCY each), hence rounds.
+
+    Raises:
+        BenchError: a warm-up job did not process cleanly, or some worker took none of
+            :data:`WARMUP_ROUNDS` jobs.
+    """
+    warmed: set[str] = set()
+    for _ in range(WARMUP_ROUNDS):
+        run = run_job(stack, warm, models=[model], timeout=timeout)
+        if run.counts.get("done", 0) != len(warm):
+            raise BenchError(f"warm-up job with {workers} workers did not process cleanly: {run.counts}")
+        query = select(Instance.worker).where(Instance.job_id == run.job_id).distinct()
+        with stack.engine.connect() as conn:
+            warmed.update(str(name) for name in conn.scalars(query) if name)
+        if len(warmed) >= workers:
+            return
+    raise BenchError(
+        f"after {WARMUP_ROUNDS} warm-up jobs only {len(warmed)} of {workers} workers had taken work"
+    )
 
 
 def _measure(
@@ -80,9 +115,7 @@ def _measure(
         procs = [start_worker(stack.settings, stack.logs / f"worker-{i}.log") for i in range(workers)]
         for proc in procs:
             running.callback(stop, proc)
-        warm_run = run_job(stack, warm, models=[model], timeout=timeout)
-        if warm_run.counts.get("done", 0) != len(warm):
-            raise BenchError(f"warm-up job with {workers} workers did not process cleanly: {warm_run.counts}")
+        _warm_every_worker(stack, workers, warm, model=model, timeout=timeout)
         peaks = [running.enter_context(TreePeak(proc.pid)) for proc in procs]
         busy0, total0 = _cpu_times()
         run = run_job(stack, files, models=[model], timeout=timeout)
@@ -136,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for n in args.workers:
                     if layout == "split" and n == 1 and "whole" in args.layouts:
                         continue  # one worker with every core is the same run as `whole`
-                    # Enough warm-up messages that every worker takes at least one.
-                    warm = files[: min(len(files), settings.chunk_size * n * 2)]
+                    # Enough warm-up messages that every worker can hold its share.
+                    warm = files[: min(len(files), settings.chunk_size * n * settings.worker_concurrency)]
                     console.print(f"{layout}: {n} worker process(es) ...")
                     started = time.perf_counter()
                     point = _measure(

@@ -168,7 +168,7 @@ copy_logs() {
 (
     n=0
     while :; do
-        for f in "$TMPDIR"/radq-bench-*/home/logs/*.log; do
+        for f in "$TMPDIR"/radq-bench-*/home/logs/*.log "$TMPDIR"/radq-scaling-*/*/logs/*.log; do
             if [[ -e $f && ! -e $WORK/logs/${f##*/} ]]; then ln "$f" "$WORK/logs/${f##*/}" 2>/dev/null || true; fi
         done
         if (((n += 1) % 10 == 0)); then copy_logs; fi
