@@ -27,6 +27,7 @@ from db.status import StorageKind
 from db.work import Claimed
 from radq.settings import Settings
 from workers.decode import DecodedImage, decode
+from workers.engine import decoder_finish_pixels
 from workers.header import read_header
 from workers.inference import predict
 from workers.models.loader import LoadedModel
@@ -175,16 +176,19 @@ def decoder_only(
     """What one of the worker's decode processes does per file, on one thread, cycling files.
 
     ``workers.prepare.load`` as the worker calls it (read, hash, header, pseudonym,
-    decode, raw frames; on a CPU worker also the preprocessing, RADQ_PREPROCESS_IN_DECODERS),
+    decode, raw frames; also the preprocessing where the worker's decode processes do it:
+    RADQ_PREPROCESS_IN_DECODERS on a CPU, RADQ_HOST_PREPROCESS_PIXELS on CUDA),
     and pickling its result for the pipe: the per-core rate the worker's decode capacity
     follows from. ``decode_only`` times the codec's share of it.
     """
-    finish = model.device.type == "cpu" and settings.preprocess_in_decoders
+    finish_pixels = decoder_finish_pixels(settings, model.device.type)
     key = bytes(32)  # the HMAC costs the same whatever the key
 
     def run(index: int, path: Path) -> None:
         claimed = Claimed(index, "bench", path.name, StorageKind.PATH, str(path), 0)
-        prepared = load(claimed, path, key, [model.card], settings.max_image_pixels, finish=finish)
+        prepared = load(
+            claimed, path, key, [model.card], settings.max_image_pixels, finish_pixels=finish_pixels
+        )
         if prepared.status:
             raise RuntimeError(f"{path}: {prepared.status}: {prepared.reason}")
         pickle.dumps(prepared, protocol=5, buffer_callback=lambda _buffer: None)
@@ -197,7 +201,8 @@ def decoder_only(
         for count, path in enumerate(_timed_loop(files, seconds), 1):
             run(count, path)
         elapsed = time.perf_counter() - start
-    return Measurement(count, elapsed, {"threads": 1, "preprocesses": finish}, load_before)
+    detail: dict[str, object] = {"threads": 1, "preprocesses_from_pixels": finish_pixels}
+    return Measurement(count, elapsed, detail, load_before)
 
 
 def _results_table(metadata: MetaData) -> Table:

@@ -64,6 +64,7 @@ def run_demo(settings: Settings, console: Console, *, timeout: float) -> int:
         client = Client(api_url)
         job = client.upload([SAMPLES / "real", SAMPLES / "tolerant", SAMPLES / "broken"])
         console.print(f"submitted {job['counts']['total']} files from {SAMPLES} as job {job['id']}")
+
         def alive() -> str | None:
             for name, proc in (("worker", worker), ("API", api)):
                 if proc.poll() is not None:

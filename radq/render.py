@@ -137,8 +137,16 @@ def format_results(study: dict[str, Any], fmt: str) -> str | Table:
     rows = results_rows(study)
     if fmt == "csv":
         buf = io.StringIO()
-        fields = ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "file_name",
-                  "model", "model_version", "label", "probability"]
+        fields = [
+            "study_instance_uid",
+            "series_instance_uid",
+            "sop_instance_uid",
+            "file_name",
+            "model",
+            "model_version",
+            "label",
+            "probability",
+        ]
         writer = csv.DictWriter(buf, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -156,8 +164,12 @@ def format_results(study: dict[str, Any], fmt: str) -> str | Table:
                     _top(result["outputs"], 4) if result else (inst["reason"] or ""),
                 )
     for summary in study["summary"]:
-        table.add_row("study summary", f"({summary['aggregation']} over {summary['instances']})",
-                      f"{summary['model']} {summary['model_version']}", _top(summary["outputs"], 4))
+        table.add_row(
+            "study summary",
+            f"({summary['aggregation']} over {summary['instances']})",
+            f"{summary['model']} {summary['model_version']}",
+            _top(summary["outputs"], 4),
+        )
     return table
 
 

@@ -50,8 +50,19 @@ def ensure_redis(url: str, state_dir: Path) -> subprocess.Popen[bytes] | None:
         )
     state_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [binary, "--port", str(parsed.port or 6379), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(state_dir)],
+        [
+            binary,
+            "--port",
+            str(parsed.port or 6379),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(state_dir),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

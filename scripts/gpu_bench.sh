@@ -207,8 +207,9 @@ say "bench exited with $rc"
 
 # 6. Where time is left (SECOND_BUDGET seconds of the script's whole run), a second
 # measurement of the first model and input, output in $OUT/second.log (and .json):
-#   SECOND=variant       more messages in hand, larger chunks (RADQ_WORKER_CONCURRENCY=4,
-#                        RADQ_CHUNK_SIZE=256): does the GPU drain between messages?
+#   SECOND=variant       the same bench with VARIANT_ENV's settings (default: more messages in
+#                        hand, larger chunks: RADQ_WORKER_CONCURRENCY=4 RADQ_CHUNK_SIZE=256; e.g.
+#                        RADQ_HOST_PREPROCESS_PIXELS=1048576 for CR finished in the decoders)
 #   SECOND=scaling:1,2,4 python -m bench.scaling: that many worker processes sharing the GPU
 #                        (each with its share of the cores), SQLite
 SECOND_BUDGET=${SECOND_BUDGET:-0}
@@ -224,9 +225,10 @@ if ((SECONDS - T0 < SECOND_BUDGET)); then
     else
         vargs=(--models "${MODELS%%,*}" --inputs "${INPUTS%%,*}" --seconds "$SECONDS_PER_FIGURE"
                --max-images "$MAX_IMAGES" --cache "$CACHE" --out "$OUT/second.json" --timeout "$PIPELINE_TIMEOUT")
-        say "second: RADQ_WORKER_CONCURRENCY=4 RADQ_CHUNK_SIZE=256 python -m bench ${vargs[*]}"
-        RADQ_WORKER_CONCURRENCY=4 RADQ_CHUNK_SIZE=256 timeout -k 30 "$left" \
-            "$PY" -m bench "${vargs[@]}" >"$OUT/second.log" 2>&1
+        variant=${VARIANT_ENV:-RADQ_WORKER_CONCURRENCY=4 RADQ_CHUNK_SIZE=256}
+        say "second: $variant python -m bench ${vargs[*]}"
+        # shellcheck disable=SC2086  # VARIANT_ENV: NAME=value words
+        env $variant timeout -k 30 "$left" "$PY" -m bench "${vargs[@]}" >"$OUT/second.log" 2>&1
     fi
     say "second exited with $?"
     set -e

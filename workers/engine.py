@@ -101,6 +101,20 @@ def _start_decoder(
         install_gpu_decode(gpu_decode)
 
 
+def decoder_finish_pixels(settings: Settings, device_type: str) -> int | None:
+    """The smallest frame (pixels) a worker's decode processes preprocess into a finished
+    model input; None: they ship every frame raw, to be preprocessed in batches on the device.
+
+    On the CPU they preprocess every frame (RADQ_PREPROCESS_IN_DECODERS): in parallel, and
+    what crosses is the small finished input. On CUDA the GPU preprocesses in batches,
+    except frames of RADQ_HOST_PREPROCESS_PIXELS or more where that is set: shipping a raw
+    10 MB CR costs the worker's one process more than a decode process's resize costs it.
+    """
+    if device_type == "cpu":
+        return 0 if settings.preprocess_in_decoders else None
+    return settings.host_preprocess_pixels or None
+
+
 class Engine:
     """The three stages of one worker process; started after any fork, in the process that uses it."""
 
@@ -121,8 +135,8 @@ class Engine:
         processes = settings.decode_processes or usable_cores()
         # On the CPU the decode processes also preprocess: in parallel, and what crosses
         # to the inference thread is the small finished input, not the decoded frame.
-        self.finish_in_decoders = models.device.type == "cpu" and settings.preprocess_in_decoders
         device = models.device
+        self.finish_pixels = decoder_finish_pixels(settings, device.type)
         self.gpu_decode = gpu_decode_device(settings.gpu_decode, device.type, device.index)
         if self.gpu_decode is not None:
             log.info("decode processes decode JPEG and JPEG 2000 on GPU %d (nvImageCodec), the CPU "
@@ -130,13 +144,13 @@ class Engine:
         self.decoders = ProcessPool(
             processes,
             task_timeout=settings.decode_timeout,
-            preload=(*DECODE_PRELOAD, "torch") if self.finish_in_decoders else DECODE_PRELOAD,
+            preload=(*DECODE_PRELOAD, "torch") if self.finish_pixels is not None else DECODE_PRELOAD,
             initializer=_start_decoder,
             initargs=(
                 current_level(),
                 settings.log_format,
                 worker_name(),
-                self.finish_in_decoders,
+                self.finish_pixels is not None,
                 self.gpu_decode,
             ),
         )
@@ -196,7 +210,7 @@ class Engine:
             for c, sha in todo:
                 self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
                 future = self.decoders.submit(
-                    partial(load, finish=self.finish_in_decoders),
+                    partial(load, finish_pixels=self.finish_pixels),
                     c, self.locate(c), self.pseudonym_key, cards, pixels, sha,
                 )  # fmt: skip
                 item = _Decoded(chunk, c, future, by_name, threshold)

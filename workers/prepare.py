@@ -183,14 +183,15 @@ def load(
     max_pixels: int,
     content_sha256: str | None = None,
     *,
-    finish: bool = False,
+    finish_pixels: int | None = None,
 ) -> Prepared:
     """Read, check, route and decode one instance into raw frames for every card that applies.
 
     ``content_sha256`` skips hashing a file :func:`inspect` already hashed; ``pseudonym_key``
     keys the HMAC that stands for the PatientID. The time it takes travels back in
-    ``decode_s`` (the worker's decode-latency metric). ``finish``: also preprocess here,
-    into finished CPU model inputs (:func:`workers.device_prep.finish_on_host`).
+    ``decode_s`` (the worker's decode-latency metric). ``finish_pixels``: also preprocess
+    here, into finished model inputs (:func:`workers.device_prep.finish_on_host`), the
+    frames of at least that many pixels (0: every frame; None: none).
     """
     started = time.perf_counter()
     out = Prepared(claimed)
@@ -199,8 +200,20 @@ def load(
         _recorded(out, source),
         _local(source) as path,
     ):
-        _load_into(out, path, pseudonym_key, cards, max_pixels, content_sha256, finish)
+        _load_into(out, path, pseudonym_key, cards, max_pixels, content_sha256, finish_pixels)
     out.decode_s = time.perf_counter() - started
+    return out
+
+
+def _finish_large(frames: list[RawFrame], card: ModelCard, least_pixels: int) -> list[RawFrame]:
+    """``frames``, those of at least ``least_pixels`` (rows x columns) finished here."""
+    large = [i for i, f in enumerate(frames) if f.pixels.shape[0] * f.pixels.shape[1] >= least_pixels]
+    if not large:
+        return frames
+    finished = finish_on_host([frames[i] for i in large], card.input, card.preprocessing)
+    out = list(frames)
+    for i, frame in zip(large, finished, strict=True):
+        out[i] = frame
     return out
 
 
@@ -211,7 +224,7 @@ def _load_into(
     cards: Sequence[ModelCard],
     max_pixels: int,
     content_sha256: str | None,
-    finish: bool,
+    finish_pixels: int | None,
 ) -> None:
     """The body of :func:`load`; per-file problems escape to its ``_recorded``."""
     claimed = out.claimed
@@ -235,9 +248,9 @@ def _load_into(
         recipe = card.preprocessing_recipe
         if recipe not in by_recipe:
             frames = raw_frames(images[policy], card.input, card.preprocessing)
-            if finish:
+            if finish_pixels is not None:
                 try:
-                    frames = finish_on_host(frames, card.input, card.preprocessing)
+                    frames = _finish_large(frames, card, finish_pixels)
                 except ModelError as exc:
                     out.fail(InstanceStatus.FAILED, f"preprocessing for model {card.name} failed: {exc}")
                     return

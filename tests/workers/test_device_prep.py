@@ -468,3 +468,36 @@ def test_finished_on_the_host_is_the_batch_the_inference_thread_makes(tmp_path: 
     finished = pickle.loads(pickle.dumps(finished, protocol=5))  # as it crosses from the process
     expected = to_batch([*cr, *ct], spec, prep, CPU)
     assert torch.equal(to_batch([*finished, *ct], spec, prep, CPU), expected)
+
+
+def test_a_cuda_worker_s_decoders_finish_only_frames_above_the_threshold(tmp_path: Path) -> None:
+    """RADQ_HOST_PREPROCESS_PIXELS: a large CR leaves its decode process finished (small),
+    a CT slice below the threshold raw, and the batch is the one the device would make."""
+    from db.status import StorageKind
+    from db.work import Claimed
+    from radq.model_card import discover_cards
+    from workers.prepare import load
+
+    _, card = discover_cards(BUNDLED_MODEL_DIR)["radq-smoke"]
+    _generated_cr(tmp_path, False, WindowCenter=2000, WindowWidth=3000)
+    files = [tmp_path / "cr-False-2.dcm", SHARED / "real" / "CT_small.dcm"]
+    frames = []
+    for finish_pixels in (None, 1 << 20):
+        loaded = [
+            load(
+                Claimed(i, "job", f.name, StorageKind.PATH, str(f), 0),
+                f,
+                b"k" * 32,
+                [card],
+                MAX_PIXELS,
+                finish_pixels=finish_pixels,
+            )  # fmt: skip
+            for i, f in enumerate(files)
+        ]
+        assert all(not p.status for p in loaded), [p.reason for p in loaded]
+        frames.append([p.inputs[card.name][0] for p in loaded])
+    (raw_cr, raw_ct), (cr, ct) = frames
+    assert cr.ready and cr.pixels.nbytes < raw_cr.pixels.nbytes / 10
+    assert not ct.ready and np.array_equal(ct.pixels, raw_ct.pixels)
+    spec, prep = card.input, card.preprocessing
+    assert torch.equal(to_batch([cr, ct], spec, prep, CPU), to_batch([raw_cr, raw_ct], spec, prep, CPU))
