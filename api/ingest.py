@@ -116,9 +116,7 @@ class Ingest:
 
     def _check_members(self, name: str, count: int) -> None:
         if count > self.max_members:
-            raise LimitExceeded(
-                f"{name} has more than {self.max_members} members (RADQ_MAX_ARCHIVE_MEMBERS)"
-            )
+            raise LimitExceeded(f"{name} has more than {self.max_members} members (RADQ_MAX_ARCHIVE_MEMBERS)")
 
     def _check_ratio(self, what: str, expanded: int, compressed: int) -> None:
         """Refuse ``expanded`` bytes from ``compressed`` past ``max_ratio`` (zip bombs)."""

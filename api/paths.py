@@ -14,8 +14,12 @@ from pathlib import Path
 from radq.errors import PathNotAllowed, SubmissionError
 
 
-def resolve_submitted(raw: str, roots: Sequence[Path]) -> Path:
+def resolve_submitted(
+    raw: str, roots: Sequence[Path], *, resolved_roots: Sequence[Path] | None = None
+) -> Path:
     """Check one submitted path and return it resolved.
+
+    ``resolved_roots``: ``roots`` already resolved, by a caller that checks many paths.
 
     Raises:
         PathNotAllowed: path submissions are disabled, or the path (after resolving
@@ -33,7 +37,7 @@ def resolve_submitted(raw: str, roots: Sequence[Path]) -> Path:
     path = Path(raw)
     if not path.is_absolute():
         raise SubmissionError(f"{raw}: paths must be absolute")
-    resolved = inside_roots(path, [r.resolve() for r in roots])
+    resolved = inside_roots(path, resolved_roots or [r.resolve() for r in roots])
     try:
         found = resolved.exists()
     except OSError as exc:  # a name too long, a folder radq may not search: not "missing"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -88,8 +89,10 @@ class Registrar:
 
     def _run(self, sources: list[SourceRef]) -> None:
         unpublished: list[int] = []
-        files = [source for source in sources if _listed_file(source)]
-        walks = [source for source in sources if not _listed_file(source)]
+        files: list[SourceRef] = []
+        walks: list[SourceRef] = []
+        for source in sources:  # one stat each: 4,000 listed files, 4,000 stats
+            (files if _listed_file(source) else walks).append(source)
         try:
             for start in range(0, len(files), BATCH_FILES):
                 last = not walks and start + BATCH_FILES >= len(files)
@@ -225,14 +228,15 @@ class Registrar:
         """The instances one walked file becomes: one, an archive's members, or a recorded refusal."""
         path = Path(item) if isinstance(item, Path) else Path(item.path)
         try:
-            resolved = path
+            resolved, info = path, None
             if isinstance(item, Path) or item.is_symlink():
                 resolved = inside_roots(path, roots)
-                if resolved.is_dir():
+                info = resolved.stat()
+                if stat.S_ISDIR(info.st_mode):
                     return []  # symlinked folders are not followed
             if is_archive_name(resolved.name):
                 return self._archive_members(resolved)
-            size = (resolved.stat() if isinstance(item, Path) else item.stat()).st_size
+            size = (info or item.stat()).st_size
             return [NewInstance(str(resolved), StorageKind.PATH, str(resolved), size)]
         except SubmissionError as exc:
             return [_refused(path, str(exc))]

@@ -32,8 +32,7 @@ def resolve_models(state: AppState, requested: Sequence[str] | None) -> list[str
     unknown = [n for n in names if n not in available and n != AUTO]
     if unknown:
         raise SubmissionError(
-            f"unknown model(s) {', '.join(unknown)}; available: "
-            f"{', '.join([AUTO, *sorted(available)])}"
+            f"unknown model(s) {', '.join(unknown)}; available: {', '.join([AUTO, *sorted(available)])}"
         )
     return list(dict.fromkeys(names))
 
@@ -107,7 +106,8 @@ def submit_paths(
     """
     names = resolve_models(state, models)
     roots = state.settings.allowed_roots
-    resolved = list(dict.fromkeys(str(resolve_submitted(p, roots)) for p in paths))
+    once = [r.resolve() for r in roots]
+    resolved = list(dict.fromkeys(str(resolve_submitted(p, roots, resolved_roots=once)) for p in paths))
     with transaction(state.sessions) as session:
         job = create_job(
             session,

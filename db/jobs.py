@@ -107,9 +107,7 @@ def get_job(session: Session, job_id: str) -> Job | None:
 def job_counts(session: Session, job_id: str) -> dict[str, int]:
     """Instance counts per status, plus ``total``; every status is present."""
     rows = session.execute(
-        select(Instance.status, func.count())
-        .where(Instance.job_id == job_id)
-        .group_by(Instance.status)
+        select(Instance.status, func.count()).where(Instance.job_id == job_id).group_by(Instance.status)
     ).all()
     counts = {s.value: 0 for s in InstanceStatus}
     for status, n in rows:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Table, bindparam, case, exists, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, case, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.jobs import NewInstance, add_instances
@@ -42,12 +42,15 @@ def add_sources(
     lease = utcnow() + timedelta(seconds=lease_seconds)
     job = session.get(Job, job_id)
     assert job is not None
+    # One executemany, not the ORM's unit of work: a list of 4,000 file paths took the API
+    # ~0.4 s to answer through add_all + flush.
+    table = cast(Table, JobSource.__table__)
     rows = [
-        JobSource(job_id=job_id, path=p, files_seen=0, registered=0, lease_expires_at=lease) for p in paths
+        {"job_id": job_id, "path": p, "files_seen": 0, "registered": 0, "lease_expires_at": lease}
+        for p in paths
     ]
-    session.add_all(rows)
-    session.flush()
-    return [SourceRef(r.id, job_id, r.path, 0, job.priority, job.queue) for r in rows]
+    ids = session.scalars(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows).all()
+    return [SourceRef(i, job_id, p, 0, job.priority, job.queue) for i, p in zip(ids, paths, strict=True)]
 
 
 def claim_stale_sources(session: Session, *, lease_seconds: int, limit: int = 10) -> list[SourceRef]:
@@ -219,25 +222,49 @@ class Registration:
 
 
 def registration_of(session: Session, job_id: str) -> Registration | None:
-    """The job's registration summary, or None for a job that was not submitted by path."""
-    rows = session.scalars(select(JobSource).where(JobSource.job_id == job_id).order_by(JobSource.id)).all()
-    if not rows:
+    """The job's registration summary, or None for a job that was not submitted by path.
+
+    Aggregated in SQL: a job of 4,000 listed files has 4,000 sources, and every
+    ``GET /v1/jobs/{id}`` asks.
+    """
+
+    def having(status: str) -> ColumnElement[int]:
+        return func.sum(case((JobSource.status == status, 1), else_=0))
+
+    summary = session.execute(
+        select(
+            func.count(),
+            func.sum(JobSource.files_seen),
+            func.sum(JobSource.registered),
+            func.min(JobSource.created_at),
+            func.max(JobSource.finished_at),
+            func.count(JobSource.finished_at),
+            having(SourceStatus.REGISTERING),
+            having(SourceStatus.FAILED),
+            having(SourceStatus.CANCELLED),
+        ).where(JobSource.job_id == job_id)
+    ).one()
+    total, seen, registered, started, finished, ended, registering, failed, cancelled = summary
+    if not total:
         return None
-    statuses = {r.status for r in rows}
-    for status in (SourceStatus.REGISTERING, SourceStatus.FAILED, SourceStatus.CANCELLED):
-        if status in statuses:
+    overall = SourceStatus.DONE
+    for status, count in ((SourceStatus.REGISTERING, registering), (SourceStatus.FAILED, failed),
+                          (SourceStatus.CANCELLED, cancelled)):  # fmt: skip
+        if count:
             overall = status
             break
-    else:
-        overall = SourceStatus.DONE
-    finished = [r.finished_at for r in rows]
+    errors = session.execute(
+        select(JobSource.path, JobSource.error)
+        .where(JobSource.job_id == job_id, JobSource.error.is_not(None))
+        .order_by(JobSource.id)
+    ).all()
     return Registration(
         status=overall,
-        files_seen=sum(r.files_seen for r in rows),
-        registered=sum(r.registered for r in rows),
-        errors=[f"{r.path}: {r.error}" for r in rows if r.error],
-        started_at=min(r.created_at for r in rows),
-        finished_at=None if None in finished else max(f for f in finished if f is not None),
+        files_seen=int(seen or 0),
+        registered=int(registered or 0),
+        errors=[f"{path}: {error}" for path, error in errors],
+        started_at=started,
+        finished_at=finished if ended == total else None,
     )
 
 

@@ -27,9 +27,7 @@ def study_instances(session: Session, study_instance_uid: str) -> list[InstanceR
     submission that has results wins, so re-running a job does not double the study.
     """
     instances = session.scalars(
-        select(Instance)
-        .where(Instance.study_instance_uid == study_instance_uid)
-        .order_by(Instance.id)
+        select(Instance).where(Instance.study_instance_uid == study_instance_uid).order_by(Instance.id)
     ).all()
     if not instances:
         return []

@@ -204,9 +204,7 @@ def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> list[str]:
     # (two workers, or a worker and the registrar) then check one after the other, and
     # the second sees what the first committed, so the job cannot be left open.
     session.execute(select(Job.id).where(Job.id.in_(ids)).order_by(Job.id).with_for_update())
-    unfinished = exists().where(
-        Instance.job_id == Job.id, Instance.status.not_in(FINAL_STATUSES)
-    )
+    unfinished = exists().where(Instance.job_id == Job.id, Instance.status.not_in(FINAL_STATUSES))
     closed = session.execute(
         update(Job)
         .where(

@@ -130,9 +130,7 @@ def _progress(counts: Counts, created: datetime, finished_at: datetime | None) -
     rate = finished / elapsed if elapsed > 0 and finished else None
     remaining = counts.total - finished
     eta = (remaining / rate if rate else None) if remaining else 0.0
-    return Progress(
-        finished=finished, rate_per_s=rate and round(rate, 3), eta_seconds=eta and round(eta, 1)
-    )
+    return Progress(finished=finished, rate_per_s=rate and round(rate, 3), eta_seconds=eta and round(eta, 1))
 
 
 def _form_options(form: FormData) -> SubmitOptions:
@@ -157,8 +155,13 @@ def _validated(model: type[Options], data: object) -> Options:
     status_code=202,
     response_model=JobOut,
     openapi_extra=_SUBMIT_BODY,
-    responses={400: {"model": ErrorOut}, 403: {"model": ErrorOut}, 413: {"model": ErrorOut},
-               415: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    responses={
+        400: {"model": ErrorOut},
+        403: {"model": ErrorOut},
+        413: {"model": ErrorOut},
+        415: {"model": ErrorOut},
+        503: {"model": ErrorOut},
+    },
 )
 async def create_job(
     request: Request, response: Response, state: StateDep, registrar: RegistrarDep, caller: SubmitDep
@@ -305,4 +308,3 @@ def read_instances(
         offset=offset,
         items=[InstanceOut.model_validate(r, from_attributes=True) for r in rows],
     )
-
