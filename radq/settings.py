@@ -115,6 +115,14 @@ class Settings(BaseSettings):
         "normalise) into finished model inputs, one torch thread each, instead of the inference "
         "thread doing it in batches. CUDA workers always preprocess on the GPU.",
     )
+    decode_turns: str = Field(
+        "auto",
+        pattern=r"^(auto|on|off)$",
+        description="The decode processes and the model take turns on the cores: decoders fill a few "
+        "batches while the model waits, then the model runs them while the decoders wait. On the CPU "
+        "this beats running both at once, whose preemptions stall the model's threads at every "
+        "barrier. auto: on for CPU workers, off for CUDA ones (whose model does not use the cores).",
+    )
     host_preprocess_pixels: int = Field(
         0,
         ge=0,

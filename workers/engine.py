@@ -21,12 +21,12 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,6 +50,7 @@ from workers.prepare import Prepared, Source, StoredBlob, inspect, load
 from workers.procpool import ProcessPool
 from workers.writer import Writer
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 DECODE_PRELOAD = ("workers.prepare",)
@@ -61,6 +62,21 @@ STAGE_LOG_S = 30.0
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
     return len(os.sched_getaffinity(0))
+
+
+@dataclass
+class _Call:
+    """Work another thread hands to the inference thread (model loading)."""
+
+    fn: Callable[[], Any]
+    future: Future[Any]
+
+
+class _Stop:
+    """Put on the inference thread's queue by :meth:`Engine.close`."""
+
+
+_STOP = _Stop()
 
 
 @dataclass
@@ -115,6 +131,14 @@ def decoder_finish_pixels(settings: Settings, device_type: str) -> int | None:
     return settings.host_preprocess_pixels or None
 
 
+def decode_turns(settings: Settings, device_type: str) -> bool:
+    """Whether the decode processes and the model take turns on the cores (RADQ_DECODE_TURNS;
+    auto: on a CPU worker, whose model uses every core)."""
+    if settings.decode_turns == "auto":
+        return device_type == "cpu"
+    return settings.decode_turns == "on"
+
+
 class Engine:
     """The three stages of one worker process; started after any fork, in the process that uses it."""
 
@@ -159,13 +183,18 @@ class Engine:
             settings.batch_size, settings.batch_deadline, self.writer, blobs, metrics=self.metrics
         )
         ahead = settings.decode_ahead or 2 * settings.batch_size + processes
+        self.turns = decode_turns(settings, device.type)
+        self.turn_frames = 2 * settings.batch_size + processes
+        """Frames a decode turn queues for the model before the model's turn."""
+        if self.turns:
+            self.decoders.pause()
         self._slots = threading.Semaphore(ahead)
         # One message's thread submits at a time: messages go through in the order they
         # came, so the first finishes, and its thread takes the next message, while the
         # others are still decoding and inferring. Interleaved, they would all finish
         # together and the pipeline would drain before the next ones were claimed.
         self._submitting = threading.Lock()
-        self._ready: queue.SimpleQueue[_Decoded | None] = queue.SimpleQueue()
+        self._ready: queue.SimpleQueue[_Decoded | _Call | _Stop] = queue.SimpleQueue()
         self._waited_s = 0.0
         self._period_start = time.perf_counter()
         self._thread = threading.Thread(target=self._infer_loop, name="radq-infer", daemon=True)
@@ -173,7 +202,7 @@ class Engine:
 
     def close(self) -> None:
         """Finish what is queued, then stop the stages (tests and orderly shutdown)."""
-        self._ready.put(None)
+        self._ready.put(_STOP)
         self._thread.join()
         self.writer.close()
         self.decoders.shutdown()
@@ -221,7 +250,20 @@ class Engine:
         if AUTO in names:
             expanded = (self.models.auto_names() if name == AUTO else [name] for name in names)
             names = list(dict.fromkeys(n for group in expanded for n in group))
-        return [self.models.get(name) for name in names]
+        return [self._on_infer_thread(partial(self.models.get, name)) for name in names]
+
+    def _on_infer_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run by the inference thread, the only one of this process that runs torch.
+
+        Loading a model traces it, i.e. runs it. OpenMP gives each thread that runs
+        parallel torch ops a team of its own; once two teams' threads outnumber the cores,
+        libgomp stops spinning at barriers and every thread sleeps and wakes around each
+        op (measured: 1,500 context switches/s per thread, a sixth of 2 cores idle during
+        DenseNet-121's forward passes).
+        """
+        future: Future[T] = Future()
+        self._ready.put(_Call(fn, future))
+        return future.result()
 
     def _reuse_known(
         self, chunk: Chunk, claimed: Sequence[Claimed], models: Sequence[LoadedModel]
@@ -257,36 +299,78 @@ class Engine:
     # --- the inference thread ---------------------------------------------------------
 
     def _infer_loop(self) -> None:
+        take = self._decode_turn if self.turns else self._take_decoded
         while True:
             self._log_stages()
-            waiting = time.perf_counter()
             try:
-                item = self._ready.get(
-                    timeout=self.batcher.due_in() if self.batcher.frames_queued else STAGE_LOG_S
-                )
-            except queue.Empty:
-                item = None
-                stop = False
-            else:
-                stop = item is None
-            if self.batcher.frames_queued or item is not None:  # idle with nothing to do is not waiting
-                self._waited_s += time.perf_counter() - waiting
-            try:
-                while item is not None:  # take everything decoded so far before flushing
-                    self._slots.release()
-                    self._add(item)
-                    try:
-                        item = self._ready.get_nowait()
-                    except queue.Empty:
-                        item = None
-                    else:
-                        stop = stop or item is None
+                stop = take()
+                self.batcher.run_full()
                 self.batcher.run_due()
                 if stop:
                     self.batcher.drain()
                     return
             except Exception:  # never let the stage die: the reaper re-sends what is lost
                 log.exception("inference stage error")
+
+    def _next(self, timeout: float | None) -> _Decoded | _Stop | None:
+        """The next decoded instance, waiting up to ``timeout`` seconds (0: not at all);
+        None when none came. Calls queued before it run first."""
+        while True:
+            try:
+                item = self._ready.get(timeout=timeout) if timeout else self._ready.get_nowait()
+            except queue.Empty:
+                return None
+            if not isinstance(item, _Call):
+                return item
+            if item.future.set_running_or_notify_cancel():
+                try:
+                    item.future.set_result(item.fn())
+                except BaseException as exc:
+                    item.future.set_exception(exc)
+
+    def _wait_decoded(self) -> _Decoded | _Stop | None:
+        """The next decoded instance; None when none came before a partial batch was due
+        (or, idle, before the stage log's period)."""
+        queued = self.batcher.frames_queued
+        waiting = time.perf_counter()
+        item = self._next(self.batcher.due_in() if queued else STAGE_LOG_S)
+        if queued or item is not None:  # idle with nothing to do is not waiting
+            self._waited_s += time.perf_counter() - waiting
+        return item
+
+    def _take_decoded(self) -> bool:
+        """Wait for a decoded instance, then take every one decoded so far, running the
+        batches they fill; returns whether to stop."""
+        item = self._wait_decoded()
+        while isinstance(item, _Decoded):
+            self._slots.release()
+            self._add(item, run_full=True)
+            item = self._next(0)
+        return item is _STOP
+
+    def _decode_turn(self) -> bool:
+        """The decode processes' turn on the cores: take decoded instances until
+        ``turn_frames`` frames wait for the model, or nothing more is being decoded, or a
+        partial batch is due; returns whether to stop.
+
+        On the CPU the model's threads use every core, and a decode process that preempts
+        one of them stalls the others at their next barrier: beside busy decoders a
+        DenseNet-121 forward pass took ~20 % longer (2 cores). Taking turns, the decoders
+        run while this thread waits for them, and rest while it runs the model.
+        """
+        self.decoders.resume()
+        try:
+            while self.batcher.frames_queued < self.turn_frames:
+                if self.batcher.has_full and not self.decoders.busy and self._ready.empty():
+                    return False  # nothing more on its way: the model's turn
+                item = self._wait_decoded()
+                if not isinstance(item, _Decoded):
+                    return item is _STOP
+                self._slots.release()
+                self._add(item, run_full=False)
+            return False
+        finally:
+            self.decoders.pause()
 
     def _log_stages(self) -> None:
         now = time.perf_counter()
@@ -313,12 +397,12 @@ class Engine:
             for name in models:
                 self.metrics.failed.labels(name).inc()
 
-    def _add(self, item: _Decoded) -> None:
+    def _add(self, item: _Decoded, *, run_full: bool) -> None:
         # This thread serves every message: the item carries the ids its log lines need.
         with log_context(job_id=item.chunk.job_id, instance_id=item.claimed.id):
-            self._add_in_context(item)
+            self._add_in_context(item, run_full)
 
-    def _add_in_context(self, item: _Decoded) -> None:
+    def _add_in_context(self, item: _Decoded, run_full: bool) -> None:
         prepared = _outcome_of(item.claimed, item.future)
         if prepared.decode_s is not None:
             self.metrics.decode_seconds.observe(prepared.decode_s)
@@ -329,7 +413,9 @@ class Engine:
             return
         try:
             threshold = item.explain_threshold
-            self.batcher.add(item.chunk, item.claimed.id, prepared.inputs, item.models, threshold)
+            self.batcher.add(
+                item.chunk, item.claimed.id, prepared.inputs, item.models, threshold, run_full=run_full
+            )
         except Exception as exc:  # a bug costs this instance, with its cause, not the chunk's wait
             log.exception("queueing instance %s for inference failed", item.claimed.id)
             reason = f"could not queue for inference: {type(exc).__name__}: {printable(str(exc), 300)}"
