@@ -132,11 +132,9 @@ def decoder_finish_pixels(settings: Settings, device_type: str) -> int | None:
 
 
 def decode_turns(settings: Settings, device_type: str) -> bool:
-    """Whether the decode processes and the model take turns on the cores (RADQ_DECODE_TURNS;
-    auto: on a CPU worker, whose model uses every core)."""
-    if settings.decode_turns == "auto":
-        return device_type == "cpu"
-    return settings.decode_turns == "on"
+    """Whether the decode processes and the model take turns on the cores (RADQ_DECODE_TURNS,
+    CPU workers only: a CUDA worker's model does not use the cores)."""
+    return settings.decode_turns and device_type == "cpu"
 
 
 class Engine:
@@ -356,7 +354,8 @@ class Engine:
         On the CPU the model's threads use every core, and a decode process that preempts
         one of them stalls the others at their next barrier: beside busy decoders a
         DenseNet-121 forward pass took ~20 % longer (2 cores). Taking turns, the decoders
-        run while this thread waits for them, and rest while it runs the model.
+        run while this thread waits for them, and rest while it runs the model. Opt-in
+        (RADQ_DECODE_TURNS): on 2 cores it did not measurably beat running both at once.
         """
         self.decoders.resume()
         try:

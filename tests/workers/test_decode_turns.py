@@ -36,7 +36,7 @@ BATCH = 4
 def _worker(tmp_path: Path, database_url: str, turns: str) -> tuple[Celery, Settings]:
     settings = make_settings(
         tmp_path / turns, database_url, "memory://",
-        batch_size=BATCH, decode_processes=2, device="cpu", batch_deadline=0.05, decode_turns=turns,
+        batch_size=BATCH, decode_processes=2, device="cpu", batch_deadline=0.05, decode_turns=turns == "on",
     )  # fmt: skip
     app = create_worker_app(settings)
     app.conf.task_always_eager = True
