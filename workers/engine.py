@@ -180,10 +180,11 @@ class Engine:
         self.batcher = Batcher(
             settings.batch_size, settings.batch_deadline, self.writer, blobs, metrics=self.metrics
         )
-        ahead = settings.decode_ahead or 2 * settings.batch_size + processes
-        self.turns = decode_turns(settings, device.type)
         self.turn_frames = 2 * settings.batch_size + processes
-        """Frames a decode turn queues for the model before the model's turn."""
+        """Frames a decode turn queues for the model before the model's turn; also the
+        default of how many decoded instances may wait (RADQ_DECODE_AHEAD)."""
+        ahead = settings.decode_ahead or self.turn_frames
+        self.turns = decode_turns(settings, device.type)
         if self.turns:
             self.decoders.pause()
         self._slots = threading.Semaphore(ahead)
@@ -311,8 +312,8 @@ class Engine:
                 log.exception("inference stage error")
 
     def _next(self, timeout: float | None) -> _Decoded | _Stop | None:
-        """The next decoded instance, waiting up to ``timeout`` seconds (0: not at all);
-        None when none came. Calls queued before it run first."""
+        """The next decoded instance, waiting up to ``timeout`` seconds (0 or None: not at
+        all); None when none came. Calls queued before it run first."""
         while True:
             try:
                 item = self._ready.get(timeout=timeout) if timeout else self._ready.get_nowait()
