@@ -98,11 +98,6 @@ class Batcher:
     def frames_queued(self) -> int:
         return sum(len(q) for q in self.queues.values())
 
-    @property
-    def has_full(self) -> bool:
-        """Whether a queue holds a full batch."""
-        return any(len(q) >= self._limit(key[0]) for key, q in self.queues.items())
-
     def add(
         self,
         chunk: Chunk,
@@ -110,11 +105,8 @@ class Batcher:
         inputs: dict[str, list[RawFrame]],
         models: dict[str, LoadedModel],
         explain_threshold: float | None,
-        *,
-        run_full: bool = True,
     ) -> None:
-        """Queue every frame of an instance for each of its models; run the batches that fill,
-        unless ``run_full`` is false (they wait for :meth:`run_full`)."""
+        """Queue every frame of an instance for each of its models; run the batches that fill."""
         now = self.clock()
         self.waiting_on[instance_id] = set(inputs)
         for name, frames in inputs.items():
@@ -123,17 +115,9 @@ class Batcher:
             self.frames_left[(name, instance_id)] = len(frames)
             queue = self.queues.setdefault(key, [])
             queue.extend(_Frame(chunk, instance_id, frame, now) for frame in frames)
-            if run_full:
-                self._run_full(key)
-
-    def run_full(self) -> None:
-        """Run every full batch."""
-        for key in list(self.queues):
-            self._run_full(key)
-
-    def _run_full(self, key: _Key) -> None:
-        while len(self.queues[key]) >= self._limit(key[0]):
-            self._run(key)
+            while len(queue) >= self._limit(name):
+                self._run(key)
+                queue = self.queues[key]
 
     def due_in(self) -> float | None:
         """Seconds until the oldest partial batch is due; None when nothing waits."""

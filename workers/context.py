@@ -16,7 +16,7 @@ from db.session import make_engine, make_sessionmaker
 from radq.blobs import BlobStore, open_blob_store
 from radq.settings import Settings
 from workers.device import resolve_device
-from workers.engine import Engine, usable_cores
+from workers.engine import Engine, torch_threads
 from workers.metrics import WorkerMetrics
 from workers.models.loader import ModelRegistry, Runtime
 
@@ -51,12 +51,14 @@ def get_context(settings: Settings, metrics: WorkerMetrics | None = None) -> Wor
     if _context is None or _context_pid != os.getpid() or _context.settings is not settings:
         if _context is not None and _context_pid == os.getpid():
             _context.engine.close()  # settings changed in-process (tests)
-        torch.set_num_threads(settings.torch_threads or usable_cores())
+        runtime = _runtime(settings)
+        # Before any stream starts: each thread that runs torch sizes its OpenMP team from it.
+        torch.set_num_threads(torch_threads(settings, runtime.device.type))
         database = make_engine(
             settings.resolved_database_url, idle_transaction_timeout=settings.worker_idle_transaction_timeout
         )
         sessions = make_sessionmaker(database)
-        models = ModelRegistry(settings.model_dir, _runtime(settings))
+        models = ModelRegistry(settings.model_dir, runtime)
         blobs = open_blob_store(settings)
         engine = Engine(settings, sessions, models, blobs, metrics)
         _context = WorkerContext(settings, sessions, models, blobs, engine)

@@ -1,4 +1,4 @@
-"""A worker process's pipeline: decode processes feed one inference thread, one writer stores.
+"""A worker process's pipeline: decode processes feed the inference streams, one writer stores.
 
 Celery runs each message in a thread of its own (``--pool threads``); the message's
 thread claims its instances and hands them to the engine, which every message of the
@@ -7,8 +7,8 @@ process shares, so batches form across messages, instances and studies:
 1. decode: :class:`workers.procpool.ProcessPool` reads and decodes files in processes
    (pydicom holds the GIL), at most ``decode_ahead`` instances ahead of the model, so
    memory stays flat whatever the backlog;
-2. infer: one thread finishes preprocessing on the model's device and runs the batches
-   (:class:`workers.batching.Batcher`);
+2. infer: one or more threads (streams, :func:`infer_streams`) each finish preprocessing on
+   the model's device and run batches of their own (:class:`workers.batching.Batcher`);
 3. write: one thread commits outcomes in bulk (:class:`workers.writer.Writer`).
 
 The message's thread returns once every instance it claimed has its outcome in SQL.
@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 
 DECODE_PRELOAD = ("workers.prepare",)
 STAGE_LOG_S = 30.0
-"""How often a busy engine logs where its inference thread's time went."""
+"""How often a busy inference stream logs where its time went."""
+MAX_AUTO_STREAMS = 4
+"""Inference streams a CPU worker runs by default, at most: each holds a batch's activations."""
 """Imported once by the decode processes' server, so each new decode process starts warm."""
 
 
@@ -131,10 +133,36 @@ def decoder_finish_pixels(settings: Settings, device_type: str) -> int | None:
     return settings.host_preprocess_pixels or None
 
 
-def decode_turns(settings: Settings, device_type: str) -> bool:
-    """Whether the decode processes and the model take turns on the cores (RADQ_DECODE_TURNS,
-    CPU workers only: a CUDA worker's model does not use the cores)."""
-    return settings.decode_turns and device_type == "cpu"
+def infer_streams(settings: Settings, device_type: str) -> int:
+    """Threads that run forward passes at once (RADQ_INFER_STREAMS; 0: one per usable core
+    on the CPU, at most :data:`MAX_AUTO_STREAMS`; one on CUDA).
+
+    On the CPU a forward pass spread over every core stalls at each op's barrier whenever
+    anything else (a decode process, the writer, the API) preempts one of its threads; one
+    single-threaded stream per core loses only that thread's time. DenseNet-121 alone, 2
+    cores: 26.5-27.2 img/s as two streams of one thread, 23.4-23.9 as one of two.
+    """
+    if settings.infer_streams:
+        return settings.infer_streams
+    if device_type != "cpu":
+        return 1
+    return min(usable_cores(), MAX_AUTO_STREAMS)
+
+
+def torch_threads(settings: Settings, device_type: str) -> int:
+    """torch threads of each inference stream (RADQ_TORCH_THREADS; 0: the usable cores shared
+    among the streams)."""
+    return settings.torch_threads or max(1, usable_cores() // infer_streams(settings, device_type))
+
+
+@dataclass
+class _Stream:
+    """One inference thread with batches of its own, and where its time went."""
+
+    name: str
+    batcher: Batcher
+    waited_s: float = 0.0
+    period_start: float = field(default_factory=time.perf_counter)
 
 
 class Engine:
@@ -177,32 +205,36 @@ class Engine:
             ),
         )
         self.writer = Writer(sessions, metrics=self.metrics)
-        self.batcher = Batcher(
-            settings.batch_size, settings.batch_deadline, self.writer, blobs, metrics=self.metrics
-        )
-        self.turn_frames = 2 * settings.batch_size + processes
-        """Frames a decode turn queues for the model before the model's turn; also the
-        default of how many decoded instances may wait (RADQ_DECODE_AHEAD)."""
-        ahead = settings.decode_ahead or self.turn_frames
-        self.turns = decode_turns(settings, device.type)
-        if self.turns:
-            self.decoders.pause()
-        self._slots = threading.Semaphore(ahead)
+        count = infer_streams(settings, device.type)
+        batch = settings.batch_size
+        self.streams = [
+            _Stream(
+                "radq-infer" if count == 1 else f"radq-infer-{i + 1}",
+                Batcher(batch, settings.batch_deadline, self.writer, blobs, metrics=self.metrics),
+            )
+            for i in range(count)
+        ]
+        # Decoded instances that may wait: two batches per stream, one per decode process.
+        self._slots = threading.Semaphore(settings.decode_ahead or count * 2 * batch + processes)
         # One message's thread submits at a time: messages go through in the order they
         # came, so the first finishes, and its thread takes the next message, while the
         # others are still decoding and inferring. Interleaved, they would all finish
         # together and the pipeline would drain before the next ones were claimed.
         self._submitting = threading.Lock()
         self._ready: queue.SimpleQueue[_Decoded | _Call | _Stop] = queue.SimpleQueue()
-        self._waited_s = 0.0
-        self._period_start = time.perf_counter()
-        self._thread = threading.Thread(target=self._infer_loop, name="radq-infer", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._infer_loop, args=(stream,), name=stream.name, daemon=True)
+            for stream in self.streams
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def close(self) -> None:
         """Finish what is queued, then stop the stages (tests and orderly shutdown)."""
-        self._ready.put(_STOP)
-        self._thread.join()
+        for _ in self._threads:
+            self._ready.put(_STOP)  # each stream takes one and stops
+        for thread in self._threads:
+            thread.join()
         self.writer.close()
         self.decoders.shutdown()
 
@@ -252,10 +284,10 @@ class Engine:
         return [self._on_infer_thread(partial(self.models.get, name)) for name in names]
 
     def _on_infer_thread(self, fn: Callable[[], T]) -> T:
-        """``fn()`` run by the inference thread, the only one of this process that runs torch.
+        """``fn()`` run by an inference stream's thread: only those run torch in this process.
 
         Loading a model traces it, i.e. runs it. OpenMP gives each thread that runs
-        parallel torch ops a team of its own; once two teams' threads outnumber the cores,
+        parallel torch ops a team of its own; once the teams' threads outnumber the cores,
         libgomp stops spinning at barriers and every thread sleeps and wakes around each
         op (measured: 1,500 context switches/s per thread, a sixth of 2 cores idle during
         DenseNet-121's forward passes).
@@ -295,18 +327,16 @@ class Engine:
     def _decoded(self, item: _Decoded, _future: Future[Prepared]) -> None:
         self._ready.put(item)
 
-    # --- the inference thread ---------------------------------------------------------
+    # --- the inference streams --------------------------------------------------------
 
-    def _infer_loop(self) -> None:
-        take = self._decode_turn if self.turns else self._take_decoded
+    def _infer_loop(self, stream: _Stream) -> None:
         while True:
-            self._log_stages()
+            self._log_stages(stream)
             try:
-                stop = take()
-                self.batcher.run_full()
-                self.batcher.run_due()
+                stop = self._take_decoded(stream)
+                stream.batcher.run_due()
                 if stop:
-                    self.batcher.drain()
+                    stream.batcher.drain()
                     return
             except Exception:  # never let the stage die: the reaper re-sends what is lost
                 log.exception("inference stage error")
@@ -327,64 +357,36 @@ class Engine:
                 except BaseException as exc:
                     item.future.set_exception(exc)
 
-    def _wait_decoded(self) -> _Decoded | _Stop | None:
-        """The next decoded instance; None when none came before a partial batch was due
-        (or, idle, before the stage log's period)."""
-        queued = self.batcher.frames_queued
+    def _take_decoded(self, stream: _Stream) -> bool:
+        """Wait for a decoded instance (until the stream's partial batch is due, or idle, the
+        stage log's period), then take every one decoded so far, running the batches they
+        fill; returns whether to stop. Streams take from one queue: a stream busy with a
+        forward pass leaves what arrives meanwhile to the others."""
+        queued = stream.batcher.frames_queued
         waiting = time.perf_counter()
-        item = self._next(self.batcher.due_in() if queued else STAGE_LOG_S)
+        item = self._next(stream.batcher.due_in() if queued else STAGE_LOG_S)
         if queued or item is not None:  # idle with nothing to do is not waiting
-            self._waited_s += time.perf_counter() - waiting
-        return item
-
-    def _take_decoded(self) -> bool:
-        """Wait for a decoded instance, then take every one decoded so far, running the
-        batches they fill; returns whether to stop."""
-        item = self._wait_decoded()
+            stream.waited_s += time.perf_counter() - waiting
         while isinstance(item, _Decoded):
             self._slots.release()
-            self._add(item, run_full=True)
+            self._add(stream, item)
             item = self._next(0)
         return item is _STOP
 
-    def _decode_turn(self) -> bool:
-        """The decode processes' turn on the cores: take decoded instances until
-        ``turn_frames`` frames wait for the model, or nothing more is being decoded, or a
-        partial batch is due; returns whether to stop.
-
-        On the CPU the model's threads use every core, and a decode process that preempts
-        one of them stalls the others at their next barrier: beside busy decoders a
-        DenseNet-121 forward pass took ~20 % longer (2 cores). Taking turns, the decoders
-        run while this thread waits for them, and rest while it runs the model. Opt-in
-        (RADQ_DECODE_TURNS): on 2 cores it did not measurably beat running both at once.
-        """
-        self.decoders.resume()
-        try:
-            while self.batcher.frames_queued < self.turn_frames:
-                if self.batcher.has_full and not self.decoders.busy and self._ready.empty():
-                    return False  # nothing more on its way: the model's turn
-                item = self._wait_decoded()
-                if not isinstance(item, _Decoded):
-                    return item is _STOP
-                self._slots.release()
-                self._add(item, run_full=False)
-            return False
-        finally:
-            self.decoders.pause()
-
-    def _log_stages(self) -> None:
+    def _log_stages(self, stream: _Stream) -> None:
         now = time.perf_counter()
-        period = now - self._period_start
+        period = now - stream.period_start
         if period < STAGE_LOG_S:
             return
-        times, waited = self.batcher.times.take(), self._waited_s
-        self._period_start, self._waited_s = now, 0.0
+        times, waited = stream.batcher.times.take(), stream.waited_s
+        stream.period_start, stream.waited_s = now, 0.0
         if not times.batches:
             return
         log.info(
-            "inference stage, last %.0f s: %d batches, %.1f images each; device preprocessing %.1f s, "
+            "%s, last %.0f s: %d batches, %.1f images each; device preprocessing %.1f s, "
             "model %.1f s, waiting for decoded images %.1f s",
-            period, times.batches, times.frames / times.batches, times.prep_s, times.model_s, waited,
+            stream.name, period, times.batches, times.frames / times.batches, times.prep_s, times.model_s,
+            waited,
         )  # fmt: skip
 
     def _unusable(
@@ -397,12 +399,12 @@ class Engine:
             for name in models:
                 self.metrics.failed.labels(name).inc()
 
-    def _add(self, item: _Decoded, *, run_full: bool) -> None:
-        # This thread serves every message: the item carries the ids its log lines need.
+    def _add(self, stream: _Stream, item: _Decoded) -> None:
+        # A stream serves every message: the item carries the ids its log lines need.
         with log_context(job_id=item.chunk.job_id, instance_id=item.claimed.id):
-            self._add_in_context(item, run_full)
+            self._add_in_context(stream, item)
 
-    def _add_in_context(self, item: _Decoded, run_full: bool) -> None:
+    def _add_in_context(self, stream: _Stream, item: _Decoded) -> None:
         prepared = _outcome_of(item.claimed, item.future)
         if prepared.decode_s is not None:
             self.metrics.decode_seconds.observe(prepared.decode_s)
@@ -413,9 +415,7 @@ class Engine:
             return
         try:
             threshold = item.explain_threshold
-            self.batcher.add(
-                item.chunk, item.claimed.id, prepared.inputs, item.models, threshold, run_full=run_full
-            )
+            stream.batcher.add(item.chunk, item.claimed.id, prepared.inputs, item.models, threshold)
         except Exception as exc:  # a bug costs this instance, with its cause, not the chunk's wait
             log.exception("queueing instance %s for inference failed", item.claimed.id)
             reason = f"could not queue for inference: {type(exc).__name__}: {printable(str(exc), 300)}"

@@ -259,8 +259,6 @@ class ProcessPool:
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._queue: deque[_Task] = deque()
-        self._outstanding = 0  # submitted, not yet settled
-        self._paused = False
         self._shutdown = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -294,33 +292,8 @@ class ProcessPool:
             if self._shutdown:
                 raise RuntimeError(f"the process pool {self._name!r} is shut down")
             self._queue.append(_Task(future, message))
-            self._outstanding += 1
             self._wake()
-        future.add_done_callback(self._settled)
         return future
-
-    @property
-    def busy(self) -> bool:
-        """Whether a submitted task has not settled yet (queued or running)."""
-        with self._lock:
-            return self._outstanding > 0
-
-    @property
-    def paused(self) -> bool:
-        with self._lock:
-            return self._paused
-
-    def pause(self) -> None:
-        """Start no queued task until :meth:`resume`; running tasks finish."""
-        with self._lock:
-            self._paused = True
-
-    def resume(self) -> None:
-        """Hand queued tasks to the children again."""
-        with self._lock:
-            if self._paused:
-                self._paused = False
-                self._wake()
 
     def shutdown(self, wait: bool = True) -> None:
         """Cancel queued tasks, let running ones finish, then stop the children.
@@ -345,10 +318,6 @@ class ProcessPool:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.shutdown(wait=True)
-
-    def _settled(self, _future: Future[Any]) -> None:
-        with self._lock:
-            self._outstanding -= 1
 
     def _wake(self) -> None:
         """Interrupt the dispatcher's wait; called with the lock held."""
@@ -432,9 +401,7 @@ class ProcessPool:
         while True:
             with self._lock:
                 idle = next((child for child in self._children if child.task is None), None)
-                if self._paused or not self._queue:
-                    return
-                if idle is None and len(self._children) >= self._processes:
+                if not self._queue or (idle is None and len(self._children) >= self._processes):
                     return
                 task = self._queue.popleft()
             if not (task.future.running() or task.future.set_running_or_notify_cancel()):

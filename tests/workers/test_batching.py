@@ -191,17 +191,3 @@ def test_a_padded_partial_batch_gives_each_instance_its_own_result(
     assert seen.sizes == [3, 8]
     for i in range(3):
         assert outputs[True][i] == pytest.approx(outputs[False][i], abs=1e-6), names[i]
-
-
-def test_frames_added_without_running_wait_for_run_full(tmp_path: Path, smoke: LoadedModel) -> None:
-    # A CPU worker's decode turn queues frames only; the model's turn runs the full batches.
-    batcher, writer = _batcher(tmp_path, Clock(), batch_size=2)
-    chunk = Chunk("job", {1, 2, 3})
-    for i, name in ((1, "CT_small.dcm"), (2, "MR_small.dcm"), (3, "CT_small.dcm")):
-        batcher.add(
-            chunk, i, {"radq-smoke": _frames(smoke, name)}, {"radq-smoke": smoke}, None, run_full=False
-        )
-    assert writer.calls == [] and batcher.has_full and batcher.frames_queued == 3
-    batcher.run_full()
-    assert set(writer.outcomes()) == {1, 2}  # one full batch; the third waits for company
-    assert not batcher.has_full and batcher.frames_queued == 1

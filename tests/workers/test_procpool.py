@@ -53,19 +53,6 @@ def test_results_come_back_in_order_from_parallel_processes(pool: ProcessPool) -
     assert pool.processes == 2
 
 
-def test_a_paused_pool_starts_nothing_until_resumed(pool: ProcessPool) -> None:
-    running = pool.submit(tasks.pid_after, 0.5)
-    time.sleep(0.2)  # handed out before the pause
-    pool.pause()
-    queued = [pool.submit(tasks.echo, i) for i in range(3)]
-    assert running.result(timeout=5) > 0  # a running task finishes
-    time.sleep(0.3)
-    assert not any(f.done() for f in queued) and pool.busy and pool.paused
-    pool.resume()
-    assert [f.result(timeout=5) for f in queued] == [0, 1, 2]
-    assert not pool.busy and not pool.paused
-
-
 def test_submit_from_several_threads(pool: ProcessPool) -> None:
     def submit_many(start: int) -> list[object]:
         futures = [pool.submit(tasks.echo, start + i) for i in range(25)]

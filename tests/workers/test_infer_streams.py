@@ -1,0 +1,162 @@
+"""A CPU worker runs forward passes on several inference streams at once; results do not change.
+
+On the CPU one forward pass spread over every core stalls at each op's barrier whenever
+another process preempts one of its threads, so a CPU worker runs one single-threaded
+stream per core (RADQ_INFER_STREAMS). Each stream forms batches of its own from the one
+queue of decoded instances. Models load on a stream's thread: only those run torch, so
+the process has no OpenMP team beyond the streams'.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from sqlalchemy import select
+
+from db.jobs import NewInstance, add_instances, create_job
+from db.models import Instance, Result
+from db.session import make_engine, make_sessionmaker, transaction
+from db.status import InstanceStatus, StorageKind
+from radq.settings import Settings
+from radq.tasks import INFER_CHUNK
+from tests.conftest import SAMPLES, make_settings
+from workers import engine as engine_module
+from workers.app import create_worker_app
+from workers.context import get_context
+from workers.engine import MAX_AUTO_STREAMS, infer_streams, torch_threads
+
+FILES = ("CT_small.dcm", "MR_small.dcm", "CR2_6247.dcm", "JPEG2000.dcm")
+COPIES = 6
+BATCH = 4
+
+
+def _worker(tmp_path: Path, database_url: str, streams: int, **overrides: Any) -> tuple[Celery, Settings]:
+    settings = make_settings(
+        tmp_path / f"streams-{streams}", database_url, "memory://",
+        batch_size=BATCH, decode_processes=2, device="cpu", batch_deadline=0.05, infer_streams=streams,
+        **overrides,
+    )  # fmt: skip
+    app = create_worker_app(settings)
+    app.conf.task_always_eager = True
+    return app, settings
+
+
+@pytest.fixture
+def sessions(own_database_url: str) -> Iterator[Any]:
+    engine = make_engine(own_database_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def _submit(sessions: Any, paths: list[str]) -> tuple[str, list[int]]:
+    with transaction(sessions) as session:
+        job = create_job(session, models=["radq-smoke"])
+        ids = add_instances(
+            session, job_id=job.id,
+            files=[NewInstance(f"{i}-{Path(p).name}", StorageKind.PATH, p) for i, p in enumerate(paths)],
+        )  # fmt: skip
+    return job.id, ids
+
+
+def _run_job(app: Celery, sessions: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One job of real files through the task body; what each instance ended with, and its outputs."""
+    job_id, ids = _submit(sessions, [str(SAMPLES / "real" / name) for name in FILES] * COPIES)
+    report = app.tasks[INFER_CHUNK].apply(args=[job_id, ids]).get()
+    assert report["claimed"] == len(ids)
+    with sessions() as session:
+        rows = session.execute(
+            select(Instance.id, Instance.file_name, Instance.status).where(Instance.job_id == job_id)
+        ).all()
+        outputs = dict(
+            session.execute(select(Result.instance_id, Result.outputs).where(Result.instance_id.in_(ids))).all()
+        )
+    names = {i: name for i, name, _ in rows}
+    return {name: status for _, name, status in rows}, {names[i]: o for i, o in outputs.items()}
+
+
+def _observe(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    """The threads that ran each forward pass, and the threads that loaded models."""
+    context = get_context(settings)
+    ran_on: list[str] = []
+    loaded_on: list[str] = []
+    for stream in context.engine.streams:
+        predict = stream.batcher._predict
+
+        def recording_predict(*args: Any, _predict: Any = predict) -> Any:
+            ran_on.append(threading.current_thread().name)
+            return _predict(*args)
+
+        monkeypatch.setattr(stream.batcher, "_predict", recording_predict)
+    get = context.models.get
+
+    def recording_get(name: str) -> Any:
+        loaded_on.append(threading.current_thread().name)
+        return get(name)
+
+    monkeypatch.setattr(context.models, "get", recording_get)
+    return ran_on, loaded_on
+
+
+def test_two_streams_share_the_work_and_give_the_results_of_one(
+    tmp_path: Path, own_database_url: str, sessions: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, settings = _worker(tmp_path, own_database_url, 1)
+    ran_on, loaded_on = _observe(settings, monkeypatch)
+    statuses, one = _run_job(app, sessions)
+    assert set(statuses.values()) == {InstanceStatus.DONE}
+    assert set(ran_on) == {"radq-infer"} and set(loaded_on) == {"radq-infer"}
+
+    app, settings = _worker(tmp_path, own_database_url, 2)
+    assert torch_threads(settings, "cpu") >= 1
+    ran_on, loaded_on = _observe(settings, monkeypatch)
+    statuses, two = _run_job(app, sessions)
+    assert set(statuses.values()) == {InstanceStatus.DONE}
+    # Both streams ran batches: the job's 24 instances make at least 6 of 4.
+    assert set(ran_on) == {"radq-infer-1", "radq-infer-2"}, ran_on
+    assert loaded_on and set(loaded_on) <= {"radq-infer-1", "radq-infer-2"}
+
+    assert one.keys() == two.keys() and len(two) == len(FILES) * COPIES
+    for name, outputs in one.items():
+        assert two[name] == pytest.approx(outputs, abs=1e-6), name
+
+
+def test_a_lone_file_is_flushed_at_the_deadline_beside_a_failing_one(
+    tmp_path: Path, own_database_url: str, sessions: Any
+) -> None:
+    # One instance never fills a batch of 4: its stream runs the partial batch at the
+    # deadline, and a file that fails to decode ends with its reason beside it. A short
+    # chunk time limit makes a broken flush fail this test instead of hanging it.
+    app, _settings = _worker(tmp_path, own_database_url, 2, chunk_time_limit=30)
+    job_id, ids = _submit(sessions, [str(SAMPLES / "real" / "CT_small.dcm"), str(Path(__file__))])
+    report = app.tasks[INFER_CHUNK].apply(args=[job_id, ids]).get()
+    assert (report["done"], report["failed"]) == (1, 1)
+    with sessions() as session:
+        reasons = [
+            reason for (reason,) in session.execute(select(Instance.reason).where(Instance.job_id == job_id))
+        ]
+    assert None in reasons and any("not a DICOM file" in (r or "") for r in reasons), reasons
+
+
+@pytest.mark.parametrize(
+    ("cores", "streams", "threads", "device", "want"),
+    [
+        (2, 0, 0, "cpu", (2, 1)),
+        (16, 0, 0, "cpu", (MAX_AUTO_STREAMS, 16 // MAX_AUTO_STREAMS)),
+        (1, 0, 0, "cpu", (1, 1)),
+        (3, 0, 0, "cpu", (3, 1)),
+        (16, 0, 0, "cuda", (1, 16)),
+        (8, 1, 0, "cpu", (1, 8)),
+        (8, 2, 3, "cpu", (2, 3)),
+    ],
+)
+def test_streams_and_their_threads_default_to_the_cores(
+    monkeypatch: pytest.MonkeyPatch, cores: int, streams: int, threads: int, device: str, want: tuple[int, int]
+) -> None:
+    monkeypatch.setattr(engine_module, "usable_cores", lambda: cores)
+    settings = Settings(infer_streams=streams, torch_threads=threads)
+    assert (infer_streams(settings, device), torch_threads(settings, device)) == want
