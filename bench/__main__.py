@@ -25,6 +25,7 @@ from radq.errors import RadqError
 from radq.model_card import ModelCard, discover_cards
 from radq.settings import Settings
 from workers.device import resolve_device
+from workers.engine import torch_threads
 from workers.gpu_decode import DECODERS, gpu_decode_device
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """Prepare models and inputs, start the stack, measure the matrix; return the report."""
     base = Settings()
     device = resolve_device(base.device)
-    torch.set_num_threads(getattr(base, "torch_threads", 0) or len(os.sched_getaffinity(0)))  # as a worker
+    torch.set_num_threads(torch_threads(base, device.type))  # as a worker: per inference stream
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as a worker: fixed input sizes
     with tempfile.TemporaryDirectory(prefix="radq-bench-") as tmp:

@@ -27,6 +27,7 @@ from bench.stack import Stack, decode_processes, start_worker
 from radq.errors import RadqError
 from radq.services import stop
 from radq.settings import Settings
+from workers.engine import infer_streams
 from workers.gpu_decode import gpu_decode_device
 from workers.gpu_decode import install as install_gpu_decode
 from workers.gpu_decode import uninstall as uninstall_gpu_decode
@@ -137,7 +138,10 @@ def _measure_model(
     batch = settings.batch_size
     for index in range(plan.repeat):
         say(f"{name}, round {index + 1}/{plan.repeat}: model only ...")
-        alone = model_only(model, batch_size=batch, seconds=plan.seconds, seed=plan.seed + index)
+        alone = model_only(
+            model, batch_size=batch, seconds=plan.seconds, seed=plan.seed + index,
+            streams=infer_streams(settings, model.device.type),
+        )  # fmt: skip
         for pair in pairs:
             corpus = corpora[pair.input]
             figures = outcome.rounds[pair]

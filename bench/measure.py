@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import pickle
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,17 +92,24 @@ def _sync(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch on one thread (preprocessing resizes with torch): a per-core figure."""
+def torch_threads(count: int) -> Iterator[None]:
+    """torch on ``count`` threads for a while (then as before)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def model_only(model: LoadedModel, *, batch_size: int, seconds: float, seed: int = 0) -> Measurement:
+def one_thread() -> contextlib.AbstractContextManager[None]:
+    """torch on one thread (preprocessing resizes with torch): a per-core figure."""
+    return torch_threads(1)
+
+
+def model_only(
+    model: LoadedModel, *, batch_size: int, seconds: float, seed: int = 0, streams: int = 1
+) -> Measurement:
     """Forward passes on random float32 batches already on the model's device; no I/O.
 
     Args:
@@ -107,38 +117,56 @@ def model_only(model: LoadedModel, *, batch_size: int, seconds: float, seed: int
         batch_size: images per forward pass.
         seconds: time the passes for about this long, and at least :data:`MIN_BATCHES`.
         seed: seeds the random inputs.
+        streams: threads running passes at once, as the worker's inference streams do
+            (RADQ_INFER_STREAMS), each with the torch threads set for this process.
     """
     load = load_average()
-    spec = model.card.input
-    generator = torch.Generator().manual_seed(seed)
-    ring = [  # a few distinct batches, used in turn
-        as_model_input(
-            model,
-            torch.randn(batch_size, spec.channels, spec.height, spec.width, generator=generator).to(
-                model.device
-            ),
-        )
-        for _ in range(3)
-    ]
-    batches = itertools.cycle(ring)
-    with forward_context(model):
-        warm_start = time.perf_counter()
-        warmup = 0  # the first pass picks kernels and allocates; stop early when passes are slow
-        while warmup < MAX_WARMUP_BATCHES and (warmup == 0 or time.perf_counter() - warm_start < seconds / 4):
-            model.forward(next(batches))
-            _sync(model.device)
-            warmup += 1
-        group = 1 if model.device.type == "cpu" else SYNC_EVERY  # let the GPU queue a few passes
-        count = 0
-        start = time.perf_counter()
-        while count < MIN_BATCHES or time.perf_counter() - start < seconds:
-            for _ in range(group):
+    ready = threading.Barrier(streams)
+    counts = [0] * streams
+    spans = [0.0] * streams
+    warmups = [0] * streams
+
+    def run(index: int) -> None:
+        spec = model.card.input
+        generator = torch.Generator().manual_seed(seed + index)
+        ring = [  # a few distinct batches, used in turn
+            as_model_input(
+                model,
+                torch.randn(batch_size, spec.channels, spec.height, spec.width, generator=generator).to(
+                    model.device
+                ),
+            )
+            for _ in range(3)
+        ]
+        batches = itertools.cycle(ring)
+        with forward_context(model):
+            warm_until = time.perf_counter() + seconds / 4
+            warmup = 0  # the first pass picks kernels and allocates; stop early when passes are slow
+            while warmup < MAX_WARMUP_BATCHES and (warmup == 0 or time.perf_counter() < warm_until):
                 model.forward(next(batches))
-            count += group
-            _sync(model.device)  # the clock must not stop while the device still has work queued
-        elapsed = time.perf_counter() - start
-    detail: dict[str, object] = {"batch_size": batch_size, "batches": count, "warmup_batches": warmup}
-    return Measurement(count * batch_size, elapsed, detail, load)
+                _sync(model.device)
+                warmup += 1
+            group = 1 if model.device.type == "cpu" else SYNC_EVERY  # let the GPU queue a few passes
+            count = 0
+            ready.wait()  # every stream warm: they are timed over the same span
+            start = time.perf_counter()
+            while count < MIN_BATCHES or time.perf_counter() - start < seconds:
+                for _ in range(group):
+                    model.forward(next(batches))
+                count += group
+                _sync(model.device)  # the clock must not stop while the device still has work queued
+            counts[index], spans[index], warmups[index] = count, time.perf_counter() - start, warmup
+
+    with ThreadPoolExecutor(streams, thread_name_prefix="bench-stream") as pool:
+        list(pool.map(run, range(streams)))  # re-raises a stream's error
+    detail: dict[str, object] = {
+        "batch_size": batch_size,
+        "batches": sum(counts),
+        "warmup_batches": sum(warmups),
+        "streams": streams,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return Measurement(sum(counts) * batch_size, max(spans), detail, load)
 
 
 def _timed_loop(items: Sequence[T], seconds: float) -> Iterator[T]:
@@ -225,8 +253,15 @@ def naive_loop(
 
     Runs through ``files`` in turn for about ``seconds``. The database is a fresh SQLite
     file with SQLite's defaults (rollback journal, synchronous=FULL), as a script written
-    without radq would have it.
+    without radq would have it. torch uses every core, its default, as in such a script.
     """
+    with torch_threads(len(os.sched_getaffinity(0))):
+        return _naive_loop(files, model, db_path=db_path, max_pixels=max_pixels, seconds=seconds)
+
+
+def _naive_loop(
+    files: Sequence[Path], model: LoadedModel, *, db_path: Path, max_pixels: int, seconds: float
+) -> Measurement:
     load = load_average()
     card = model.card
     frame = card.preprocessing.frame

@@ -19,6 +19,8 @@ from db.jobs import as_utc
 from db.models import Instance, JobSource, Result
 from db.status import FINAL_STATUSES
 from radq.client import MAX_PARTS
+from workers.device import resolve_device
+from workers.engine import infer_streams
 
 POLL_SECONDS = 0.1
 """How often the database is asked whether the job is finished."""
@@ -174,6 +176,7 @@ def pipeline(
         "first_result_s": None if run.first_result_s is None else round(run.first_result_s, 3),
         "last_result_s": None if run.last_result_s is None else round(run.last_result_s, 3),
         "worker": f"1 worker process ({settings.worker_concurrency} messages in hand)",
+        "infer_streams": infer_streams(settings, resolve_device(settings.device).type),
         "batch_size": settings.batch_size,
         "chunk_size": settings.chunk_size,
         "decode_processes": decode_processes(settings),

@@ -72,9 +72,8 @@ def _run_job(app: Celery, sessions: Any) -> tuple[dict[str, Any], dict[str, Any]
         rows = session.execute(
             select(Instance.id, Instance.file_name, Instance.status).where(Instance.job_id == job_id)
         ).all()
-        outputs = dict(
-            session.execute(select(Result.instance_id, Result.outputs).where(Result.instance_id.in_(ids))).all()
-        )
+        query = select(Result.instance_id, Result.outputs).where(Result.instance_id.in_(ids))
+        outputs = dict(session.execute(query).all())
     names = {i: name for i, name, _ in rows}
     return {name: status for _, name, status in rows}, {names[i]: o for i, o in outputs.items()}
 
@@ -155,7 +154,12 @@ def test_a_lone_file_is_flushed_at_the_deadline_beside_a_failing_one(
     ],
 )
 def test_streams_and_their_threads_default_to_the_cores(
-    monkeypatch: pytest.MonkeyPatch, cores: int, streams: int, threads: int, device: str, want: tuple[int, int]
+    monkeypatch: pytest.MonkeyPatch,
+    cores: int,
+    streams: int,
+    threads: int,
+    device: str,
+    want: tuple[int, int],
 ) -> None:
     monkeypatch.setattr(engine_module, "usable_cores", lambda: cores)
     settings = Settings(infer_streams=streams, torch_threads=threads)
