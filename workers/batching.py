@@ -39,7 +39,7 @@ _Key = tuple[str, float | None]
 
 @dataclass
 class StageTimes:
-    """Where the inference thread's time went: the bench and the logs name the bounding stage."""
+    """Where an inference stream's time went: the bench and the logs name the bounding stage."""
 
     batches: int = 0
     frames: int = 0
@@ -64,7 +64,7 @@ class _Frame:
 
 
 class Batcher:
-    """Not thread-safe: one inference thread owns it."""
+    """Not thread-safe: one inference stream owns it."""
 
     def __init__(
         self,

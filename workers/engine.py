@@ -68,14 +68,14 @@ def usable_cores() -> int:
 
 @dataclass
 class _Call:
-    """Work another thread hands to the inference thread (model loading)."""
+    """Work another thread hands to an inference stream (model loading)."""
 
     fn: Callable[[], Any]
     future: Future[Any]
 
 
 class _Stop:
-    """Put on the inference thread's queue by :meth:`Engine.close`."""
+    """Put on the streams' queue by :meth:`Engine.close`, once per stream."""
 
 
 _STOP = _Stop()
@@ -184,7 +184,7 @@ class Engine:
         self.pseudonym_key = pseudonym_key(settings)
         processes = settings.decode_processes or usable_cores()
         # On the CPU the decode processes also preprocess: in parallel, and what crosses
-        # to the inference thread is the small finished input, not the decoded frame.
+        # to the inference streams is the small finished input, not the decoded frame.
         device = models.device
         self.finish_pixels = decoder_finish_pixels(settings, device.type)
         self.gpu_decode = gpu_decode_device(settings.gpu_decode, device.type, device.index)
