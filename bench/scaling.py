@@ -9,8 +9,8 @@ the scaling.
 
 Two layouts: ``whole`` starts every worker as ``docker compose up --scale worker=N``
 does (each worker sizes its torch threads and decode processes to every core it may
-use); ``split`` gives each worker its share of the cores (RADQ_TORCH_THREADS and
-RADQ_DECODE_PROCESSES = cores / N, at least 1).
+use); ``split`` gives each worker its share of the cores (RADQ_DECODE_PROCESSES, and
+RADQ_INFER_STREAMS x RADQ_TORCH_THREADS = cores / N, at least 1).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from radq.errors import RadqError
 from radq.services import stop
 from radq.settings import Settings
 from workers.device import resolve_device
-from workers.engine import usable_cores
+from workers.engine import MAX_AUTO_STREAMS, usable_cores
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 """Server the scaling runs use unless --database sqlite: the production database."""
@@ -108,7 +108,11 @@ def _measure(
     cores = usable_cores()
     if layout == "split":
         share = max(1, cores // workers)
-        settings = settings.model_copy(update={"torch_threads": share, "decode_processes": share})
+        # As a worker sizes itself to the cores it may use (workers.engine.infer_streams).
+        streams = min(share, MAX_AUTO_STREAMS) if resolve_device(settings.device).type == "cpu" else 1
+        settings = settings.model_copy(
+            update={"infer_streams": streams, "torch_threads": share // streams, "decode_processes": share}
+        )
     with embedded_stack(
         settings, home=home, database=database, postgres_admin_url=postgres_url, worker=False
     ) as stack, contextlib.ExitStack() as running:  # fmt: skip
