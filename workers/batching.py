@@ -157,7 +157,7 @@ class Batcher:
         started = time.perf_counter()
         inputs = to_batch([f.frame for f in batch], card.input, card.preprocessing, model.device)
         rows, size = len(batch), self._limit(card.name)
-        if threshold is None and rows < size and self._pads(model):
+        if rows < size and self._pads(model):
             inputs = torch.cat([inputs, inputs.new_zeros((size - rows, *inputs.shape[1:]))])
         if model.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -169,7 +169,7 @@ class Batcher:
             labelled = as_label_dicts(card, probs)  # copies to the host: the device is done
             self._timed(card.name, len(batch), prepared - started, time.perf_counter() - prepared)
             return labelled, [{} for _ in batch]
-        explained = explain(model, inputs, threshold)
+        explained = explain(model, inputs, threshold, rows)
         self._timed(card.name, len(batch), prepared - started, time.perf_counter() - prepared)
         stored = [
             {label: self.blobs.put(io.BytesIO(to_png(m)))[0] for label, m in maps.items()}
@@ -184,6 +184,7 @@ class Batcher:
         new input shape: measured on an H200, about 3 s for DenseNet-121 each time a
         partial batch of a new size came, 22 s of a 33 s job. One shape per model costs
         one tuning; padding costs the idle GPU a few milliseconds per partial batch.
+        Grad-CAM batches are padded too; their padding is neither explained nor returned.
         """
         return model.device.type == "cuda" if self.pad is None else self.pad
 

@@ -54,11 +54,14 @@ def _normalised_cam(activations: Tensor, size: torch.Size) -> Tensor:
     return torch.where(peak > 0, cam / peak.clamp_min(1e-12), cam)
 
 
-def explain(model: LoadedModel, batch: Tensor, threshold: float) -> Explained:
+def explain(model: LoadedModel, batch: Tensor, threshold: float, rows: int | None = None) -> Explained:
     """Predict a batch and, for every (image, label) at or above ``threshold``, a saliency map.
 
-    ``batch`` is (B, C, H, W) on the model's device; gradients run in float32.
+    ``batch`` is (B, C, H, W) on the model's device; gradients run in float32. Only its
+    first ``rows`` images (default all) are real, the rest pad a partial batch to the
+    batch size: padding is neither explained nor returned.
     """
+    rows = batch.shape[0] if rows is None else rows
     layer = _target_layer(model)
     captured: list[Tensor] = []
 
@@ -66,13 +69,14 @@ def explain(model: LoadedModel, batch: Tensor, threshold: float) -> Explained:
         output.retain_grad()
         captured.append(output)
 
-    maps: list[dict[str, np.ndarray]] = [{} for _ in range(batch.shape[0])]
+    maps: list[dict[str, np.ndarray]] = [{} for _ in range(rows)]
     handle = layer.register_forward_hook(keep)
     try:
         with torch.enable_grad():
             logits = model.module(batch).float()
             probs = activate(model.card, logits)
             selected = probs.detach() >= threshold
+            selected[rows:] = False
             activations = captured[-1]
             labels = [k for k in range(logits.shape[1]) if bool(selected[:, k].any())]
             for n, k in enumerate(labels):
@@ -83,7 +87,7 @@ def explain(model: LoadedModel, batch: Tensor, threshold: float) -> Explained:
                     maps[i][model.card.labels[k]] = cam[i].astype(np.float32)
     finally:
         handle.remove()
-    return Explained(probabilities=as_label_dicts(model.card, probs), saliency=maps)
+    return Explained(probabilities=as_label_dicts(model.card, probs[:rows]), saliency=maps)
 
 
 def to_png(saliency: np.ndarray) -> bytes:

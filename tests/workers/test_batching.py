@@ -27,9 +27,12 @@ class Recorder(Writer):
 
     def __init__(self) -> None:  # no database thread: the batcher is under test
         self.calls: list[tuple[str, int, Any]] = []
+        self.saliency: dict[int, set[str]] = {}
+        """Labels with a saliency map, per instance."""
 
     def result(self, chunk: Chunk, row: Any) -> None:
         self.calls.append(("result", row.instance_id, row.outputs))
+        self.saliency[row.instance_id] = set(row.saliency or {})
 
     def outcome(self, chunk: Chunk, instance_id: int, status: str, reason: str | None = None) -> None:
         self.calls.append(("outcome", instance_id, (status, reason)))
@@ -168,13 +171,16 @@ MIXED_PRECISION_TOLERANCE = 0.02
 3e-5 for radq-smoke, 1.4e-3 for DenseNet-121 on random inputs."""
 
 
+@pytest.mark.parametrize("threshold", [None, 0.0])
 def test_a_padded_partial_batch_gives_each_instance_its_own_result(
-    tmp_path: Path, smoke: LoadedModel
+    tmp_path: Path, smoke: LoadedModel, threshold: float | None
 ) -> None:
     """On CUDA partial batches are padded to the batch size (one shape for cudnn.benchmark to
-    tune); the padding must reach the model and change no instance's result."""
+    tune), Grad-CAM batches (threshold 0: every label explained) too; the padding must reach
+    the model and change no instance's result, nor get saliency maps of its own."""
     seen = OutOfMemoryAbove(smoke.module, limit=1000)  # records the batch sizes it is given
-    model = LoadedModel(smoke.card, seen, smoke.device)
+    card = smoke.card.model_copy(update={"gradcam_layer": "inner.features"})  # inside the wrapper
+    model = LoadedModel(card, seen, smoke.device)
     names = ["CT_small.dcm", "MR_small.dcm", "CR2_6247.dcm"]
     outputs = {}
     for pad in (False, True):
@@ -183,11 +189,13 @@ def test_a_padded_partial_batch_gives_each_instance_its_own_result(
         batcher = Batcher(8, 0.5, writer, FileBlobStore(tmp_path), clock=clock, pad=pad)
         for i, name in enumerate(names):
             frames = {"radq-smoke": _frames(smoke, name)}
-            batcher.add(Chunk("job", {i}), i, frames, {"radq-smoke": model}, None)
+            batcher.add(Chunk("job", {i}), i, frames, {"radq-smoke": model}, threshold)
         clock.now += 1
         batcher.run_due()
         outputs[pad] = {i: o for kind, i, o in writer.calls if kind == "result"}
         assert writer.outcomes() == {i: ("done", None) for i in range(3)}
+        labels = set(smoke.card.labels) if threshold is not None else set()
+        assert writer.saliency == {i: labels for i in range(3)}
     assert seen.sizes == [3, 8]
     for i in range(3):
         assert outputs[True][i] == pytest.approx(outputs[False][i], abs=1e-6), names[i]
