@@ -126,8 +126,9 @@ def test_out_of_memory_batches_are_split_not_failed(
     tmp_path: Path, database_url: str, redis_url: str
 ) -> None:
     models = _oom_model(tmp_path / "models")
+    # One inference stream: all 8 instances reach one batcher and fill its batch of 8.
     settings = make_settings(tmp_path, database_url, redis_url, batch_size=8, batch_deadline=5.0,
-                             model_dir=models, default_models=["picky"])  # fmt: skip
+                             model_dir=models, default_models=["picky"], infer_streams=1)  # fmt: skip
     names = [f"{n:02d}.dcm" for n in range(8)]
     folder = settings.allowed_roots[0] / "oom"
     folder.mkdir()
