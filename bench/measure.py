@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import pickle
 import threading
 import time
@@ -30,7 +29,7 @@ from db.status import StorageKind
 from db.work import Claimed
 from radq.settings import Settings
 from workers.decode import DecodedImage, decode
-from workers.engine import decoder_finish_pixels
+from workers.engine import decoder_finish_pixels, usable_cores
 from workers.header import read_header
 from workers.inference import predict
 from workers.models.loader import LoadedModel
@@ -255,7 +254,7 @@ def naive_loop(
     file with SQLite's defaults (rollback journal, synchronous=FULL), as a script written
     without radq would have it. torch uses every core, its default, as in such a script.
     """
-    with torch_threads(len(os.sched_getaffinity(0))):
+    with torch_threads(usable_cores()):
         return _naive_loop(files, model, db_path=db_path, max_pixels=max_pixels, seconds=seconds)
 
 

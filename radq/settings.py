@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         le=64,
         description="Threads of a worker process that run forward passes at once, each forming its own "
         "batches with RADQ_TORCH_THREADS torch threads. 0: one per usable core on the CPU (at most 4), "
-        "one on CUDA. On 2 cores, two single-threaded streams ran DenseNet-121 14-18% faster than one "
+        "one on CUDA. On 2 cores, two single-threaded streams ran DenseNet-121 11-16% faster than one "
         "two-threaded stream: no barrier stalls between the threads of one forward pass.",
     )
     host_preprocess_pixels: int = Field(

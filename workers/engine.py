@@ -54,11 +54,11 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 DECODE_PRELOAD = ("workers.prepare",)
+"""Imported once by the decode processes' server, so each new decode process starts warm."""
 STAGE_LOG_S = 30.0
 """How often a busy inference stream logs where its time went."""
 MAX_AUTO_STREAMS = 4
 """Inference streams a CPU worker runs by default, at most: each holds a batch's activations."""
-"""Imported once by the decode processes' server, so each new decode process starts warm."""
 
 
 def usable_cores() -> int:
