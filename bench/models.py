@@ -8,26 +8,38 @@ bundled card routes; the bench therefore adds ``densenet121-ct``: chexnet's card
 and weights (the weights file is linked, not copied) with ``applies_to`` set to CT. It
 lives in a model folder of the run's own, beside links to every model of
 ``RADQ_MODEL_DIR``, which the API and worker of the bench's stack use too.
+
+The folder also holds ``overhead-probe``: radq-smoke's network one channel wide (about
+0.5 ms of CPU per image), so that its pipeline row measures what the worker process
+costs per image besides the model (``worker ms/img``): the figure that bounds a GPU
+worker, measurable on any CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from bench.inputs import InputKind
 from radq.model_card import ModelCard, discover_cards, find_card
 from radq.settings import Settings
 from workers.inference import precision_context
+from workers.models.arch import ARCHITECTURES
 from workers.models.loader import LoadedModel, Runtime, load_model, prepare_for_runtime
 
 DENSENET_CT = "densenet121-ct"
 """The bench's own card: chexnet-densenet121's network and weights, applied to CT."""
 DENSENET_SOURCE = "chexnet-densenet121"
+OVERHEAD_PROBE = "overhead-probe"
+"""The bench's own near-free model: the worker's per-image cost with the model taken out."""
+PROBE_SOURCE = "radq-smoke"
+PROBE_WIDTHS = [1, 1, 1, 1]
 DEFAULT_MODELS = ("headct-resnet18", DENSENET_CT, DENSENET_SOURCE)
 """Models of the default run: a ResNet-style network and DenseNet-121 on CT, DenseNet-121 on CR."""
 
@@ -47,8 +59,30 @@ def _derive_densenet_ct(source: Path, target: Path) -> None:
     (target / card["weights"]).symlink_to(source / card["weights"])
 
 
+def _make_overhead_probe(source: Path, target: Path) -> None:
+    card = json.loads(find_card(source).read_text(encoding="utf-8"))
+    card.update(
+        name=OVERHEAD_PROBE,
+        version="1.0.0-bench",
+        task="throughput benchmark only: a network that costs almost nothing, so the "
+        "pipeline measures everything else",
+        architecture_params={"widths": PROBE_WIDTHS},
+        intended_use="Measuring radq's own per-image cost (issue 7). NOT A DIAGNOSTIC DEVICE.",
+    )
+    torch.manual_seed(0)
+    network = ARCHITECTURES[card["architecture"]](
+        in_channels=card["input"]["channels"], num_classes=len(card["labels"]), widths=PROBE_WIDTHS
+    )
+    target.mkdir()
+    weights = target / card["weights"]
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(weights))
+    card["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (target / "model.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+
+
 def model_dir(source: Path, target: Path) -> Path:
-    """Fill ``target`` (absent or empty) with links to ``source``'s models, plus :data:`DENSENET_CT`.
+    """Fill ``target`` (absent or empty) with links to ``source``'s models, plus
+    :data:`DENSENET_CT` and :data:`OVERHEAD_PROBE`.
 
     Returns:
         ``target``, to use as ``RADQ_MODEL_DIR``.
@@ -57,9 +91,13 @@ def model_dir(source: Path, target: Path) -> Path:
     for child in sorted(source.iterdir()):
         if child.is_dir():
             (target / child.name).symlink_to(child.resolve())
-    chexnet = discover_cards(source).get(DENSENET_SOURCE)
+    found = discover_cards(source)
+    chexnet = found.get(DENSENET_SOURCE)
     if chexnet is not None and not (target / DENSENET_CT).exists():
         _derive_densenet_ct(chexnet[0].resolve(), target / DENSENET_CT)
+    smoke = found.get(PROBE_SOURCE)
+    if smoke is not None and not (target / OVERHEAD_PROBE).exists():
+        _make_overhead_probe(smoke[0].resolve(), target / OVERHEAD_PROBE)
     return target
 
 
