@@ -9,14 +9,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, exists, select, update
+from sqlalchemy import BindParameter, Insert, Select, Table, Update, bindparam, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from db.models import Instance, Job, Result, utcnow
 from db.status import FINAL_STATUSES, WAITING_STATUSES, InstanceStatus, JobStatus
+
+
+def _table(model: type[Any]) -> Table:
+    return cast(Table, model.__table__)
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,33 @@ def renew_leases(session: Session, instance_ids: Sequence[int], *, lease_seconds
 
 
 def record_metadata(session: Session, metadata: Sequence[Mapping[str, Any]]) -> None:
-    """Bulk-update header fields (each mapping has ``id`` plus column values)."""
-    if metadata:
-        session.execute(update(Instance), list(metadata))
+    """Bulk-update header fields (each mapping has ``id`` plus column values).
+
+    Rows of one instance merge (the later value wins); rows with the same columns share
+    one executemany of a cached statement.
+    """
+    by_id: dict[int, dict[str, Any]] = {}
+    for row in metadata:
+        by_id.setdefault(row["id"], {}).update(row)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    now = utcnow()
+    for instance_id, row in by_id.items():
+        columns = tuple(sorted(c for c in row if c != "id"))
+        params = {f"b_{c}": row[c] for c in columns}
+        params.update(b_id=instance_id, b_updated_at=now)
+        groups.setdefault(columns, []).append(params)
+    for columns, rows in groups.items():
+        session.execute(_metadata_update(columns), rows)
+
+
+@lru_cache(maxsize=32)
+def _metadata_update(columns: tuple[str, ...]) -> Update:
+    # Cached statements keep their memoised cache key: building one per batch (and the
+    # ORM's bulk UPDATE by primary key) cost a GPU worker's writer more than the SQL did.
+    table = _table(Instance)
+    values: dict[str, Any] = {c: bindparam(f"b_{c}") for c in columns}
+    values["updated_at"] = bindparam("b_updated_at")
+    return update(table).where(table.c.id == bindparam("b_id")).values(values)
 
 
 def write_results(session: Session, results: Sequence[ResultRow]) -> None:
@@ -137,20 +167,9 @@ def write_results(session: Session, results: Sequence[ResultRow]) -> None:
     """
     if not results:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(cast(Table, Result.__table__))
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["instance_id", "model", "model_version"],
-        set_={
-            "outputs": stmt.excluded.outputs,
-            "saliency": stmt.excluded.saliency,
-            "created_at": stmt.excluded.created_at,
-        },
-    )
     now = utcnow()
     session.execute(
-        stmt,
+        _result_upsert(session.get_bind().dialect.name),
         [
             {
                 "instance_id": r.instance_id,
@@ -169,6 +188,20 @@ def write_results(session: Session, results: Sequence[ResultRow]) -> None:
     )
 
 
+@lru_cache(maxsize=4)
+def _result_upsert(dialect: str) -> Insert:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(_table(Result))
+    return stmt.on_conflict_do_update(
+        index_elements=["instance_id", "model", "model_version"],
+        set_={
+            "outputs": stmt.excluded.outputs,
+            "saliency": stmt.excluded.saliency,
+            "created_at": stmt.excluded.created_at,
+        },
+    )
+
+
 def finish(session: Session, outcomes: Sequence[tuple[int, str, str | None]]) -> None:
     """Set final statuses: ``(instance_id, status, reason)``. Only processing rows move.
 
@@ -176,18 +209,28 @@ def finish(session: Session, outcomes: Sequence[tuple[int, str, str | None]]) ->
     """
     if not outcomes:
         return
-    table = cast(Table, Instance.__table__)
     now = utcnow()
     session.execute(
+        _finish_update(),
+        [
+            {"b_id": i, "b_status": status, "b_reason": reason, "b_updated_at": now}
+            for i, status, reason in outcomes
+        ],
+    )
+
+
+@lru_cache(maxsize=1)
+def _finish_update() -> Update:
+    table = _table(Instance)
+    return (
         update(table)
         .where(table.c.id == bindparam("b_id"), table.c.status == InstanceStatus.PROCESSING)
         .values(
             status=bindparam("b_status"),
             reason=bindparam("b_reason"),
             lease_expires_at=None,
-            updated_at=now,
-        ),
-        [{"b_id": i, "b_status": status, "b_reason": reason} for i, status, reason in outcomes],
+            updated_at=bindparam("b_updated_at"),
+        )
     )
 
 
@@ -200,23 +243,32 @@ def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> list[str]:
     ids = sorted(set(job_ids))
     if not ids:
         return []
+    lock, close = _close_statements()
     # Lock the job rows first: two transactions finishing the last instances of one job
     # (two workers, or a worker and the registrar) then check one after the other, and
     # the second sees what the first committed, so the job cannot be left open.
-    session.execute(select(Job.id).where(Job.id.in_(ids)).order_by(Job.id).with_for_update())
-    unfinished = exists().where(Instance.job_id == Job.id, Instance.status.not_in(FINAL_STATUSES))
-    closed = session.execute(
-        update(Job)
+    session.execute(lock, {"ids": ids})
+    closed = session.execute(close, {"ids": ids, "finished_at": utcnow()}).all()
+    return [job_id for job_id, url in closed if url]
+
+
+@lru_cache(maxsize=1)
+def _close_statements() -> tuple[Select[str], ReturningUpdate[str, str | None]]:
+    jobs, instances = _table(Job), _table(Instance)
+    ids: BindParameter[str] = bindparam("ids", expanding=True)
+    unfinished = exists().where(instances.c.job_id == jobs.c.id, instances.c.status.not_in(FINAL_STATUSES))
+    lock = select(jobs.c.id).where(jobs.c.id.in_(ids)).order_by(jobs.c.id).with_for_update()
+    close = (
+        update(jobs)
         .where(
-            Job.id.in_(ids),
-            Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
+            jobs.c.id.in_(ids),
+            jobs.c.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
             ~unfinished,
         )
-        .values(status=JobStatus.DONE, finished_at=utcnow())
-        .returning(Job.id, Job.webhook_url)
-        .execution_options(synchronize_session=False)
-    ).all()
-    return [job_id for job_id, url in closed if url]
+        .values(status=JobStatus.DONE, finished_at=bindparam("finished_at"))
+        .returning(jobs.c.id, jobs.c.webhook_url)
+    )
+    return lock, close
 
 
 def open_jobs_with_nothing_left(session: Session, limit: int = 1000) -> list[str]:

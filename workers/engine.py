@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
 from radq.blobs import BlobStore
-from radq.errors import InstanceError, ModelError
+from radq.errors import InstanceError, ModelError, RadqError
 from radq.logs import configure_child_logging, current_level, log_context, worker_name
 from radq.model_card import AUTO
 from radq.pseudonyms import pseudonym_key
@@ -46,7 +46,7 @@ from workers.gpu_decode import install as install_gpu_decode
 from workers.header import printable
 from workers.metrics import WorkerMetrics
 from workers.models.loader import LoadedModel, ModelRegistry
-from workers.prepare import Prepared, Source, StoredBlob, inspect, load
+from workers.prepare import Prepared, Source, StoredBlob, inspect, load_group
 from workers.procpool import ProcessPool
 from workers.writer import Writer
 
@@ -59,6 +59,10 @@ STAGE_LOG_S = 30.0
 """How often a busy inference stream logs where its time went."""
 MAX_AUTO_STREAMS = 4
 """Inference streams a CPU worker runs by default, at most: each holds a batch's activations."""
+GROUP_MAX = 8
+"""Most instances of one message sent to a decode process as one task. Every task costs the
+worker process a pickle, two pipe writes, a wake-up of its dispatcher, a Future and a hand-off
+to an inference stream, all under its one GIL: the bound of a GPU worker (``Engine.process``)."""
 
 
 def usable_cores() -> int:
@@ -85,24 +89,36 @@ _STOP = _Stop()
 class _Decoded:
     chunk: Chunk
     claimed: Claimed
-    future: Future[Prepared]
+    content_sha256: str | None
     models: dict[str, LoadedModel]
     explain_threshold: float | None
+    prepared: Prepared | None = None
+    """Set by the dispatcher thread before the instance is queued for an inference stream."""
 
 
 def _outcome_of(claimed: Claimed, future: Future[Prepared]) -> Prepared:
     """The decode process's answer, or the failure that took the process with it."""
     try:
         return future.result()
-    except InstanceError as exc:  # the file crashed or hung its decode process
-        out = Prepared(claimed)
+    except (Exception, CancelledError) as exc:  # CancelledError: the pool shut down first
+        return _failed(claimed, exc)
+
+
+def _failed(claimed: Claimed, exc: BaseException) -> Prepared:
+    """An instance whose decode task ended in ``exc`` instead of an answer."""
+    out = Prepared(claimed)
+    if isinstance(exc, InstanceError):  # the file crashed or hung its decode process
         out.fail(exc.status, exc.reason)
-        return out
-    except Exception as exc:
-        log.exception("decoding instance %s failed outside the decoder", claimed.id)
-        out = Prepared(claimed)
+    else:
+        log.error("decoding instance %s failed outside the decoder", claimed.id, exc_info=exc)
         out.fail(InstanceStatus.FAILED, f"could not decode: {type(exc).__name__}: {printable(str(exc), 300)}")
-        return out
+    return out
+
+
+def group_size(instances: int, processes: int) -> int:
+    """Instances per decode task for a message of ``instances``: up to :data:`GROUP_MAX`, and
+    few enough that every decode process gets a task of the message."""
+    return max(1, min(GROUP_MAX, instances // processes))
 
 
 def _start_decoder(
@@ -221,7 +237,7 @@ class Engine:
         # others are still decoding and inferring. Interleaved, they would all finish
         # together and the pipeline would drain before the next ones were claimed.
         self._submitting = threading.Lock()
-        self._ready: queue.SimpleQueue[_Decoded | _Call | _Stop] = queue.SimpleQueue()
+        self._ready: queue.SimpleQueue[list[_Decoded] | _Call | _Stop] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._infer_loop, args=(stream,), name=stream.name, daemon=True)
             for stream in self.streams
@@ -264,18 +280,25 @@ class Engine:
             todo = self._reuse_known(chunk, claimed, models)
         threshold = options.get("explain_threshold")
         by_name = {m.card.name: m for m in models}
-        cards = [m.card for m in models]
-        pixels = self.settings.max_image_pixels
+        items = [_Decoded(chunk, c, sha, by_name, threshold) for c, sha in todo]
+        size = group_size(len(items), self.decoders.processes)
         with self._submitting:
-            for c, sha in todo:
-                self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
-                future = self.decoders.submit(
-                    partial(load, finish_pixels=self.finish_pixels),
-                    c, self.locate(c), self.pseudonym_key, cards, pixels, sha,
-                )  # fmt: skip
-                item = _Decoded(chunk, c, future, by_name, threshold)
-                future.add_done_callback(partial(self._decoded, item))
+            for start in range(0, len(items), size):
+                group = items[start : start + size]
+                for _ in group:
+                    self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
+                self._decode(group)
         return self._wait(chunk)
+
+    def _decode(self, group: list[_Decoded]) -> None:
+        """Send ``group`` (instances of one message) to a decode process as one task."""
+        models = next(iter(group)).models
+        future = self.decoders.submit(
+            partial(load_group, finish_pixels=self.finish_pixels),
+            [(item.claimed, self.locate(item.claimed), item.content_sha256) for item in group],
+            self.pseudonym_key, [m.card for m in models.values()], self.settings.max_image_pixels,
+        )  # fmt: skip
+        future.add_done_callback(partial(self._decoded, group))
 
     def _models(self, names: Sequence[str]) -> list[LoadedModel]:
         if AUTO in names:
@@ -324,8 +347,24 @@ class Engine:
 
     # --- the decode processes' dispatcher thread --------------------------------------
 
-    def _decoded(self, item: _Decoded, _future: Future[Prepared]) -> None:
-        self._ready.put(item)
+    def _decoded(self, group: list[_Decoded], future: Future[list[Prepared]]) -> None:
+        error = RadqError("decoding was cancelled") if future.cancelled() else future.exception()
+        if error is None:
+            for item, prepared in zip(group, future.result(), strict=True):
+                item.prepared = prepared
+        elif len(group) > 1:
+            # Which file crashed or hung the decode process is unknown: each goes again
+            # alone, so it alone fails, with its own reason.
+            for item in group:
+                try:
+                    self._decode([item])
+                except RuntimeError as exc:  # the pool is shut down
+                    item.prepared = _failed(item.claimed, exc)
+                    self._ready.put([item])
+            return
+        else:
+            group[0].prepared = _failed(group[0].claimed, error)
+        self._ready.put(group)
 
     # --- the inference streams --------------------------------------------------------
 
@@ -341,7 +380,7 @@ class Engine:
             except Exception:  # never let the stage die: the reaper re-sends what is lost
                 log.exception("inference stage error")
 
-    def _next(self, timeout: float | None) -> _Decoded | _Stop | None:
+    def _next(self, timeout: float | None) -> list[_Decoded] | _Stop | None:
         """The next decoded instance, waiting up to ``timeout`` seconds (0 or None: not at
         all); None when none came. Calls queued before it run first."""
         while True:
@@ -367,9 +406,10 @@ class Engine:
         item = self._next(stream.batcher.due_in() if queued else STAGE_LOG_S)
         if queued or item is not None:  # idle with nothing to do is not waiting
             stream.waited_s += time.perf_counter() - waiting
-        while isinstance(item, _Decoded):
-            self._slots.release()
-            self._add(stream, item)
+        while isinstance(item, list):
+            for decoded in item:
+                self._slots.release()
+                self._add(stream, decoded)
             item = self._next(0)
         return item is _STOP
 
@@ -405,7 +445,8 @@ class Engine:
             self._add_in_context(stream, item)
 
     def _add_in_context(self, stream: _Stream, item: _Decoded) -> None:
-        prepared = _outcome_of(item.claimed, item.future)
+        prepared = item.prepared
+        assert prepared is not None, "queued before it was decoded"
         if prepared.decode_s is not None:
             self.metrics.decode_seconds.observe(prepared.decode_s)
         self.writer.metadata(item.chunk, prepared.metadata)

@@ -205,6 +205,22 @@ def load(
     return out
 
 
+def load_group(
+    items: Sequence[tuple[Claimed, Source, str | None]],
+    pseudonym_key: bytes,
+    cards: Sequence[ModelCard],
+    max_pixels: int,
+    *,
+    finish_pixels: int | None = None,
+) -> list[Prepared]:
+    """:func:`load` for each ``(claimed, source, content_sha256)``, in order: several
+    instances per round trip to a decode process (see ``workers.engine.GROUP_MAX``)."""
+    return [
+        load(claimed, source, pseudonym_key, cards, max_pixels, sha, finish_pixels=finish_pixels)
+        for claimed, source, sha in items
+    ]
+
+
 def _finish_large(frames: list[RawFrame], card: ModelCard, least_pixels: int) -> list[RawFrame]:
     """``frames``, those of at least ``least_pixels`` (rows x columns) finished here."""
     large = [i for i, f in enumerate(frames) if f.pixels.shape[0] * f.pixels.shape[1] >= least_pixels]
