@@ -93,8 +93,9 @@ class Settings(BaseSettings):
     decode_timeout: float = Field(
         120.0,
         gt=0,
-        description="Seconds one file may take to read and decode before its process is stopped and the "
-        "file failed with that reason (a file that hangs a codec or a reader).",
+        description="Seconds one decode task (up to 8 files of a message) may take to read and decode "
+        "before its process is stopped; its files then go again one per task, so a file that hangs a "
+        "codec or a reader fails alone with that reason, after up to twice this time.",
     )
     batch_deadline: float = Field(
         0.1,

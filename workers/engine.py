@@ -5,8 +5,9 @@ thread claims its instances and hands them to the engine, which every message of
 process shares, so batches form across messages, instances and studies:
 
 1. decode: :class:`workers.procpool.ProcessPool` reads and decodes files in processes
-   (pydicom holds the GIL), at most ``decode_ahead`` instances ahead of the model, so
-   memory stays flat whatever the backlog;
+   (pydicom holds the GIL), a message's files several per task (:func:`group_size`), at
+   most ``decode_ahead`` instances ahead of the model, so memory stays flat whatever the
+   backlog;
 2. infer: one or more threads (streams, :func:`infer_streams`) each finish preprocessing on
    the model's device and run batches of their own (:class:`workers.batching.Batcher`);
 3. write: one thread commits outcomes in bulk (:class:`workers.writer.Writer`).
