@@ -48,6 +48,10 @@ MIN_FILES = 2
 """Fewest files a decode, decode-process or naive-loop figure times."""
 
 
+ROUND_DETAILS = ("worker_process_cpu_ms_per_image",)
+"""Details whose value in every round :func:`median` keeps (as ``<key>_rounds``)."""
+
+
 @dataclass
 class Measurement:
     """``images`` handled in ``seconds`` of wall time, with figure-specific details."""
@@ -77,12 +81,17 @@ class Measurement:
 
 
 def median(runs: Sequence[Measurement]) -> Measurement:
-    """The round with the median rate (the upper one of an even count), carrying every round's rate."""
+    """The round with the median rate (the upper one of an even count), carrying every round's
+    rate and :data:`ROUND_DETAILS`."""
     if not runs:
         raise ValueError("median() needs at least one measurement")
     ordered = sorted(runs, key=lambda m: m.rate)
     middle = ordered[len(ordered) // 2]
-    return replace(middle, rounds=[m.rate for m in runs])
+    detail = dict(middle.detail)
+    for key in ROUND_DETAILS:
+        if all(key in m.detail for m in runs):
+            detail[f"{key}_rounds"] = [m.detail[key] for m in runs]
+    return replace(middle, rounds=[m.rate for m in runs], detail=detail)
 
 
 def _sync(device: torch.device) -> None:

@@ -36,6 +36,17 @@ def _rate(figure: Mapping[str, Any] | None) -> str:
     return text
 
 
+def _worker_ms(pipeline: Mapping[str, Any]) -> str:
+    """The median round's worker ms/img, with the range over rounds when there were several."""
+    if not pipeline:
+        return "-"
+    text = f"{pipeline['worker_process_cpu_ms_per_image']:.2f}"
+    rounds = pipeline.get("worker_process_cpu_ms_per_image_rounds", [])
+    if len(rounds) > 1:
+        text += f" ({min(rounds):.2f}-{max(rounds):.2f})"
+    return text
+
+
 def _targets(summary: Mapping[str, Any] | None) -> str:
     if summary is None:
         return "not measured (see notes)"
@@ -71,7 +82,7 @@ def _rows_table(report: Mapping[str, Any]) -> Table:
             _rate(figures.get("decode")), _rate(figures.get("decoder")), _rate(figures.get("pipeline")),
             str(pipe.get("images", "-")), _ratio(summary.get("pipeline_over_model_only")),
             _ratio(summary.get("pipeline_over_naive")), summary.get("bound", "-"),
-            f"{pipe['worker_process_cpu_ms_per_image']:.2f}" if pipe else "-",
+            _worker_ms(pipe),
             f"{pipe['worker_peak_mib']:.0f}" if pipe else "-",
             f"{pipe['load_avg_1m_before']:.2f}" if pipe else "-", _targets(row["summary"]),
         )  # fmt: skip
