@@ -1,0 +1,200 @@
+"""``python -m bench.overhead``: what one worker process's engine costs per image, itself.
+
+A GPU worker is bound by its own process: the model leaves its CPU, but everything else
+(dispatching files to the decode processes and reading their results back, batching,
+writing to SQL) runs in one Python process under one GIL. This measures that cost on any
+CPU, without Celery, an API or Redis: the worker's real engine (``workers.context``) in this
+process, fed chunks of claimed instances by ``--concurrency`` threads as Celery's would, with
+the bench's near-free ``overhead-probe`` model (about 0.5 ms of CPU per image here, the part
+of the figure a GPU would take away) on a fresh SQLite (or ``--database``) database.
+
+Per round: CPU seconds of this process per image (its decode processes excluded), the
+images per second, and the voluntary / involuntary context switches per image (each a
+wake-up of a thread; on a busy host also a wait for the GIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, insert, select
+
+from bench.inputs import DEFAULT_CACHE, INPUTS, Corpus
+from bench.machine import describe
+from bench.models import OVERHEAD_PROBE, model_dir
+from db.migrate import upgrade
+from db.models import Instance, Job
+from db.session import transaction
+from db.status import InstanceStatus, JobStatus, StorageKind
+from db.work import claim
+from radq.settings import Settings
+from workers.context import WorkerContext, get_context
+
+
+@dataclass(frozen=True)
+class Round:
+    images: int
+    done: int
+    cpu_ms_per_image: float
+    images_per_s: float
+    voluntary_switches: float
+    involuntary_switches: float
+
+
+def _register(ctx: WorkerContext, files: Sequence[Path], model: str) -> tuple[str, list[int]]:
+    """A queued job of ``files`` (read in place), as the API records a path submission."""
+    job_id = str(uuid.uuid4())
+    with transaction(ctx.sessions) as session:
+        session.add(Job(id=job_id, status=JobStatus.QUEUED, models=[model], options={}))
+        session.flush()
+        session.execute(
+            insert(Instance),
+            [
+                {"job_id": job_id, "file_name": f.name, "storage": StorageKind.PATH, "location": str(f),
+                 "status": InstanceStatus.QUEUED}
+                for f in files
+            ],
+        )  # fmt: skip
+    with transaction(ctx.sessions) as session:
+        ids = session.scalars(select(Instance.id).where(Instance.job_id == job_id).order_by(Instance.id))
+        return job_id, list(ids)
+
+
+def _run(ctx: WorkerContext, job_id: str, ids: list[int], model: str, concurrency: int) -> None:
+    """Chunks of the job through the engine from ``concurrency`` threads, as Celery's pool runs them."""
+    size = ctx.settings.chunk_size
+    chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
+    lock = threading.Lock()
+
+    def take() -> None:
+        while True:
+            with lock:
+                if not chunks:
+                    return
+                chunk = chunks.pop(0)
+            with transaction(ctx.sessions) as session:
+                claimed = claim(session, job_id, chunk, lease_seconds=600, worker="bench-overhead")
+            ctx.engine.process(job_id, claimed, [model], {})
+
+    threads = [threading.Thread(target=take, name=f"message-{i}") for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _round(ctx: WorkerContext, files: Sequence[Path], model: str, concurrency: int) -> Round:
+    job_id, ids = _register(ctx, files, model)
+    usage, cpu, wall = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+    _run(ctx, job_id, ids, model, concurrency)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    with transaction(ctx.sessions) as session:
+        done = session.scalar(
+            select(func.count()).where(Instance.job_id == job_id, Instance.status == InstanceStatus.DONE)
+        )
+    n = len(ids)
+    return Round(
+        images=n,
+        done=int(done or 0),
+        cpu_ms_per_image=1000 * cpu / n,
+        images_per_s=n / wall,
+        voluntary_switches=(after.ru_nvcsw - usage.ru_nvcsw) / n,
+        involuntary_switches=(after.ru_nivcsw - usage.ru_nivcsw) / n,
+    )
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", default="ct", choices=sorted(INPUTS), help="input kind")
+    parser.add_argument("--images", type=int, default=2000, help="files per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default=OVERHEAD_PROBE, help="model every job runs")
+    parser.add_argument("--database", help="SQLAlchemy URL (default: a fresh SQLite file)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where generated corpora are kept")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    files = Corpus(INPUTS[args.input], cache=args.cache, seed=0).files(args.images)
+    base = Settings()
+    with tempfile.TemporaryDirectory(prefix="radq-overhead-") as tmp:
+        work = Path(tmp)
+        url = args.database or f"sqlite:///{work / 'radq.db'}"
+        upgrade(url)
+        settings = base.model_copy(
+            update={
+                "database_url": url,
+                "home": work / "home",
+                "model_dir": model_dir(base.model_dir, work / "models"),
+                "allowed_roots": [args.cache.resolve()],
+            }
+        )
+        ctx = get_context(settings)
+        try:
+            console.print(
+                f"warm-up (model load, decode processes), then {args.rounds} rounds of {len(files)} files"
+            )
+            _run(ctx, *_register(ctx, files[: 2 * settings.chunk_size], args.model), args.model,
+                 settings.worker_concurrency)  # fmt: skip
+            rounds = [_round(ctx, files, args.model, settings.worker_concurrency) for _ in range(args.rounds)]
+        finally:
+            ctx.engine.close()
+    _render(console, rounds, args, settings, ctx)
+    return 0 if all(r.done == r.images for r in rounds) else 1
+
+
+def _render(
+    console: Console,
+    rounds: Sequence[Round],
+    args: argparse.Namespace,
+    settings: Settings,
+    ctx: WorkerContext,
+) -> None:
+    table = Table(
+        title=f"one worker engine in process: {args.model} on {args.input}, "
+        f"{settings.worker_concurrency} messages in hand, chunks of {settings.chunk_size}, "
+        f"{ctx.engine.decoders.processes} decode processes",
+        title_justify="left",
+    )
+    for name in (
+        "round",
+        "images",
+        "done",
+        "CPU ms/img",
+        "img/s",
+        "voluntary switches/img",
+        "involuntary/img",
+    ):
+        table.add_column(name, justify="right")
+    for i, r in enumerate(rounds, 1):
+        table.add_row(
+            str(i), str(r.images), str(r.done), f"{r.cpu_ms_per_image:.3f}", f"{r.images_per_s:.0f}",
+            f"{r.voluntary_switches:.1f}", f"{r.involuntary_switches:.1f}",
+        )  # fmt: skip
+    console.print(table)
+    cpu = [r.cpu_ms_per_image for r in rounds]
+    machine = describe(ctx.models.device)
+    console.print(
+        f"median {statistics.median(cpu):.3f} ms of this process's CPU per image "
+        f"({min(cpu):.3f}-{max(cpu):.3f}); "
+        f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch_threads']} thread(s)"
+    )
+
+
+if __name__ == "__main__":  # decode processes import this module as __mp_main__: nothing runs then
+    sys.exit(main())
