@@ -10,12 +10,14 @@ of the figure a GPU would take away) on a fresh SQLite (or ``--database``) datab
 
 Per round: CPU seconds of this process per image (its decode processes excluded), the
 images per second, and the voluntary / involuntary context switches per image (each a
-wake-up of a thread; on a busy host also a wait for the GIL).
+wake-up of a thread; on a busy host also a wait for the GIL); then where the CPU went, per
+thread of the process (``/proc/self/task``), summed over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -42,6 +44,14 @@ from db.work import claim
 from radq.settings import Settings
 from workers.context import WorkerContext, get_context
 
+STAGES = (
+    ("message-", "message threads (claim, submit to decode, wait)"),
+    ("radq-decode-dispatcher", "decode dispatcher (pipes to the decode processes)"),
+    ("radq-infer", "inference streams (batching, the model, results)"),
+    ("radq-writer", "writer (SQL)"),
+)
+"""Thread name prefixes of the engine's stages, in the order shown."""
+
 
 @dataclass(frozen=True)
 class Round:
@@ -51,6 +61,29 @@ class Round:
     images_per_s: float
     voluntary_switches: float
     involuntary_switches: float
+    stage_cpu_s: dict[str, float]
+
+
+def _stage_of(thread_name: str | None) -> str:
+    for prefix, stage in STAGES:
+        if thread_name and thread_name.startswith(prefix):
+            return stage
+    return "other threads (main, torch, libraries)"
+
+
+def _cpu_by_stage() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process's threads, summed per stage."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    by_stage: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        stage = _stage_of(names.get(int(task.name)))
+        by_stage[stage] = by_stage.get(stage, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return by_stage
 
 
 def _register(ctx: WorkerContext, files: Sequence[Path], model: str) -> tuple[str, list[int]]:
@@ -97,10 +130,14 @@ def _run(ctx: WorkerContext, job_id: str, ids: list[int], model: str, concurrenc
 
 def _round(ctx: WorkerContext, files: Sequence[Path], model: str, concurrency: int) -> Round:
     job_id, ids = _register(ctx, files, model)
+    stages = _cpu_by_stage()
     usage, cpu, wall = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
     _run(ctx, job_id, ids, model, concurrency)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     after = resource.getrusage(resource.RUSAGE_SELF)
+    stage_cpu = {k: v - stages.get(k, 0.0) for k, v in _cpu_by_stage().items()}
+    # The message threads have ended by now, and their /proc entries with them: theirs is the rest.
+    stage_cpu[STAGES[0][1]] = max(0.0, cpu - sum(stage_cpu.values()))
     with transaction(ctx.sessions) as session:
         done = session.scalar(
             select(func.count()).where(Instance.job_id == job_id, Instance.status == InstanceStatus.DONE)
@@ -113,6 +150,7 @@ def _round(ctx: WorkerContext, files: Sequence[Path], model: str, concurrency: i
         images_per_s=n / wall,
         voluntary_switches=(after.ru_nvcsw - usage.ru_nvcsw) / n,
         involuntary_switches=(after.ru_nivcsw - usage.ru_nivcsw) / n,
+        stage_cpu_s=stage_cpu,
     )
 
 
@@ -187,6 +225,18 @@ def _render(
             f"{r.voluntary_switches:.1f}", f"{r.involuntary_switches:.1f}",
         )  # fmt: skip
     console.print(table)
+    images = sum(r.images for r in rounds)
+    stages = Table(title="where this process's CPU went, all rounds", title_justify="left")
+    for name, justify in (("thread", "left"), ("CPU ms/img", "right"), ("share", "right")):
+        stages.add_column(name, justify=justify)  # type: ignore[arg-type]
+    totals: dict[str, float] = {}
+    for r in rounds:
+        for stage, seconds in r.stage_cpu_s.items():
+            totals[stage] = totals.get(stage, 0.0) + seconds
+    whole = sum(totals.values()) or 1.0
+    for stage, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        stages.add_row(stage, f"{1000 * seconds / images:.3f}", f"{100 * seconds / whole:.0f} %")
+    console.print(stages)
     cpu = [r.cpu_ms_per_image for r in rounds]
     machine = describe(ctx.models.device)
     console.print(
