@@ -142,8 +142,9 @@ class Settings(BaseSettings):
     precision: str = Field(
         "auto",
         pattern=r"^(auto|fp32|fp16|bf16)$",
-        description="Inference precision. auto: fp16 autocast on CUDA where the model card allows mixed "
-        "precision, float32 on the CPU.",
+        description="Inference precision. auto: where the model card allows mixed precision, fp16 "
+        "autocast on CUDA and bf16 autocast on a CPU with bf16 in hardware (AVX512-BF16 or AMX); "
+        "float32 otherwise.",
     )
     channels_last: bool = Field(
         True,

@@ -158,6 +158,15 @@ def load_model(model_dir: Path, device: torch.device) -> LoadedModel:
     return LoadedModel(card=card, module=module, device=device)
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (AVX512-BF16 or AMX tiles), as torch sees it.
+
+    torch exposes the probes privately only; a torch without them counts as no.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """How a worker runs its models: settings that apply to every model it loads."""
@@ -168,10 +177,18 @@ class Runtime:
     compile: str = "auto"
 
     def autocast_for(self, card: ModelCard) -> torch.dtype | None:
+        """The autocast dtype of ``card``'s forward passes; None runs float32.
+
+        ``auto``: fp16 on CUDA; bf16 on a CPU that computes it natively (AVX512-BF16 or AMX),
+        where oneDNN's bf16 kernels ran DenseNet-121 1.8-2.0x and ResNet-18 1.75x faster than
+        float32 (2-core EPYC; probabilities within 0.002); float32 on other CPUs.
+        """
         if not card.mixed_precision or self.precision == "fp32":
             return None
         if self.precision == "auto":
-            return torch.float16 if self.device.type == "cuda" else None
+            if self.device.type == "cuda":
+                return torch.float16
+            return torch.bfloat16 if self.device.type == "cpu" and cpu_computes_bf16() else None
         return torch.float16 if self.precision == "fp16" else torch.bfloat16
 
     def compilation_for(self, card: ModelCard) -> str:
