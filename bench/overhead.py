@@ -24,25 +24,25 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 
 from bench.inputs import DEFAULT_CACHE, INPUTS, Corpus
 from bench.machine import describe
 from bench.models import OVERHEAD_PROBE, model_dir
+from db.jobs import NewInstance, add_instances, create_job
 from db.migrate import upgrade
-from db.models import Instance, Job
+from db.models import Instance
 from db.session import transaction
-from db.status import InstanceStatus, JobStatus, StorageKind
-from db.work import claim
+from db.status import InstanceStatus, StorageKind
 from radq.settings import Settings
 from workers.context import WorkerContext, get_context
+from workers.pipeline import run_chunk
 
 STAGES = (
     ("message-", "message threads (claim, submit to decode, wait)"),
@@ -87,26 +87,16 @@ def _cpu_by_stage() -> dict[str, float]:
 
 
 def _register(ctx: WorkerContext, files: Sequence[Path], model: str) -> tuple[str, list[int]]:
-    """A queued job of ``files`` (read in place), as the API records a path submission."""
-    job_id = str(uuid.uuid4())
+    """A queued job of ``files`` (read in place), recorded as the API records a path submission."""
     with transaction(ctx.sessions) as session:
-        session.add(Job(id=job_id, status=JobStatus.QUEUED, models=[model], options={}))
-        session.flush()
-        session.execute(
-            insert(Instance),
-            [
-                {"job_id": job_id, "file_name": f.name, "storage": StorageKind.PATH, "location": str(f),
-                 "status": InstanceStatus.QUEUED}
-                for f in files
-            ],
-        )  # fmt: skip
-    with transaction(ctx.sessions) as session:
-        ids = session.scalars(select(Instance.id).where(Instance.job_id == job_id).order_by(Instance.id))
-        return job_id, list(ids)
+        job = create_job(session, models=[model])
+        found = [NewInstance(f.name, StorageKind.PATH, str(f)) for f in files]
+        return job.id, add_instances(session, job_id=job.id, files=found)
 
 
-def _run(ctx: WorkerContext, job_id: str, ids: list[int], model: str, concurrency: int) -> None:
-    """Chunks of the job through the engine from ``concurrency`` threads, as Celery's pool runs them."""
+def _run(ctx: WorkerContext, job_id: str, ids: list[int], concurrency: int) -> None:
+    """Chunks of the job through the worker's task body (claim, leases, engine) from
+    ``concurrency`` threads, as Celery's thread pool runs them."""
     size = ctx.settings.chunk_size
     chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
     lock = threading.Lock()
@@ -117,9 +107,7 @@ def _run(ctx: WorkerContext, job_id: str, ids: list[int], model: str, concurrenc
                 if not chunks:
                     return
                 chunk = chunks.pop(0)
-            with transaction(ctx.sessions) as session:
-                claimed = claim(session, job_id, chunk, lease_seconds=600, worker="bench-overhead")
-            ctx.engine.process(job_id, claimed, [model], {})
+            run_chunk(ctx, job_id, chunk, worker="bench-overhead")
 
     threads = [threading.Thread(target=take, name=f"message-{i}") for i in range(concurrency)]
     for thread in threads:
@@ -132,7 +120,7 @@ def _round(ctx: WorkerContext, files: Sequence[Path], model: str, concurrency: i
     job_id, ids = _register(ctx, files, model)
     stages = _cpu_by_stage()
     usage, cpu, wall = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
-    _run(ctx, job_id, ids, model, concurrency)
+    _run(ctx, job_id, ids, concurrency)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     after = resource.getrusage(resource.RUSAGE_SELF)
     stage_cpu = {k: v - stages.get(k, 0.0) for k, v in _cpu_by_stage().items()}
@@ -187,8 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(
                 f"warm-up (model load, decode processes), then {args.rounds} rounds of {len(files)} files"
             )
-            _run(ctx, *_register(ctx, files[: 2 * settings.chunk_size], args.model), args.model,
-                 settings.worker_concurrency)  # fmt: skip
+            _run(
+                ctx,
+                *_register(ctx, files[: 2 * settings.chunk_size], args.model),
+                settings.worker_concurrency,
+            )
             rounds = [_round(ctx, files, args.model, settings.worker_concurrency) for _ in range(args.rounds)]
         finally:
             ctx.engine.close()

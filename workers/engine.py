@@ -293,7 +293,7 @@ class Engine:
 
     def _decode(self, group: list[_Decoded]) -> None:
         """Send ``group`` (instances of one message) to a decode process as one task."""
-        models = next(iter(group)).models
+        models = group[0].models
         future = self.decoders.submit(
             partial(load_group, finish_pixels=self.finish_pixels),
             [(item.claimed, self.locate(item.claimed), item.content_sha256) for item in group],
