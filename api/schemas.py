@@ -126,6 +126,10 @@ class ResultOut(BaseModel):
     model_version: str
     weights_sha256: str
     radq_version: str
+    precision: str | None = Field(
+        description="arithmetic of the forward pass: fp32, or bf16/fp16 mixed precision "
+        "(autocast; see RADQ_PRECISION); null for results written before radq recorded it"
+    )
     outputs: dict[str, float]
     saliency: dict[str, str] = Field(
         default_factory=dict, description="label -> URL of a Grad-CAM PNG (jobs with explain_threshold)"

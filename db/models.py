@@ -99,6 +99,9 @@ class Result(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64))
     radq_version: Mapped[str] = mapped_column(String(32))
     preprocessing: Mapped[str] = mapped_column(Text)
+    # Arithmetic of the forward pass: fp32, bf16 or fp16 (autocast); None on rows written
+    # before radq recorded it.
+    precision: Mapped[str | None] = mapped_column(String(8))
     outputs: Mapped[dict[str, Any]] = mapped_column(JSON)
     saliency: Mapped[dict[str, str] | None] = mapped_column(JSON)  # label -> PNG sha256 in the blob store
     reused_from: Mapped[int | None] = mapped_column(Integer)  # result id copied on deduplication

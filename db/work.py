@@ -111,6 +111,7 @@ class ResultRow:
     weights_sha256: str
     radq_version: str
     preprocessing: str
+    precision: str | None  # fp32, bf16 or fp16: what the forward pass computed in
     outputs: Mapping[str, float]
     saliency: Mapping[str, str] | None = None  # label -> PNG sha256
     reused_from: int | None = None  # the result this one copies (deduplication)
@@ -178,6 +179,7 @@ def write_results(session: Session, results: Sequence[ResultRow]) -> None:
                 "weights_sha256": r.weights_sha256,
                 "radq_version": r.radq_version,
                 "preprocessing": r.preprocessing,
+                "precision": r.precision,
                 "outputs": dict(r.outputs),
                 "saliency": dict(r.saliency) if r.saliency else None,
                 "reused_from": r.reused_from,
@@ -196,6 +198,7 @@ def _result_upsert(dialect: str) -> Insert:
         index_elements=["instance_id", "model", "model_version"],
         set_={
             "outputs": stmt.excluded.outputs,
+            "precision": stmt.excluded.precision,
             "saliency": stmt.excluded.saliency,
             "created_at": stmt.excluded.created_at,
         },

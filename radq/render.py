@@ -124,6 +124,7 @@ def results_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
                             "file_name": inst["file_name"],
                             "model": result["model"],
                             "model_version": result["model_version"],
+                            "precision": result.get("precision"),
                             "label": label,
                             "probability": prob,
                         }
@@ -144,6 +145,7 @@ def format_results(study: dict[str, Any], fmt: str) -> str | Table:
             "file_name",
             "model",
             "model_version",
+            "precision",
             "label",
             "probability",
         ]

@@ -271,6 +271,7 @@ class Batcher:
                     weights_sha256=card.sha256,
                     radq_version=radq.__version__,
                     preprocessing=card.preprocessing_recipe,
+                    precision=model.precision,
                     outputs=best,
                     saliency=best_maps or None,
                 ),

@@ -60,6 +60,7 @@ def reuse_known(
                     weights_sha256=result.weights_sha256,
                     radq_version=radq.__version__,
                     preprocessing=result.preprocessing,
+                    precision=result.precision,
                     outputs=result.outputs,
                     saliency=result.saliency,
                     reused_from=result.id,

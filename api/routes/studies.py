@@ -39,6 +39,7 @@ def _result(r: Result) -> ResultOut:
         model_version=r.model_version,
         weights_sha256=r.weights_sha256,
         radq_version=r.radq_version,
+        precision=r.precision,
         outputs=r.outputs,
         saliency={label: f"/v1/saliency/{sha}.png" for label, sha in (r.saliency or {}).items()},
         preprocessing=r.preprocessing,

@@ -96,9 +96,8 @@ def test_retention_zero_deletes_finished_uploads_but_never_maps_or_paths(
         (instance_id,) = session.scalars(
             select(Instance.id).where(Instance.job_id == job_id, Instance.storage == "blob")
         )
-        write_results(
-            session, [ResultRow(instance_id, "radq-smoke", "1.0.0", "w", "0", "{}", {"a": 0.5}, {"a": png})]
-        )
+        row = ResultRow(instance_id, "radq-smoke", "1.0.0", "w", "0", "{}", "fp32", {"a": 0.5}, {"a": png})
+        write_results(session, [row])
 
     BlobSweeper(state).run_once()
 

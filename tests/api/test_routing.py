@@ -5,10 +5,14 @@ from __future__ import annotations
 import io
 
 import pydicom
+import torch
 from pydicom.uid import generate_uid
 
+from radq.model_card import read_card
+from radq.settings import BUNDLED_MODEL_DIR
 from tests.conftest import SAMPLES, Stack
 from tests.jobwait import wait_done
+from workers.models.loader import PRECISION_NAMES, Runtime
 
 
 def _chest_cr() -> bytes:
@@ -59,6 +63,9 @@ def test_auto_routes_by_modality_and_body_part(stack: Stack) -> None:
         assert len(result["outputs"]) == n_labels
         assert len(result["weights_sha256"]) == 64 and result["radq_version"]
         assert '"frame"' in result["preprocessing"]  # the recipe travels with the result
+        card = read_card(BUNDLED_MODEL_DIR / model)
+        autocast = Runtime(torch.device("cpu"), stack.settings.precision).autocast_for(card)
+        assert result["precision"] == PRECISION_NAMES[autocast]  # as the worker computed it
         # Earlier jobs may have run other models on the same study: each has its own summary.
         summary = next(s for s in study["summary"] if s["model"] == model)
         assert summary["model_version"] == "0.1.0-random" and summary["aggregation"] == "max"

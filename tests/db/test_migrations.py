@@ -18,7 +18,7 @@ from tests.conftest import PostgresServer
 
 def test_migrated_schema_matches_models(database_url: str) -> None:
     upgrade(database_url)  # idempotent: already at head
-    assert current(database_url) == "0007"
+    assert current(database_url) == "0008"
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:

@@ -38,14 +38,21 @@ REFERENCE_TOLERANCE = 0.02
 under bf16 autocast, the model's rounding)."""
 
 
-def _outputs(database_url: str, job_id: str) -> dict[str, dict[str, float]]:
+def _rows(database_url: str, job_id: str) -> list[tuple[str, dict[str, float], str | None]]:
+    """(file name, outputs, precision) of every result of the job."""
     engine = make_engine(database_url)
     with engine.connect() as conn:
         rows = conn.execute(
-            select(Instance.file_name, Result.outputs).join(Result).where(Instance.job_id == job_id)
+            select(Instance.file_name, Result.outputs, Result.precision)
+            .join(Result)
+            .where(Instance.job_id == job_id)
         ).all()
     engine.dispose()
-    return {Path(name).name: dict(outputs) for name, outputs in rows}
+    return [(Path(name).name, dict(outputs), precision) for name, outputs, precision in rows]
+
+
+def _outputs(database_url: str, job_id: str) -> dict[str, dict[str, float]]:
+    return {name: outputs for name, outputs, _ in _rows(database_url, job_id)}
 
 
 def _folder(root: Path, names: list[str]) -> Path:
@@ -67,6 +74,7 @@ def test_outputs_equal_the_model_on_the_same_input(tmp_path: Path, database_url:
     # On a CPU with bf16 in hardware the worker runs the model under bf16 autocast (auto).
     mixed = Runtime(torch.device("cpu"), settings.precision).autocast_for(card) is not None
     same_input_tolerance = MIXED_PRECISION_TOLERANCE if mixed else 1e-4
+    assert {precision for _, _, precision in _rows(database_url, job["id"])} == {"bf16" if mixed else "fp32"}
     for name in FILES:
         image = read_instance(SAMPLES / "real" / name, max_pixels=1 << 28, frame=card.preprocessing.frame)
         frames = raw_frames(image, card.input, card.preprocessing)

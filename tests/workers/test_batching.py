@@ -30,10 +30,12 @@ class Recorder(Writer):
         self.calls: list[tuple[str, int, Any]] = []
         self.saliency: dict[int, set[str]] = {}
         """Labels with a saliency map, per instance."""
+        self.precision: dict[int, str | None] = {}
 
     def result(self, chunk: Chunk, row: Any) -> None:
         self.calls.append(("result", row.instance_id, row.outputs))
         self.saliency[row.instance_id] = set(row.saliency or {})
+        self.precision[row.instance_id] = row.precision
 
     def outcome(self, chunk: Chunk, instance_id: int, status: str, reason: str | None = None) -> None:
         self.calls.append(("outcome", instance_id, (status, reason)))
@@ -162,6 +164,7 @@ def test_mixed_precision_stays_within_its_tolerance(tmp_path: Path, smoke: Loade
         for i, name in enumerate(names):
             batcher.add(Chunk("job", {i}), i, {card.name: _frames(smoke, name)}, {card.name: model}, None)
         outputs[model.autocast] = {i: o for kind, i, o in writer.calls if kind == "result"}
+        assert set(writer.precision.values()) == {"bf16" if model.autocast else "fp32"}  # recorded
     full, half = outputs[None], outputs[torch.bfloat16]
     assert full.keys() == half.keys() == set(range(len(names)))
     for i in full:

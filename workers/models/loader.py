@@ -23,6 +23,13 @@ from workers.models.arch import ARCHITECTURES
 log = logging.getLogger(__name__)
 
 
+PRECISION_NAMES: dict[torch.dtype | None, str] = {
+    None: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+}
+
+
 @dataclass
 class LoadedModel:
     card: ModelCard
@@ -40,6 +47,11 @@ class LoadedModel:
     @property
     def forward(self) -> nn.Module:
         return self.runner if self.runner is not None else self.module
+
+    @property
+    def precision(self) -> str:
+        """What the forward pass computes in, as results record it: fp32, bf16 or fp16."""
+        return PRECISION_NAMES[self.autocast]
 
     @property
     def key(self) -> str:
