@@ -57,6 +57,15 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _bound(summary: Mapping[str, Any]) -> str:
+    """The bounding stage, its rate, and the share of it the pipeline reached."""
+    if "bound" not in summary:
+        return "-"
+    if summary.get("bound_img_s") is None:  # reports written before the rate was kept
+        return str(summary["bound"])
+    return f"{summary['bound']}: {summary['bound_img_s']:.1f} ({_ratio(summary.get('pipeline_over_bound'))})"
+
+
 def _rows_table(report: Mapping[str, Any]) -> Table:
     run = report["run"]
     rounds = run["rounds"]
@@ -81,7 +90,7 @@ def _rows_table(report: Mapping[str, Any]) -> Table:
             row["model"], row["input"], _rate(figures.get("model_only")), _rate(figures.get("naive_loop")),
             _rate(figures.get("decode")), _rate(figures.get("decoder")), _rate(figures.get("pipeline")),
             str(pipe.get("images", "-")), _ratio(summary.get("pipeline_over_model_only")),
-            _ratio(summary.get("pipeline_over_naive")), summary.get("bound", "-"),
+            _ratio(summary.get("pipeline_over_naive")), _bound(summary),
             _worker_ms(pipe),
             f"{pipe['worker_peak_mib']:.0f}" if pipe else "-",
             f"{pipe['load_avg_1m_before']:.2f}" if pipe else "-", _targets(row["summary"]),
@@ -110,7 +119,9 @@ def render(report: Mapping[str, Any], console: Console) -> None:
         "decode (codec alone), decoder (all a decode process does per file): img/s on one core. bound: "
         "the slowest of model only, decoder per core x decode processes, the upload (files/s until the "
         "API answered), the registration of path jobs and, on a GPU, the worker process (images per "
-        "CPU second of its own process, whose Python runs under one GIL). worker ms/img: CPU time of "
+        "CPU second of its own process, whose Python runs under one GIL) and, on a CPU, the cores the "
+        "model and the decode processes share (1 / (1/model only + 1/(decoder per core x cores))); "
+        "shown as stage: its img/s (pipeline / that). worker ms/img: CPU time of "
         "the worker's own process per image (not its decode processes). worker MiB: sum of VmHWM over "
         "the worker's processes during the pipeline job. load: 1-minute load average before the "
         "pipeline job (other work skews every figure). Details per figure in the JSON report."

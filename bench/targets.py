@@ -14,8 +14,9 @@ The bounding stage is the slowest of: the model alone; decode capacity (that per
 rate times the worker's decode processes); the upload (files per second until the API
 answered: a job's instances are queued once its upload has arrived); for a path
 submission, the registration (files per second until the API had registered the last);
-and on a GPU, the worker's own process (files per CPU second it used: its Python runs
-under one GIL).
+on a GPU, the worker's own process (files per CPU second it used: its Python runs
+under one GIL); and on a CPU, the cores that the model and the decode processes share
+(:func:`shared_cores_rate`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,23 @@ class Rates:
     worker_process: float = 0.0
     """Files per CPU second of the worker's own process (Celery, the inference and writer
     threads; not its decode processes); 0 if unknown."""
+
+
+SHARED_CORES = "cores (model + decode)"
+"""The name of the CPU's bounding stage where the model and decoding share the cores."""
+
+
+def shared_cores_rate(model_only: float, decoder_per_core: float, cores: int) -> float:
+    """Images per second when the model and the decode processes share ``cores``.
+
+    The model-only figure keeps every core busy, so an image costs the model
+    ``cores / model_only`` core-seconds and a decode process ``1 / decoder_per_core``:
+    on a CPU worker nothing runs faster than ``cores`` over their sum, however well the
+    stages overlap.
+    """
+    if model_only <= 0 or decoder_per_core <= 0 or cores <= 0:
+        return 0.0
+    return 1.0 / (1.0 / model_only + 1.0 / (decoder_per_core * cores))
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -87,6 +105,10 @@ def summarize(
         # Its Python runs under one GIL: about one core's worth per worker process. (On the
         # CPU the same process runs the model's threads, which the model stage covers.)
         stages["worker process"] = rates.worker_process
+    if device == "cpu" and not gpu_decoded:
+        shared = shared_cores_rate(rates.model_only, core, host_cores)
+        if shared > 0:
+            stages[SHARED_CORES] = shared
     bound = min(stages, key=lambda stage: stages[stage])
     targets = [_target(f">= {NAIVE_FACTOR:g}x naive", NAIVE_FACTOR * rates.naive, rates.pipeline)]
     if device == "cpu" and (architecture, input_name) == (CPU_TARGET_ARCHITECTURE, CPU_TARGET_INPUT):
@@ -108,12 +130,15 @@ def summarize(
         "gpu_decoded": gpu_decoded,
         "decode_capacity_img_s": round(decode_capacity, 2),
         "bound": bound,
+        "bound_img_s": round(stages[bound], 2),
+        "pipeline_over_bound": _ratio(rates.pipeline, stages[bound]),
         "upload_img_s": round(rates.upload, 2),
         "registration_img_s": round(rates.registration, 2),
         "worker_process_img_per_cpu_s": round(rates.worker_process, 2),
         "bound_why": f"model only {rates.model_only:.1f} img/s; decode process {core:.1f} img/s/core "
         f"x {decode_processes} decode processes = {decode_capacity:.1f} img/s; "
         f"upload {rates.upload:.1f} img/s; registration {rates.registration:.1f} img/s; "
-        f"worker process {rates.worker_process:.1f} img per CPU second",
+        f"worker process {rates.worker_process:.1f} img per CPU second"
+        + (f"; {SHARED_CORES} {stages[SHARED_CORES]:.1f} img/s" if SHARED_CORES in stages else ""),
         "targets": targets,
     }
