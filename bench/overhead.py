@@ -62,6 +62,18 @@ class Round:
     voluntary_switches: float
     involuntary_switches: float
     stage_cpu_s: dict[str, float]
+    batches: float
+    """Forward passes the round ran."""
+    forward_s: float
+    """Wall seconds of those passes (the streams' ``radq_worker_infer_seconds``), all streams."""
+
+
+def _batches(ctx: WorkerContext, model: str) -> tuple[float, float]:
+    """(forward passes, their wall seconds) of ``model`` so far, from the worker's metrics."""
+    registry = ctx.engine.metrics.registry
+    labels = {"model": model}
+    count = registry.get_sample_value("radq_worker_infer_seconds_count", labels) or 0.0
+    return count, registry.get_sample_value("radq_worker_infer_seconds_sum", labels) or 0.0
 
 
 def _stage_of(thread_name: str | None) -> str:
@@ -119,10 +131,12 @@ def _run(ctx: WorkerContext, job_id: str, ids: list[int], concurrency: int) -> N
 def _round(ctx: WorkerContext, files: Sequence[Path], model: str, concurrency: int) -> Round:
     job_id, ids = _register(ctx, files, model)
     stages = _cpu_by_stage()
+    batches, forward_s = _batches(ctx, model)
     usage, cpu, wall = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
     _run(ctx, job_id, ids, concurrency)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     after = resource.getrusage(resource.RUSAGE_SELF)
+    batches_after, forward_after = _batches(ctx, model)
     stage_cpu = {k: v - stages.get(k, 0.0) for k, v in _cpu_by_stage().items()}
     # The message threads have ended by now, and their /proc entries with them: theirs is the rest.
     stage_cpu[STAGES[0][1]] = max(0.0, cpu - sum(stage_cpu.values()))
@@ -139,6 +153,8 @@ def _round(ctx: WorkerContext, files: Sequence[Path], model: str, concurrency: i
         voluntary_switches=(after.ru_nvcsw - usage.ru_nvcsw) / n,
         involuntary_switches=(after.ru_nivcsw - usage.ru_nivcsw) / n,
         stage_cpu_s=stage_cpu,
+        batches=batches_after - batches,
+        forward_s=forward_after - forward_s,
     )
 
 
@@ -208,12 +224,16 @@ def _render(
         "img/s",
         "voluntary switches/img",
         "involuntary/img",
+        "img/batch",
+        "forward ms/img",
     ):
         table.add_column(name, justify="right")
     for i, r in enumerate(rounds, 1):
         table.add_row(
             str(i), str(r.images), str(r.done), f"{r.cpu_ms_per_image:.3f}", f"{r.images_per_s:.0f}",
             f"{r.voluntary_switches:.1f}", f"{r.involuntary_switches:.1f}",
+            f"{r.images / r.batches:.1f}" if r.batches else "-",
+            f"{1000 * r.forward_s / r.images:.2f}",
         )  # fmt: skip
     console.print(table)
     images = sum(r.images for r in rounds)
