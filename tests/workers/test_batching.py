@@ -229,3 +229,26 @@ def test_a_padded_partial_batch_gives_each_instance_its_own_result(
     assert seen.sizes == [3, 8]
     for i in range(3):
         assert outputs[True][i] == pytest.approx(outputs[False][i], abs=1e-6), names[i]
+
+
+class ShapeDependent(nn.Module):
+    """Python control flow on the batch size: a trace keeps only the branch it saw."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out if x.shape[0] == 2 else -out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_graph_that_traced_wrong_is_refused_and_the_model_runs_eagerly(
+    smoke: LoadedModel, precision: str
+) -> None:
+    odd = LoadedModel(smoke.card, ShapeDependent(smoke.module), smoke.device)
+    prepared = prepare_for_runtime(odd, Runtime(torch.device("cpu"), precision=precision))
+    assert prepared.runner is None and prepared.forward is prepared.module
+    fine = prepare_for_runtime(smoke, Runtime(torch.device("cpu"), precision=precision))
+    assert fine.runner is not None  # the same network without the branch traces
