@@ -65,6 +65,7 @@ def ensure_redis(url: str, state_dir: Path) -> subprocess.Popen[bytes] | None:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, which stop() signals
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
