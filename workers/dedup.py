@@ -3,7 +3,7 @@ processed by the same model versions reuses those results and ends ``skipped``."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -12,8 +12,21 @@ from db.status import InstanceStatus
 from db.work import ResultRow, find_reusable
 from radq.model_card import ModelCard
 from workers.chunk import Chunk
-from workers.prepare import Prepared, applies
+from workers.prepare import ContentKey, Prepared, applies
 from workers.writer import Writer
+
+
+def with_earlier_results(
+    sessions: sessionmaker[Session], keys: Iterable[ContentKey], cards: Sequence[ModelCard]
+) -> set[tuple[str, str]]:
+    """The ``(SOPInstanceUID, sha256)`` among ``keys`` that an earlier result of one of
+    these model versions was made from: the instances worth a full look (:func:`reuse_known`)."""
+    wanted = {(k.sop_instance_uid, k.sha256) for k in keys if k.sop_instance_uid and k.sha256}
+    if not wanted:
+        return set()
+    with sessions() as session:
+        found = find_reusable(session, wanted, [(card.name, card.version) for card in cards])
+    return {(uid, sha) for uid, sha, _ in found}
 
 
 def reuse_known(

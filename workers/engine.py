@@ -41,13 +41,13 @@ from radq.pseudonyms import pseudonym_key
 from radq.settings import Settings
 from workers.batching import Batcher
 from workers.chunk import Chunk, ChunkReport
-from workers.dedup import reuse_known
+from workers.dedup import reuse_known, with_earlier_results
 from workers.gpu_decode import gpu_decode_device
 from workers.gpu_decode import install as install_gpu_decode
 from workers.header import printable
 from workers.metrics import WorkerMetrics
 from workers.models.loader import LoadedModel, ModelRegistry
-from workers.prepare import Prepared, Source, StoredBlob, inspect, load_group
+from workers.prepare import ContentKey, Prepared, Source, StoredBlob, content_keys, inspect, load_group
 from workers.procpool import ProcessPool
 from workers.writer import Writer
 
@@ -323,7 +323,40 @@ class Engine:
     def _reuse_known(
         self, chunk: Chunk, claimed: Sequence[Claimed], models: Sequence[LoadedModel]
     ) -> list[tuple[Claimed, str | None]]:
-        """Headers and hashes first (no pixels); record reused results; return what to decode."""
+        """Record reused results; return what to decode, in order, with the hashes taken.
+
+        Content keys first (SOPInstanceUID and hash, a light read); only instances whose key
+        has earlier results are inspected in full (header, routing, image check) before
+        their results are reused. The rest, usually all, go on to decoding with their hash:
+        inspecting every instance parsed each header twice, 1.75 ms more per CT slice.
+        """
+        cards = [m.card for m in models]
+        keys = self._content_keys(claimed)
+        known = with_earlier_results(self.sessions, keys.values(), cards)
+        candidates = [c for c in claimed if (keys[c.id].sop_instance_uid, keys[c.id].sha256) in known]
+        looked_at = {c.id for c in candidates}
+        fresh = {c.id: keys[c.id].sha256 for c in claimed if c.id not in looked_at}
+        fresh.update(self._inspect_and_reuse(chunk, candidates, models) if candidates else {})
+        return [(c, fresh[c.id]) for c in claimed if c.id in fresh]
+
+    def _content_keys(self, claimed: Sequence[Claimed]) -> dict[int, ContentKey]:
+        """Each instance's content key, read by the decode processes a group at a time."""
+        size = group_size(len(claimed), self.decoders.processes)
+        groups = [claimed[i : i + size] for i in range(0, len(claimed), size)]
+        futures = [self.decoders.submit(content_keys, [(c, self.locate(c)) for c in g]) for g in groups]
+        keys: dict[int, ContentKey] = {}
+        for group, future in zip(groups, futures, strict=True):
+            try:
+                found = future.result()
+            except (Exception, CancelledError):  # a crashed process: decoding isolates the culprit
+                found = [ContentKey(None, None)] * len(group)
+            keys.update((c.id, key) for c, key in zip(group, found, strict=True))
+        return keys
+
+    def _inspect_and_reuse(
+        self, chunk: Chunk, claimed: Sequence[Claimed], models: Sequence[LoadedModel]
+    ) -> dict[int, str | None]:
+        """Headers and image checks (no pixels); record reused results; return the rest's hashes."""
         futures = [(c, self.decoders.submit(inspect, c, self.locate(c), self.pseudonym_key)) for c in claimed]
         readable: list[Prepared] = []
         for c, future in futures:
@@ -335,7 +368,7 @@ class Engine:
             else:
                 readable.append(header)
         fresh = reuse_known(self.sessions, readable, [m.card for m in models], self.writer, chunk)
-        return [(p.claimed, p.metadata["content_sha256"]) for p in fresh]
+        return {p.claimed.id: p.metadata["content_sha256"] for p in fresh}
 
     def _wait(self, chunk: Chunk) -> ChunkReport:
         if not chunk.done.wait(self.settings.chunk_time_limit):

