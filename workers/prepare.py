@@ -29,6 +29,7 @@ from radq.model_card import ModelCard
 from workers.decode import DecodedImage, check_image, decode
 from workers.device_prep import RawFrame, finish_on_host, raw_frames
 from workers.header import (
+    DEFER_SIZE,
     InstanceMeta,
     element_text,
     is_uid,
@@ -173,8 +174,9 @@ class ContentKey:
     sha256: str | None
 
 
-_PAST_SOP_INSTANCE_UID = 0x00080019
-"""The light read stops at the first tag after SOPInstanceUID (0008,0018)."""
+def _past_sop_instance_uid(tag: int, vr: str | None, length: int) -> bool:
+    """Where the light read stops: at the first element after SOPInstanceUID (0008,0018)."""
+    return tag > 0x00080018
 
 
 def _sop_instance_uid(path: Path) -> str | None:
@@ -191,7 +193,8 @@ def _sop_instance_uid(path: Path) -> str | None:
         if syntax is None or syntax == DeflatedExplicitVRLittleEndian:  # inflating is read_header's job
             return None
         fp.seek(0)
-        ds = read_partial(fp, stop_when=lambda tag, vr, length: tag >= _PAST_SOP_INSTANCE_UID)
+        # defer_size: a corrupt length before the UID must not read gigabytes into memory
+        ds = read_partial(fp, stop_when=_past_sop_instance_uid, defer_size=DEFER_SIZE)
         uid = element_text(ds, "SOPInstanceUID")
     return uid if uid is not None and is_uid(uid) else None
 
