@@ -36,6 +36,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 
 from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
+from radq.blobs import sha256_of
 from radq.errors import (
     ImageTooLarge,
     InstanceError,
@@ -52,8 +53,8 @@ from tests.jobwait import wait_done
 from tests.workers import hostile_files as hostile
 from tests.workers.dicom_files import lut_sequence, write_image
 from workers.decode import MAX_FRAMES, check_image, decode
-from workers.header import MAX_INFLATED_BYTES, is_storable, read_header
-from workers.prepare import inspect, load
+from workers.header import MAX_INFLATED_BYTES, is_storable, is_uid, read_header
+from workers.prepare import content_keys, inspect, load
 from workers.preprocess import preprocess
 from workers.procpool import ProcessPool
 
@@ -521,7 +522,7 @@ COLUMNS = {  # db.models.Instance: the columns metadata goes to, and their sizes
 
 
 def test_the_worker_phases_record_each_hostile_file_with_its_reason(tmp_path: Path) -> None:
-    """``inspect`` and ``load`` as the engine runs them: in its decode processes."""
+    """``content_keys``, ``inspect`` and ``load`` as the engine runs them: in its decode processes."""
     settings = Settings(home=tmp_path / "home")
     files = [make() for make, _, _ in CASES.values()] + list(_db_hostile_files().values())
     files += [hostile.truncate(s.data, len(s.data) // 2) for s in SOURCES]
@@ -531,6 +532,10 @@ def test_the_worker_phases_record_each_hostile_file_with_its_reason(tmp_path: Pa
         path.write_bytes(data)
         claimed.append(Claimed(n, "job", path.name, StorageKind.PATH, str(path), 1))
     with ProcessPool(2, task_timeout=120, preload=("workers.prepare",)) as pool:
+        keys = pool.submit(content_keys, [(c, Path(c.location)) for c in claimed]).result()
+        for item, key in zip(claimed, keys, strict=True):  # a UID or none, never junk; the hash always
+            assert key.sha256 == sha256_of(Path(item.location)), item.location
+            assert key.sop_instance_uid is None or is_uid(key.sop_instance_uid), (item.location, key)
         headers = [pool.submit(inspect, c, Path(c.location), KEY) for c in claimed]
         loads = [
             pool.submit(load, c, Path(c.location), KEY, CARDS, settings.max_image_pixels) for c in claimed
