@@ -30,14 +30,14 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from bench.inputs import DEFAULT_CACHE, INPUTS, Corpus
 from bench.machine import describe
 from bench.models import OVERHEAD_PROBE, model_dir
 from db.jobs import NewInstance, add_instances, create_job
 from db.migrate import upgrade
-from db.models import Instance
+from db.models import Instance, Result
 from db.session import transaction
 from db.status import InstanceStatus, StorageKind
 from radq.settings import Settings
@@ -98,10 +98,19 @@ def _cpu_by_stage() -> dict[str, float]:
     return by_stage
 
 
-def _register(ctx: WorkerContext, files: Sequence[Path], model: str) -> tuple[str, list[int]]:
-    """A queued job of ``files`` (read in place), recorded as the API records a path submission."""
+def _register(
+    ctx: WorkerContext, files: Sequence[Path], model: str, dedup: bool = False
+) -> tuple[str, list[int]]:
+    """A queued job of ``files`` (read in place), recorded as the API records a path submission.
+
+    With ``dedup`` the job asks for deduplication (the API's default) and the results of
+    earlier rounds are deleted first, so that every round is a first submission: what
+    deduplication costs when it finds nothing to reuse.
+    """
     with transaction(ctx.sessions) as session:
-        job = create_job(session, models=[model])
+        if dedup:
+            session.execute(delete(Result))
+        job = create_job(session, models=[model], options={"dedup": dedup})
         found = [NewInstance(f.name, StorageKind.PATH, str(f)) for f in files]
         return job.id, add_instances(session, job_id=job.id, files=found)
 
@@ -128,8 +137,8 @@ def _run(ctx: WorkerContext, job_id: str, ids: list[int], concurrency: int) -> N
         thread.join()
 
 
-def _round(ctx: WorkerContext, files: Sequence[Path], model: str, concurrency: int) -> Round:
-    job_id, ids = _register(ctx, files, model)
+def _round(ctx: WorkerContext, files: Sequence[Path], model: str, concurrency: int, dedup: bool) -> Round:
+    job_id, ids = _register(ctx, files, model, dedup)
     stages = _cpu_by_stage()
     batches, forward_s = _batches(ctx, model)
     usage, cpu, wall = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
@@ -165,6 +174,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default=OVERHEAD_PROBE, help="model every job runs")
     parser.add_argument("--database", help="SQLAlchemy URL (default: a fresh SQLite file)")
+    parser.add_argument(
+        "--dedup", action="store_true", help="jobs ask for deduplication (the API's default), finding nothing"
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where generated corpora are kept")
     return parser.parse_args(argv)
 
@@ -196,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 *_register(ctx, files[: 2 * settings.chunk_size], args.model),
                 settings.worker_concurrency,
             )
-            rounds = [_round(ctx, files, args.model, settings.worker_concurrency) for _ in range(args.rounds)]
+            concurrency = settings.worker_concurrency
+            rounds = [_round(ctx, files, args.model, concurrency, args.dedup) for _ in range(args.rounds)]
         finally:
             ctx.engine.close()
     _render(console, rounds, args, settings, ctx)
@@ -211,7 +224,8 @@ def _render(
     ctx: WorkerContext,
 ) -> None:
     table = Table(
-        title=f"one worker engine in process: {args.model} on {args.input}, "
+        title=f"one worker engine in process: {args.model} on {args.input}"
+        f"{', deduplication on' if args.dedup else ''}, "
         f"{settings.worker_concurrency} messages in hand, chunks of {settings.chunk_size}, "
         f"{ctx.engine.decoders.processes} decode processes",
         title_justify="left",
