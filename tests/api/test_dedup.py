@@ -72,3 +72,22 @@ def test_resubmission_is_all_skipped_with_results_linked(stack: Stack) -> None:
     forced = wait_done(stack.client, _paths(stack, [str(folder)], force=True)["id"])
     assert forced["options"] == {"dedup": False} and forced["counts"]["done"] == 3
     assert all(r.reused_from is None for r in _results(stack, forced["id"]))
+
+
+def test_files_without_a_cheap_key_are_still_deduplicated(stack: Stack) -> None:
+    """A bare dataset (no preamble or file meta) has no light content key: it is inspected in
+    full, as every instance was before, and its resubmission is still reused."""
+    folder = stack.archive / f"dedup-bare-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    _with_new_uid(SAMPLES / "real" / "CT_small.dcm", folder / "full.dcm")
+    data = (folder / "full.dcm").read_bytes()
+    meta_end = 144 + int.from_bytes(data[140:144], "little")  # after (0002,0000)'s value: the data set
+    (folder / "bare.dcm").write_bytes(data[meta_end:])
+    (folder / "full.dcm").unlink()
+    assert (folder / "bare.dcm").read_bytes()[128:132] != b"DICM"
+    first = wait_done(stack.client, _paths(stack, [str(folder)], force=False)["id"])
+    assert first["counts"]["done"] == 1, first["counts"]
+    again = wait_done(stack.client, _paths(stack, [str(folder)], force=False)["id"])
+    assert again["counts"]["skipped"] == 1 and again["counts"]["done"] == 0
+    (inst,) = stack.client.instances(again["id"], "skipped")
+    assert inst["reason"].startswith("already processed: same SOPInstanceUID and content")
