@@ -237,6 +237,21 @@ def _finish_update() -> Update:
     )
 
 
+def write_outcomes(
+    session: Session,
+    metadata: Sequence[Mapping[str, Any]],
+    results: Sequence[ResultRow],
+    outcomes: Sequence[tuple[int, str, str | None]],
+    job_ids: Iterable[str],
+) -> list[str]:
+    """One transaction of a worker's writer: header columns, result rows, final statuses,
+    then the jobs that ended; returns those jobs' ids."""
+    record_metadata(session, metadata)
+    write_results(session, results)
+    finish(session, outcomes)
+    return close_finished_jobs(session, job_ids)
+
+
 def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> list[str]:
     """Mark jobs done whose every instance is final (failed and skipped count as final).
 

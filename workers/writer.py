@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import transaction
-from db.work import ResultRow, close_finished_jobs, finish, record_metadata, write_results
+from db.work import ResultRow, write_outcomes
 from radq.logs import log_context
 from workers.chunk import Chunk
 from workers.metrics import WorkerMetrics
@@ -145,8 +145,7 @@ class Writer:
             chunk.settle(instance_id, status)
 
     def _write(self, batch: _Batch) -> list[str]:
+        outcomes = [(i, status, reason) for _, i, status, reason in batch.outcomes]
+        jobs = {chunk.job_id for chunk, *_ in batch.outcomes}
         with transaction(self._sessions) as session:
-            record_metadata(session, batch.metadata)
-            write_results(session, batch.results)
-            finish(session, [(i, status, reason) for _, i, status, reason in batch.outcomes])
-            return close_finished_jobs(session, {chunk.job_id for chunk, *_ in batch.outcomes})
+            return write_outcomes(session, batch.metadata, batch.results, outcomes, jobs)
