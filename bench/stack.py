@@ -76,7 +76,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _create_postgres_database(admin_url: str) -> str:
+def create_postgres_database(admin_url: str) -> str:
     import psycopg  # here, not at the top: a SQLite run needs no libpq (the GPU host has none)
 
     name = f"radq_bench_{uuid.uuid4().hex[:10]}"
@@ -88,7 +88,7 @@ def _create_postgres_database(admin_url: str) -> str:
     return f"{admin_url.rsplit('/', 1)[0]}/{name}"
 
 
-def _drop_postgres_database(admin_url: str, url: str) -> None:
+def drop_postgres_database(admin_url: str, url: str) -> None:
     import psycopg
 
     name = url.rsplit("/", 1)[1]
@@ -121,8 +121,8 @@ def embedded_stack(
             cleanup.callback(_quietly, stop, redis_proc)
         url = f"sqlite:///{(home / 'radq.db').resolve()}"
         if database == "postgresql":
-            url = _create_postgres_database(postgres_admin_url)
-            cleanup.callback(_quietly, _drop_postgres_database, postgres_admin_url, url)
+            url = create_postgres_database(postgres_admin_url)
+            cleanup.callback(_quietly, drop_postgres_database, postgres_admin_url, url)
         tag = uuid.uuid4().hex[:8]
         # Queues of its own: the bench never feeds, or is fed by, other workers.
         queue = f"radq-bench-{tag}"

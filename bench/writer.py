@@ -28,7 +28,7 @@ from rich.table import Table
 import radq
 from bench.__main__ import DEFAULT_POSTGRES
 from bench.machine import describe
-from bench.stack import _create_postgres_database, _drop_postgres_database
+from bench.stack import create_postgres_database, drop_postgres_database
 from db.jobs import NewInstance, add_instances, create_job
 from db.migrate import upgrade
 from db.session import make_engine, make_sessionmaker, transaction
@@ -50,11 +50,11 @@ def _database(kind: str, work: Path, admin_url: str) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{work / 'radq.db'}"
         return
-    url = _create_postgres_database(admin_url)
+    url = create_postgres_database(admin_url)
     try:
         yield url
     finally:
-        _drop_postgres_database(admin_url, url)
+        drop_postgres_database(admin_url, url)
 
 
 def _metadata(instance_id: int) -> dict[str, object]:
