@@ -334,12 +334,13 @@ class Engine:
         cards = [m.card for m in models]
         keys = self._content_keys(claimed)
         known = with_earlier_results(self.sessions, keys.values(), cards)
-        unknown = {c.id for c in claimed if keys[c.id].sop_instance_uid is None}
-        candidates = [
-            c for c in claimed if c.id in unknown or (keys[c.id].sop_instance_uid, keys[c.id].sha256) in known
-        ]
-        looked_at = {c.id for c in candidates}
-        fresh = {c.id: keys[c.id].sha256 for c in claimed if c.id not in looked_at}
+
+        def worth_a_look(c: Claimed) -> bool:
+            key = keys[c.id]
+            return key.sop_instance_uid is None or (key.sop_instance_uid, key.sha256) in known
+
+        candidates = [c for c in claimed if worth_a_look(c)]
+        fresh = {c.id: keys[c.id].sha256 for c in claimed if not worth_a_look(c)}
         fresh.update(self._inspect_and_reuse(chunk, candidates, models) if candidates else {})
         return [(c, fresh[c.id]) for c in claimed if c.id in fresh]
 
