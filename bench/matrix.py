@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bench.gpu_busy import GpuBusy, gpu_uuid
 from bench.inputs import Corpus
 from bench.measure import Measurement, decode_only, decoder_only, median, model_only, naive_loop
 from bench.models import Pair, load_as_worker
@@ -136,12 +137,15 @@ def _measure_model(
     name = model.card.name
     processes = decode_processes(settings)
     batch = settings.batch_size
+    gpu = gpu_uuid(model.device)
     for index in range(plan.repeat):
         say(f"{name}, round {index + 1}/{plan.repeat}: model only ...")
-        alone = model_only(
-            model, batch_size=batch, seconds=plan.seconds, seed=plan.seed + index,
-            streams=infer_streams(settings, model.device.type),
-        )  # fmt: skip
+        with GpuBusy(gpu) as busy:
+            alone = model_only(
+                model, batch_size=batch, seconds=plan.seconds, seed=plan.seed + index,
+                streams=infer_streams(settings, model.device.type),
+            )  # fmt: skip
+        alone.detail.update(busy.as_detail())
         for pair in pairs:
             corpus = corpora[pair.input]
             figures = outcome.rounds[pair]
@@ -168,7 +172,9 @@ def _measure_model(
             figures["naive_loop"].append(naive)
             db.unlink(missing_ok=True)
             say(f"{name} on {pair.input}: pipeline, {len(files)} files ...")
-            job = pipeline(stack, files, model=name, timeout=plan.timeout, submit=plan.submit)
+            with GpuBusy(gpu) as busy:
+                job = pipeline(stack, files, model=name, timeout=plan.timeout, submit=plan.submit)
+            job.detail.update(busy.as_detail())
             figures["pipeline"].append(job)
 
 

@@ -66,6 +66,12 @@ def _bound(summary: Mapping[str, Any]) -> str:
     return f"{summary['bound']}: {summary['bound_img_s']:.1f} ({_ratio(summary.get('pipeline_over_bound'))})"
 
 
+def _gpu_busy(figures: Mapping[str, Any]) -> str:
+    """Mean GPU utilisation during the model-only and the pipeline figures."""
+    shares = [(figures.get(name) or {}).get("gpu_busy_pct") for name in ("model_only", "pipeline")]
+    return " / ".join("-" if share is None else f"{share:.0f} %" for share in shares)
+
+
 def _rows_table(report: Mapping[str, Any]) -> Table:
     run = report["run"]
     rounds = run["rounds"]
@@ -74,27 +80,33 @@ def _rows_table(report: Mapping[str, Any]) -> Table:
         f"{'median of ' + str(rounds) + ' rounds' if rounds > 1 else '1 round'}; device {run['device']})"
     )
     table = Table(title=title, title_justify="left")
-    columns = (
+    columns: tuple[tuple[str, str], ...] = (
         ("model", "left"), ("input", "left"), ("model only", "right"), ("naive", "right"),
         ("decode /core", "right"), ("decoder /core", "right"), ("pipeline", "right"), ("files", "right"),
         ("pipe/ model", "right"), ("pipe/ naive", "right"), ("bound", "left"), ("worker ms/img", "right"),
         ("worker MiB", "right"),
         ("load", "right"), ("targets", "left"),
     )  # fmt: skip
+    on_gpu = run["device"].startswith("cuda")
+    if on_gpu:
+        columns = (*columns[:-1], ("GPU busy: model / pipe", "right"), columns[-1])
     for name, justify in columns:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for row in report["rows"]:
         figures, summary = row["figures"], row["summary"] or {}
         pipe = figures.get("pipeline") or {}
-        table.add_row(
+        cells = [
             row["model"], row["input"], _rate(figures.get("model_only")), _rate(figures.get("naive_loop")),
             _rate(figures.get("decode")), _rate(figures.get("decoder")), _rate(figures.get("pipeline")),
             str(pipe.get("images", "-")), _ratio(summary.get("pipeline_over_model_only")),
             _ratio(summary.get("pipeline_over_naive")), _bound(summary),
             _worker_ms(pipe),
             f"{pipe['worker_peak_mib']:.0f}" if pipe else "-",
-            f"{pipe['load_avg_1m_before']:.2f}" if pipe else "-", _targets(row["summary"]),
-        )  # fmt: skip
+            f"{pipe['load_avg_1m_before']:.2f}" if pipe else "-",
+        ]  # fmt: skip
+        if on_gpu:
+            cells.append(_gpu_busy(figures))
+        table.add_row(*cells, _targets(row["summary"]))
     return table
 
 
@@ -124,5 +136,7 @@ def render(report: Mapping[str, Any], console: Console) -> None:
         "shown as stage: its img/s (pipeline / that). worker ms/img: CPU time of "
         "the worker's own process per image (not its decode processes). worker MiB: sum of VmHWM over "
         "the worker's processes during the pipeline job. load: 1-minute load average before the "
-        "pipeline job (other work skews every figure). Details per figure in the JSON report."
+        "pipeline job (other work skews every figure). GPU busy (CUDA runs): mean share of time a "
+        "kernel ran, nvidia-smi sampled every 0.2 s, during model only / the pipeline job. Details "
+        "per figure in the JSON report."
     )

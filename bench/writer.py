@@ -135,9 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("database", "CPU ms/instance, median (range)", "wall ms/instance, median (range)"):
         table.add_column(name, justify="left" if name == "database" else "right")
     for kind in args.databases.split(","):
-        with tempfile.TemporaryDirectory(prefix="radq-writer-") as tmp, _database(
-            kind, Path(tmp), args.postgres_url
-        ) as url:
+        with (
+            tempfile.TemporaryDirectory(prefix="radq-writer-") as tmp,
+            _database(kind, Path(tmp), args.postgres_url) as url,
+        ):
             upgrade(url)
             _round(url, args.rows * 4, args.rows)  # untimed: connections, statement caches
             rounds = [_round(url, args.instances, args.rows) for _ in range(args.rounds)]
