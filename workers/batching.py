@@ -243,6 +243,7 @@ class Batcher:
         saliency: list[dict[str, str]],
     ) -> None:
         card = model.card
+        recipe = card.preprocessing_recipe  # JSON made from the card: once per batch, not per row
         for frame, probs, maps in zip(batch, outputs, saliency, strict=True):
             key = (card.name, frame.instance_id)
             if key not in self.frames_left:
@@ -270,7 +271,7 @@ class Batcher:
                     model_version=card.version,
                     weights_sha256=card.sha256,
                     radq_version=radq.__version__,
-                    preprocessing=card.preprocessing_recipe,
+                    preprocessing=recipe,
                     precision=model.precision,
                     outputs=best,
                     saliency=best_maps or None,

@@ -30,8 +30,8 @@ def activate(card: ModelCard, logits: Tensor) -> Tensor:
 
 
 def as_label_dicts(card: ModelCard, probs: Tensor) -> list[dict[str, float]]:
-    rows = probs.detach().float().cpu().numpy()
-    return [{label: round(float(p), 6) for label, p in zip(card.labels, row, strict=True)} for row in rows]
+    rows = probs.detach().float().cpu().tolist()  # Python floats in one call, not one per value
+    return [{label: round(p, 6) for label, p in zip(card.labels, row, strict=True)} for row in rows]
 
 
 def precision_context(model: LoadedModel) -> contextlib.AbstractContextManager[object]:

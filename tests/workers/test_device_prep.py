@@ -501,3 +501,32 @@ def test_a_cuda_worker_s_decoders_finish_only_frames_above_the_threshold(tmp_pat
     assert not ct.ready and np.array_equal(ct.pixels, raw_ct.pixels)
     spec, prep = card.input, card.preprocessing
     assert torch.equal(to_batch([cr, ct], spec, prep, CPU), to_batch([raw_cr, raw_ct], spec, prep, CPU))
+
+
+@pytest.mark.parametrize("invert", [False, True])
+@pytest.mark.parametrize(
+    "windows",
+    [
+        ((40.0, 80.0, "LINEAR"),),
+        ((40.0, 80.0, "LINEAR"), (600.0, 3.0, "LINEAR_EXACT"), (300.0, 8.0, "LINEAR")),
+    ],
+)
+def test_folded_windows_keep_float32_rounding_off_narrow_windows(
+    invert: bool, windows: tuple[tuple[float, float, str], ...]
+) -> None:
+    # Stored values around a brain window (HU 0-80 at intercept -1024) and narrow windows
+    # at 600 and 300: folded into x * scale + offset, the two terms are ~300-850 for the
+    # narrow ones, where float32 keeps ~6e-5 of rounding; radq's folding must not.
+    stored = np.arange(900, 1800, dtype=np.int16).reshape(30, 30)
+    frame = RawFrame(stored, slope=1.0, intercept=-1024.0, windows=windows, invert=invert)
+    spec = InputSpec(height=30, width=30, channels=len(windows))
+    got = to_batch([frame], spec, Preprocessing(mean=[0.0], std=[1.0]), CPU).numpy()[0]
+    hu = stored.astype(np.float64) - 1024.0
+    expected = []
+    for center, width, function in windows:
+        if function == "LINEAR_EXACT":
+            plane = np.clip((hu - center) / width + 0.5, 0.0, 1.0)
+        else:
+            plane = np.clip((hu - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+        expected.append(1.0 - plane if invert else plane)
+    assert np.abs(got - np.array(expected)).max() <= 1e-6
