@@ -58,6 +58,8 @@ DECODE_PRELOAD = ("workers.prepare",)
 """Imported once by the decode processes' server, so each new decode process starts warm."""
 STAGE_LOG_S = 30.0
 """How often a busy inference stream logs where its time went."""
+IDLE_CHECK_S = 0.01
+"""How often a stream holding a partial batch looks whether more instances can still come."""
 MAX_AUTO_STREAMS = 4
 """Inference streams a CPU worker runs by default, at most: each holds a batch's activations."""
 GROUP_MAX = 8
@@ -238,6 +240,12 @@ class Engine:
         # others are still decoding and inferring. Interleaved, they would all finish
         # together and the pipeline would drain before the next ones were claimed.
         self._submitting = threading.Lock()
+        # Instances sent to the decode processes that no stream has taken yet. At 0 no
+        # more can come until a message in hand finishes, which waits for the partial
+        # batches: those run at once instead of at their deadline (RADQ_BATCH_DEADLINE),
+        # or a worker fed one-file jobs would wait the deadline out for every message.
+        self._coming = 0
+        self._coming_lock = threading.Lock()
         self._ready: queue.SimpleQueue[list[_Decoded] | _Call | _Stop] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._infer_loop, args=(stream,), name=stream.name, daemon=True)
@@ -288,6 +296,7 @@ class Engine:
                 group = items[start : start + size]
                 for _ in group:
                     self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
+                self._count_coming(len(group))
                 self._decode(group)
         return self._wait(chunk)
 
@@ -375,6 +384,10 @@ class Engine:
         fresh = reuse_known(self.sessions, readable, [m.card for m in models], self.writer, chunk)
         return {p.claimed.id: p.metadata["content_sha256"] for p in fresh}
 
+    def _count_coming(self, change: int) -> None:
+        with self._coming_lock:
+            self._coming += change
+
     def _wait(self, chunk: Chunk) -> ChunkReport:
         if not chunk.done.wait(self.settings.chunk_time_limit):
             log.error(
@@ -412,7 +425,10 @@ class Engine:
             self._log_stages(stream)
             try:
                 stop = self._take_decoded(stream)
-                stream.batcher.run_due()
+                if self._coming:
+                    stream.batcher.run_due()
+                else:  # nothing else can join these batches before they run
+                    stream.batcher.drain()
                 if stop:
                     stream.batcher.drain()
                     return
@@ -436,16 +452,18 @@ class Engine:
                     item.future.set_exception(exc)
 
     def _take_decoded(self, stream: _Stream) -> bool:
-        """Wait for a decoded instance (until the stream's partial batch is due, or idle, the
-        stage log's period), then take every one decoded so far, running the batches they
-        fill; returns whether to stop. Streams take from one queue: a stream busy with a
-        forward pass leaves what arrives meanwhile to the others."""
+        """Wait for a decoded instance (with a partial batch, until it is due or
+        :data:`IDLE_CHECK_S`; idle, the stage log's period), then take every one decoded so
+        far, running the batches they fill; returns whether to stop. Streams take from one
+        queue: a stream busy with a forward pass leaves what arrives meanwhile to the others."""
         queued = stream.batcher.frames_queued
         waiting = time.perf_counter()
-        item = self._next(stream.batcher.due_in() if queued else STAGE_LOG_S)
+        due_in = stream.batcher.due_in()
+        item = self._next(min(due_in, IDLE_CHECK_S) if due_in is not None else STAGE_LOG_S)
         if queued or item is not None:  # idle with nothing to do is not waiting
             stream.waited_s += time.perf_counter() - waiting
         while isinstance(item, list):
+            self._count_coming(-len(item))
             for decoded in item:
                 self._slots.release()
                 self._add(stream, decoded)
