@@ -110,6 +110,15 @@ class BlobStore(Protocol):
         """
         ...
 
+    def read_head(self, sha256: str, size: int) -> bytes:
+        """The first ``size`` bytes of a blob (all of a shorter one): a ranged read on S3.
+
+        Raises:
+            BlobMissing: the store has no such blob.
+            BlobStoreUnavailable: the store cannot be reached.
+        """
+        ...
+
     def delete(self, sha256: str, *, unless_written_after: datetime) -> bool:
         """Remove a blob unless it was stored (again) after ``unless_written_after``.
 

@@ -63,6 +63,13 @@ class FileBlobStore:
         except (FileNotFoundError, IsADirectoryError):
             raise missing(sha256, self) from None
 
+    def read_head(self, sha256: str, size: int) -> bytes:
+        try:
+            with self.path_for(sha256).open("rb") as f:
+                return f.read(size)
+        except (FileNotFoundError, IsADirectoryError):
+            raise missing(sha256, self) from None
+
     def delete(self, sha256: str, *, unless_written_after: datetime) -> bool:
         path = self.path_for(sha256)
         try:

@@ -27,6 +27,8 @@ from radq.blobs import copy_hashing, missing
 from radq.errors import BlobStoreUnavailable
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_EMPTY_RANGE = {"416", "InvalidRange"}
+"""A ranged GET of an empty object: there is no first byte to send."""
 _RETRIES = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
 
 
@@ -143,6 +145,22 @@ class S3BlobStore:
         except BotoCoreError as exc:
             raise self._unavailable(f"reading {sha256}", exc) from None
         return body
+
+    def read_head(self, sha256: str, size: int) -> bytes:
+        try:
+            answer = self.client().get_object(
+                Bucket=self.bucket, Key=self.key_for(sha256), Range=f"bytes=0-{size - 1}"
+            )
+            body: bytes = answer["Body"].read()
+        except ClientError as exc:
+            if _not_found(exc):
+                raise missing(sha256, self) from None
+            if str(exc.response.get("Error", {}).get("Code")) in _EMPTY_RANGE:
+                return b""
+            raise self._unavailable(f"reading the head of {sha256}", exc) from None
+        except BotoCoreError as exc:
+            raise self._unavailable(f"reading the head of {sha256}", exc) from None
+        return body[:size]  # a server that ignores Range sends it all
 
     def delete(self, sha256: str, *, unless_written_after: datetime) -> bool:
         modified = self._last_modified(sha256)

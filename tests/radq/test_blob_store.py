@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydantic import ValidationError
 
@@ -20,7 +21,7 @@ from radq.errors import BlobMissing, LimitExceeded
 from radq.model_card import read_card
 from radq.settings import BUNDLED_MODEL_DIR, Settings
 from tests.conftest import SAMPLES, S3Server
-from workers.prepare import StoredBlob, load
+from workers.prepare import ContentKey, StoredBlob, content_keys, load
 
 MR = SAMPLES / "real" / "MR_small.dcm"
 
@@ -91,6 +92,38 @@ def test_s3_missing_object_is_a_clear_instance_failure(s3_store: BlobStore) -> N
         and "RADQ_BLOB_RETENTION_DAYS" in out.reason
     )
     assert _spooled(s3_store) == []
+
+
+@pytest.mark.parametrize("kind", ["s3", "file"])
+def test_read_head_gives_the_start_of_a_blob(kind: str, s3_store: BlobStore, tmp_path: Path) -> None:
+    store = s3_store if kind == "s3" else FileBlobStore(tmp_path / "blobs")
+    data = MR.read_bytes()
+    sha, _ = store.put(io.BytesIO(data))
+    assert store.read_head(sha, 1000) == data[:1000]
+    assert store.read_head(sha, len(data) + 5000) == data, "a shorter blob comes whole"
+    empty, _ = store.put(io.BytesIO(b""))
+    assert store.read_head(empty, 1000) == b""
+    with pytest.raises(BlobMissing, match="no longer in the blob store"):
+        store.read_head("cd" * 32, 1000)
+    if kind == "s3":
+        assert _spooled(store) == [], "a ranged read leaves no file behind"
+
+
+def test_an_s3_upload_keys_for_deduplication_without_a_download(
+    s3_store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With deduplication on, each upload's content key is read before it is decoded: a
+    # ranged read of its first bytes, not a download that decoding would then repeat.
+    sha, _ = s3_store.put(io.BytesIO(MR.read_bytes()))
+    copy = pickle.loads(pickle.dumps(s3_store))
+
+    def no_download(sha256: str) -> None:
+        raise AssertionError(f"downloaded {sha256} whole to read its content key")
+
+    monkeypatch.setattr(copy, "fetch", no_download)
+    claimed = Claimed(1, "job", "mr.dcm", StorageKind.BLOB, sha, 1)
+    (key,) = content_keys([(claimed, StoredBlob(copy, sha))])
+    assert key == ContentKey(str(pydicom.dcmread(MR).SOPInstanceUID), sha)
 
 
 def test_s3_store_travels_to_another_process_and_reads_there(s3_store: BlobStore) -> None:

@@ -19,7 +19,7 @@ from radq.blobs import sha256_of
 from radq.blobs.file import FileBlobStore
 from tests.conftest import SAMPLES
 from tests.workers import hostile_files as hostile
-from workers.prepare import ContentKey, StoredBlob, content_keys
+from workers.prepare import KEY_HEAD_BYTES, ContentKey, StoredBlob, content_keys
 
 WITH_PREAMBLE = sorted((SAMPLES / "real").glob("*.dcm"))
 
@@ -73,3 +73,20 @@ def test_an_upload_keys_on_its_blob_name_without_hashing_again(tmp_path: Path) -
     claimed = _claimed(real, StorageKind.BLOB, sha)
     (key,) = content_keys([(claimed, StoredBlob(store, sha))])
     assert key == ContentKey(str(pydicom.dcmread(real).SOPInstanceUID), sha)
+
+
+def test_an_upload_whose_uid_lies_past_the_light_read_has_no_uid(tmp_path: Path) -> None:
+    # A large file meta element before SOPInstanceUID puts it past the ranged read of an
+    # upload's start: no key (a prefix of the UID would be a wrong one), then a full read.
+    ds = pydicom.dcmread(SAMPLES / "real" / "MR_small.dcm")
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.3.4"
+    ds.file_meta.PrivateInformation = b"\0" * (KEY_HEAD_BYTES + 10)
+    data = io.BytesIO()
+    ds.save_as(data, enforce_file_format=True)
+    store = FileBlobStore(tmp_path / "blobs")
+    sha, _ = store.put(io.BytesIO(data.getvalue()))
+    (key,) = content_keys([(_claimed(Path("mr.dcm"), StorageKind.BLOB, sha), StoredBlob(store, sha))])
+    assert key == ContentKey(None, sha)
+    path = tmp_path / "mr.dcm"  # the same file read in place: the whole file is there
+    path.write_bytes(data.getvalue())
+    assert _key(path).sop_instance_uid == str(ds.SOPInstanceUID)
