@@ -22,8 +22,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -240,11 +241,13 @@ class Engine:
         # others are still decoding and inferring. Interleaved, they would all finish
         # together and the pipeline would drain before the next ones were claimed.
         self._submitting = threading.Lock()
-        # Instances sent to the decode processes that no stream has taken yet. At 0 no
-        # more can come until a message in hand finishes, which waits for the partial
-        # batches: those run at once instead of at their deadline (RADQ_BATCH_DEADLINE),
-        # or a worker fed one-file jobs would wait the deadline out for every message.
+        # Instances sent to the decode processes that no stream has taken yet, and messages
+        # whose instances are still to be sent. At 0 and 0 no more can come until a message
+        # in hand finishes, which waits for the partial batches: those run at once instead
+        # of at their deadline (RADQ_BATCH_DEADLINE), or a worker fed one-file jobs would
+        # wait the deadline out for every message.
         self._coming = 0
+        self._messages_preparing = 0
         self._coming_lock = threading.Lock()
         self._ready: queue.SimpleQueue[list[_Decoded] | _Call | _Stop] = queue.SimpleQueue()
         self._threads = [
@@ -276,6 +279,14 @@ class Engine:
         """Decode, infer and write ``claimed``; returns once all their outcomes are in SQL
         (or after ``chunk_time_limit``, leaving the rest to the reaper)."""
         chunk = Chunk(job_id, {c.id for c in claimed})
+        with self._preparing():
+            self._submit(chunk, claimed, model_names, options)
+        return self._wait(chunk)
+
+    def _submit(
+        self, chunk: Chunk, claimed: Sequence[Claimed], model_names: Sequence[str], options: dict[str, Any]
+    ) -> None:
+        """Send what needs decoding to the decode processes; record the rest's outcomes."""
         try:
             models = self._models(model_names)
         except ModelError as exc:
@@ -283,7 +294,7 @@ class Engine:
                 self.metrics.failed.labels(name).inc(len(claimed))
             for c in claimed:
                 self.writer.outcome(chunk, c.id, InstanceStatus.FAILED, f"model unavailable: {exc}")
-            return self._wait(chunk)
+            return
         todo: list[tuple[Claimed, str | None]] = [(c, None) for c in claimed]
         if options.get("dedup"):
             todo = self._reuse_known(chunk, claimed, models)
@@ -298,7 +309,6 @@ class Engine:
                     self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
                 self._count_coming(len(group))
                 self._decode(group)
-        return self._wait(chunk)
 
     def _decode(self, group: list[_Decoded]) -> None:
         """Send ``group`` (instances of one message) to a decode process as one task."""
@@ -388,6 +398,21 @@ class Engine:
         with self._coming_lock:
             self._coming += change
 
+    @contextmanager
+    def _preparing(self) -> Iterator[None]:
+        """While inside, a message's instances are still to be sent (deduplication reads
+        their keys first): more is on its way to the streams."""
+        with self._coming_lock:
+            self._messages_preparing += 1
+        try:
+            yield
+        finally:
+            with self._coming_lock:
+                self._messages_preparing -= 1
+
+    def _more_coming(self) -> bool:
+        return bool(self._coming or self._messages_preparing)
+
     def _wait(self, chunk: Chunk) -> ChunkReport:
         if not chunk.done.wait(self.settings.chunk_time_limit):
             log.error(
@@ -425,7 +450,7 @@ class Engine:
             self._log_stages(stream)
             try:
                 stop = self._take_decoded(stream)
-                if self._coming:
+                if self._more_coming():
                     stream.batcher.run_due()
                 else:  # nothing else can join these batches before they run
                     stream.batcher.drain()
