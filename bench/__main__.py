@@ -19,6 +19,7 @@ from bench import machine, report
 from bench.inputs import DEFAULT_CACHE, INPUTS, Corpus
 from bench.matrix import FIGURES, Outcome, Plan, run_matrix
 from bench.models import DEFAULT_MODELS, Pair, matrix, model_dir
+from bench.pipeline import SUBMIT_MODES
 from bench.stack import DATABASES, decode_processes, embedded_stack
 from bench.targets import Rates, summarize
 from radq.errors import RadqError
@@ -69,8 +70,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated DICOM and tensors")
     parser.add_argument(
-        "--submit", choices=("paths", "upload"), default="paths",
-        help="pipeline jobs: paths read in place (default) or files uploaded over HTTP",
+        "--submit", choices=SUBMIT_MODES, default="paths",
+        help="pipeline jobs: paths read in place (default), files uploaded over HTTP, or each "
+        "path posted as a job of its own (a stream of one-image jobs)",
     )  # fmt: skip
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where generated corpora are kept")
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES, help="PostgreSQL server for --database")

@@ -22,15 +22,20 @@ from radq.client import MAX_PARTS
 from workers.device import resolve_device
 from workers.engine import infer_streams
 
+SUBMIT_MODES = ("paths", "upload", "job-per-file")
+"""How the pipeline figure submits its files (see :func:`run_job`)."""
+SUBMIT_JOB_PER_FILE = "job-per-file"
 POLL_SECONDS = 0.1
 """How often the database is asked whether the job is finished."""
 
 
 @dataclass(frozen=True)
 class JobRun:
-    """One submitted job, timed from the start of the upload until its last instance was final."""
+    """One submitted job (or one per file), timed from the start of the upload until its
+    last instance was final."""
 
     job_id: str
+    """The (first) job's id."""
     files: int
     upload_s: float
     total_s: float
@@ -39,6 +44,7 @@ class JobRun:
     last_result_s: float | None
     registered_s: float | None = None
     """Seconds from the start until a path job's last file was registered (None: an upload)."""
+    jobs: int = 1
 
 
 def process_cpu_s(pid: int) -> float:
@@ -50,24 +56,28 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _final_count(stack: Stack, job_id: str) -> int:
-    query = select(func.count()).where(Instance.job_id == job_id, Instance.status.in_(FINAL_STATUSES))
+def _final_count(stack: Stack, job_ids: Sequence[str]) -> int:
+    query = select(func.count()).where(Instance.job_id.in_(job_ids), Instance.status.in_(FINAL_STATUSES))
     with stack.engine.connect() as conn:
         return int(conn.execute(query).scalar_one())
 
 
-def _counts(stack: Stack, job_id: str) -> dict[str, int]:
-    query = select(Instance.status, func.count()).where(Instance.job_id == job_id).group_by(Instance.status)
+def _counts(stack: Stack, job_ids: Sequence[str]) -> dict[str, int]:
+    query = (
+        select(Instance.status, func.count()).where(Instance.job_id.in_(job_ids)).group_by(Instance.status)
+    )
     with stack.engine.connect() as conn:
         return {str(status): int(n) for status, n in conn.execute(query)}
 
 
-def _result_span(stack: Stack, job_id: str, started: datetime) -> tuple[float | None, float | None]:
-    """Seconds from ``started`` to the job's first and last stored result (worker-side clock)."""
+def _result_span(
+    stack: Stack, job_ids: Sequence[str], started: datetime
+) -> tuple[float | None, float | None]:
+    """Seconds from ``started`` to the jobs' first and last stored result (worker-side clock)."""
     query = (
         select(func.min(Result.created_at), func.max(Result.created_at))
         .join(Instance, Instance.id == Result.instance_id)
-        .where(Instance.job_id == job_id)
+        .where(Instance.job_id.in_(job_ids))
     )
     with stack.engine.connect() as conn:
         row = conn.execute(query).one()
@@ -78,9 +88,9 @@ def _result_span(stack: Stack, job_id: str, started: datetime) -> tuple[float | 
     )
 
 
-def _registered_s(stack: Stack, job_id: str, started: datetime) -> float | None:
-    """Seconds from ``started`` until the API had registered every file of a path job."""
-    query = select(func.max(JobSource.finished_at)).where(JobSource.job_id == job_id)
+def _registered_s(stack: Stack, job_ids: Sequence[str], started: datetime) -> float | None:
+    """Seconds from ``started`` until the API had registered every file of path jobs."""
+    query = select(func.max(JobSource.finished_at)).where(JobSource.job_id.in_(job_ids))
     with stack.engine.connect() as conn:
         finished = as_utc(conn.execute(query).scalar_one())
     return (finished - started).total_seconds() if finished else None
@@ -89,12 +99,14 @@ def _registered_s(stack: Stack, job_id: str, started: datetime) -> float | None:
 def run_job(
     stack: Stack, files: Sequence[Path], *, models: Sequence[str], timeout: float, submit: str = "paths"
 ) -> JobRun:
-    """Submit ``files`` as one job and wait until every instance is final.
+    """Submit ``files`` as one job (or one job per file) and wait until every instance is final.
 
     ``submit``: ``paths`` asks the API to read the files where they are (an archive on
     shared storage: registration and queueing overlap the work); ``upload`` sends them
-    over HTTP (one tar above :data:`MAX_PARTS` files), recorded once fully arrived. The
-    job is sent with ``force``: its instances are inferred even when the same instance
+    over HTTP (one tar above :data:`MAX_PARTS` files), recorded once fully arrived;
+    ``job-per-file`` posts each path as a job of its own, one after the other, as a
+    C-STORE or STOW-RS stream of single images would come, while the worker runs them.
+    Jobs are sent with ``force``: their instances are inferred even when the same instance
     was processed before (the bench submits the same files in every round).
 
     Raises:
@@ -104,27 +116,39 @@ def run_job(
     started_at = datetime.now(UTC)
     start = time.perf_counter()
     if submit == "paths":
-        job = stack.client.submit_paths([str(p.resolve()) for p in files], models=models, force=True)
+        jobs = [stack.client.submit_paths([str(p.resolve()) for p in files], models=models, force=True)]
+    elif submit == SUBMIT_JOB_PER_FILE:
+        jobs = [stack.client.submit_paths([str(p.resolve())], models=models, force=True) for p in files]
     else:
-        job = stack.client.upload(list(files), models=models, force=True)
+        jobs = [stack.client.upload(list(files), models=models, force=True)]
     upload_s = time.perf_counter() - start
-    job_id, total = str(job["id"]), len(files)
-    if submit != "paths" and int(job["counts"]["total"]) != total:
+    job_ids, total = [str(job["id"]) for job in jobs], len(files)
+    if submit == "upload" and int(jobs[0]["counts"]["total"]) != total:
         raise BenchError(
-            f"job {job_id} registered {job['counts']['total']} instances; {total} files were sent"
+            f"job {job_ids[0]} registered {jobs[0]['counts']['total']} instances; {total} files were sent"
         )
-    while _final_count(stack, job_id) < total:
+    what = f"job {job_ids[0]}" if len(job_ids) == 1 else f"{len(job_ids)} jobs ({job_ids[0]}, ...)"
+    while _final_count(stack, job_ids) < total:
         stack.check_alive()
         if time.perf_counter() - start > timeout:
             raise BenchError(
-                f"job {job_id} did not finish within {timeout:g}s: {_counts(stack, job_id)}\n"
+                f"{what} did not finish within {timeout:g}s: {_counts(stack, job_ids)}\n"
                 f"{log_tail(stack.logs / 'worker.log')}"
             )
         time.sleep(POLL_SECONDS)
     total_s = time.perf_counter() - start
-    first, last = _result_span(stack, job_id, started_at)
-    registered = _registered_s(stack, job_id, started_at) if submit == "paths" else None
-    return JobRun(job_id, total, upload_s, total_s, _counts(stack, job_id), first, last, registered)
+    first, last = _result_span(stack, job_ids, started_at)
+    registered = _registered_s(stack, job_ids, started_at) if submit != "upload" else None
+    counts = _counts(stack, job_ids)
+    return JobRun(job_ids[0], total, upload_s, total_s, counts, first, last, registered, jobs=len(job_ids))
+
+
+def _submitted(submit: str, files: int) -> str:
+    if submit == "paths":
+        return f"{files} paths, read in place"
+    if submit == SUBMIT_JOB_PER_FILE:
+        return f"{files} jobs of one path each, posted one after the other"
+    return "one tar archive" if files > MAX_PARTS else f"{files} multipart parts"
 
 
 def warm_up(
@@ -167,10 +191,9 @@ def pipeline(
     settings = stack.settings
     detail: dict[str, object] = {
         "job_id": run.job_id,
+        "jobs": run.jobs,
         "counts": run.counts,
-        "submit": f"{len(files)} paths, read in place"
-        if submit == "paths"
-        else ("one tar archive" if len(files) > MAX_PARTS else f"{len(files)} multipart parts"),
+        "submit": _submitted(submit, len(files)),
         "upload_s": round(run.upload_s, 3),
         "registered_s": None if run.registered_s is None else round(run.registered_s, 3),
         "first_result_s": None if run.first_result_s is None else round(run.first_result_s, 3),
