@@ -3,11 +3,14 @@
 One forward pass with the target layer's activations kept, then one backward pass per
 label that some image of the batch scores above the threshold. In eval mode the images
 of a batch do not interact, so summing a label's logits over the selected images gives
-each image its own gradient (Selvaraju et al., 2017).
+each image its own gradient (Selvaraju et al., 2017). Inference streams share a model:
+each call keeps the activations of its own thread's forward pass, and takes gradients
+with respect to them alone (no parameter gradients accumulate).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,10 +47,9 @@ def _target_layer(model: LoadedModel) -> nn.Module:
         raise ModelError(f"{model.card.name}: gradcam_layer {name!r} is not a submodule") from None
 
 
-def _normalised_cam(activations: Tensor, size: torch.Size) -> Tensor:
+def _normalised_cam(activations: Tensor, grad: Tensor, size: torch.Size) -> Tensor:
     """Gradient-weighted activations, ReLU, upsampled to the input size, peak scaled to 1."""
-    assert activations.grad is not None
-    weights = activations.grad.mean(dim=(2, 3), keepdim=True)
+    weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
     cam = nn.functional.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
     peak = cam.amax(dim=(1, 2), keepdim=True)
@@ -64,10 +66,11 @@ def explain(model: LoadedModel, batch: Tensor, threshold: float, rows: int | Non
     rows = batch.shape[0] if rows is None else rows
     layer = _target_layer(model)
     captured: list[Tensor] = []
+    caller = threading.get_ident()
 
     def keep(_: nn.Module, __: object, output: Tensor) -> None:
-        output.retain_grad()
-        captured.append(output)
+        if threading.get_ident() == caller:  # another stream's forward pass fires this hook too
+            captured.append(output)
 
     maps: list[dict[str, np.ndarray]] = [{} for _ in range(rows)]
     handle = layer.register_forward_hook(keep)
@@ -80,9 +83,9 @@ def explain(model: LoadedModel, batch: Tensor, threshold: float, rows: int | Non
             activations = captured[-1]
             labels = [k for k in range(logits.shape[1]) if bool(selected[:, k].any())]
             for n, k in enumerate(labels):
-                activations.grad = None
-                (logits[:, k] * selected[:, k]).sum().backward(retain_graph=n < len(labels) - 1)
-                cam = _normalised_cam(activations, batch.shape[-2:]).cpu().numpy()
+                score = (logits[:, k] * selected[:, k]).sum()
+                (grad,) = torch.autograd.grad(score, activations, retain_graph=n < len(labels) - 1)
+                cam = _normalised_cam(activations, grad, batch.shape[-2:]).cpu().numpy()
                 for i in torch.nonzero(selected[:, k]).flatten().tolist():
                     maps[i][model.card.labels[k]] = cam[i].astype(np.float32)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from radq.settings import BUNDLED_MODEL_DIR
-from workers.gradcam import explain, to_png
+from workers.gradcam import Explained, explain, to_png
 from workers.inference import predict, to_batch
 from workers.models.loader import LoadedModel, load_model
 
@@ -46,6 +47,39 @@ def test_threshold_selects_labels(model: LoadedModel) -> None:
     for row, maps in zip(probs, explained.saliency, strict=True):
         assert set(maps) == {label for label, p in row.items() if p >= threshold}
     assert explain(model, to_batch(model, inputs), 1.0).saliency == [{}, {}, {}]
+
+
+def test_streams_explaining_at_once_on_one_model_get_their_own_maps(model: LoadedModel) -> None:
+    # A CPU worker's inference streams share the model: each one's forward pass fires the
+    # other's hook, and a map must come from its own batch (it once failed the batch).
+    inputs = _inputs(6)
+    batches = [to_batch(model, inputs[:3]), to_batch(model, inputs[3:])]
+    alone = [explain(model, b, threshold=0.0) for b in batches]
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+    got: list[list[Explained]] = [[], []]
+
+    def run(i: int) -> None:
+        try:
+            for _ in range(15):
+                start.wait()
+                got[i].append(explain(model, batches[i], threshold=0.0))
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+            start.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(2):
+        for explained in got[i]:
+            assert explained.probabilities == alone[i].probabilities
+            for row, maps in enumerate(explained.saliency):
+                for label, m in maps.items():
+                    np.testing.assert_allclose(m, alone[i].saliency[row][label], atol=1e-4)
 
 
 def test_png_is_8_bit_grayscale_of_the_map() -> None:
