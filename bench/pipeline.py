@@ -22,9 +22,9 @@ from radq.client import MAX_PARTS
 from workers.device import resolve_device
 from workers.engine import infer_streams
 
-SUBMIT_MODES = ("paths", "upload", "job-per-file")
-"""How the pipeline figure submits its files (see :func:`run_job`)."""
 SUBMIT_JOB_PER_FILE = "job-per-file"
+SUBMIT_MODES = ("paths", "upload", SUBMIT_JOB_PER_FILE)
+"""How the pipeline figure submits its files (see :func:`run_job`)."""
 POLL_SECONDS = 0.1
 """How often the database is asked whether the job is finished."""
 

@@ -214,10 +214,10 @@ def _sop_instance_uid(fp: BinaryIO, size: int) -> str | None:
     return uid if uid is not None and is_uid(uid) else None
 
 
-def _content_key(claimed: Claimed, source: Source) -> ContentKey:
+def _content_key(source: Source) -> ContentKey:
     if isinstance(source, StoredBlob):  # uploads are stored under their hash
         head = source.store.read_head(source.sha256, KEY_HEAD_BYTES)
-        return ContentKey(_sop_instance_uid(io.BytesIO(head), len(head)), claimed.location)
+        return ContentKey(_sop_instance_uid(io.BytesIO(head), len(head)), source.sha256)
     sha = sha256_of(source)
     with source.open("rb") as fp:
         return ContentKey(_sop_instance_uid(fp, os.fstat(fp.fileno()).st_size), sha)
@@ -236,7 +236,7 @@ def content_keys(items: Sequence[tuple[Claimed, Source]]) -> list[ContentKey]:
         key = ContentKey(None, None)
         with log_context(job_id=claimed.job_id, instance_id=claimed.id), pydicom_notes([]):
             try:
-                key = _content_key(claimed, source)
+                key = _content_key(source)
             except Exception:  # unreadable or hostile: load reports it with its reason
                 log.debug("no content key for instance %s", claimed.id, exc_info=True)
         keys.append(key)

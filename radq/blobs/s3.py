@@ -32,8 +32,12 @@ _EMPTY_RANGE = {"416", "InvalidRange"}
 _RETRIES = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
 
 
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code"))
+
+
 def _not_found(exc: ClientError) -> bool:
-    return str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND
+    return _error_code(exc) in _NOT_FOUND
 
 
 class S3BlobStore:
@@ -135,32 +139,27 @@ class S3BlobStore:
             path.unlink(missing_ok=True)
 
     def read(self, sha256: str) -> bytes:
-        try:
-            answer = self.client().get_object(Bucket=self.bucket, Key=self.key_for(sha256))
-            body: bytes = answer["Body"].read()
-        except ClientError as exc:
-            if _not_found(exc):
-                raise missing(sha256, self) from None
-            raise self._unavailable(f"reading {sha256}", exc) from None
-        except BotoCoreError as exc:
-            raise self._unavailable(f"reading {sha256}", exc) from None
-        return body
+        return self._get(sha256, f"reading {sha256}")
 
     def read_head(self, sha256: str, size: int) -> bytes:
+        body = self._get(sha256, f"reading the head of {sha256}", byte_range=f"bytes=0-{size - 1}")
+        return body[:size]  # a server that ignores Range sends it all
+
+    def _get(self, sha256: str, doing: str, *, byte_range: str | None = None) -> bytes:
+        """The object's body, or the ``byte_range`` of it (an HTTP Range) that it holds."""
+        options = {"Range": byte_range} if byte_range else {}
         try:
-            answer = self.client().get_object(
-                Bucket=self.bucket, Key=self.key_for(sha256), Range=f"bytes=0-{size - 1}"
-            )
+            answer = self.client().get_object(Bucket=self.bucket, Key=self.key_for(sha256), **options)
             body: bytes = answer["Body"].read()
         except ClientError as exc:
             if _not_found(exc):
                 raise missing(sha256, self) from None
-            if str(exc.response.get("Error", {}).get("Code")) in _EMPTY_RANGE:
+            if byte_range and _error_code(exc) in _EMPTY_RANGE:
                 return b""
-            raise self._unavailable(f"reading the head of {sha256}", exc) from None
+            raise self._unavailable(doing, exc) from None
         except BotoCoreError as exc:
-            raise self._unavailable(f"reading the head of {sha256}", exc) from None
-        return body[:size]  # a server that ignores Range sends it all
+            raise self._unavailable(doing, exc) from None
+        return body
 
     def delete(self, sha256: str, *, unless_written_after: datetime) -> bool:
         modified = self._last_modified(sha256)
