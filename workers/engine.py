@@ -238,7 +238,11 @@ class Engine:
         # others are still decoding and inferring. Interleaved, they would all finish
         # together and the pipeline would drain before the next ones were claimed.
         self._submitting = threading.Lock()
-        self._ready: queue.SimpleQueue[list[_Decoded] | _Call | _Stop] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: on CPython 3.11-3.12 a SimpleQueue.get(timeout=t)
+        # woken by a put whose item another stream took first can wait for the next put,
+        # however long after t, with a partial batch in hand (seen: CT_small left
+        # processing until its lease lapsed). Queue.get re-checks its deadline.
+        self._ready: queue.Queue[list[_Decoded] | _Call | _Stop] = queue.Queue()
         self._threads = [
             threading.Thread(target=self._infer_loop, args=(stream,), name=stream.name, daemon=True)
             for stream in self.streams

@@ -68,7 +68,9 @@ class Writer:
         self._sessions = sessions
         self._metrics = metrics
         self._sleep = sleep
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        # Not SimpleQueue, whose timed get can outlive its timeout until the next put on
+        # CPython 3.11-3.12 (see Engine._ready): a batch would wait for company that never comes.
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="radq-writer", daemon=True)
         self._thread.start()
 

@@ -10,6 +10,7 @@ the process has no OpenMP team beyond the streams'.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from celery import Celery
 from sqlalchemy import select
 
 from db.jobs import NewInstance, add_instances, create_job
+from db.migrate import upgrade
 from db.models import Instance, Result
 from db.session import make_engine, make_sessionmaker, transaction
 from db.status import InstanceStatus, StorageKind
@@ -139,6 +141,50 @@ def test_a_lone_file_is_flushed_at_the_deadline_beside_a_failing_one(
             reason for (reason,) in session.execute(select(Instance.reason).where(Instance.job_id == job_id))
         ]
     assert None in reasons and any("not a DICOM file" in (r or "") for r in reasons), reasons
+
+
+def test_a_stream_waiting_with_a_partial_batch_wakes_at_its_timeout_when_another_takes_the_work(
+    tmp_path: Path,
+) -> None:
+    # A stream holding a partial batch waits for decoded instances with a short timeout.
+    # When a put wakes it but another stream takes the item first, it must still be back
+    # at its timeout: on CPython 3.11-3.12 a queue.SimpleQueue waited for the next put
+    # instead, and at the end of a job none comes, so the partial batch never ran (an
+    # instance left processing until its lease lapsed). Two threads wait as streams do,
+    # a third holds the GIL in slices as a forward pass does, and work arrives slowly.
+    # The queue alone is under test: one database kind will do.
+    database_url = f"sqlite:///{tmp_path / 'radq.db'}"
+    upgrade(database_url)
+    _app, settings = _worker(tmp_path, database_url, 2)
+    engine = get_context(settings).engine
+    timeout, overslept = 0.005, []
+    done = threading.Event()
+
+    def stream() -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            engine._next(timeout)
+            overslept.append(time.monotonic() - started - timeout)
+
+    def busy() -> None:
+        while not done.is_set():
+            sum(range(20_000))
+
+    threads = [threading.Thread(target=stream) for _ in range(2)] + [threading.Thread(target=busy)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(12):
+            engine._ready.put([])  # an empty group: the streams take it and find nothing to add
+            time.sleep(0.5)
+    finally:
+        done.set()
+        for _ in range(2):
+            engine._ready.put([])
+        for thread in threads:
+            thread.join()
+    assert len(overslept) > 100, "the waiting threads barely ran"
+    assert max(overslept) < 0.25, f"a wait outlived its {timeout} s timeout by {max(overslept):.2f} s"
 
 
 @pytest.mark.parametrize(
