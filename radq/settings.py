@@ -101,7 +101,8 @@ class Settings(BaseSettings):
         0.1,
         ge=0,
         le=60,
-        description="Seconds a partly filled batch waits for more images before it runs anyway.",
+        description="Seconds a partly filled batch waits for more images before it runs anyway; it "
+        "runs at once when no more are being decoded.",
     )
     decode_ahead: int = Field(
         0,

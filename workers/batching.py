@@ -1,11 +1,12 @@
 """The inference stage: per-model queues of frames from every message, one forward pass per batch.
 
-Frames wait in a queue per (model, explain threshold) until it holds a batch, or until
+Frames wait in a queue per (model, explain threshold) until it holds a batch, until
 the oldest has waited ``deadline`` seconds (a small urgent job is not held back for
-company). Batches mix instances, studies and messages. Multi-frame inputs (card frame
-policy ``all``) are spread over batches; an instance's output per label is the maximum
-over its frames, with that frame's saliency map. A batch the device has no memory for
-is split in halves (and the model's batch size lowered) rather than failed.
+company), or until the engine has nothing more on its way to them (:meth:`Batcher.drain`).
+Batches mix instances, studies and messages. Multi-frame inputs (card frame policy
+``all``) are spread over batches; an instance's output per label is the maximum over its
+frames, with that frame's saliency map. A batch the device has no memory for is split in
+halves (and the model's batch size lowered) rather than failed.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -58,6 +59,8 @@ DECODE_PRELOAD = ("workers.prepare",)
 """Imported once by the decode processes' server, so each new decode process starts warm."""
 STAGE_LOG_S = 30.0
 """How often a busy inference stream logs where its time went."""
+IDLE_CHECK_S = 0.01
+"""How often a stream holding a partial batch looks whether more instances can still come."""
 MAX_AUTO_STREAMS = 4
 """Inference streams a CPU worker runs by default, at most: each holds a batch's activations."""
 GROUP_MAX = 8
@@ -238,6 +241,14 @@ class Engine:
         # others are still decoding and inferring. Interleaved, they would all finish
         # together and the pipeline would drain before the next ones were claimed.
         self._submitting = threading.Lock()
+        # Instances sent to the decode processes that no stream has taken yet, and messages
+        # whose instances are still to be sent. At 0 and 0 no more can come until a message
+        # in hand finishes, which waits for the partial batches: those run at once instead
+        # of at their deadline (RADQ_BATCH_DEADLINE), or a worker fed one-file jobs would
+        # wait the deadline out for every message.
+        self._coming = 0
+        self._messages_preparing = 0
+        self._coming_lock = threading.Lock()
         # queue.Queue, not SimpleQueue: on CPython 3.11-3.12 a SimpleQueue.get(timeout=t)
         # woken by a put whose item another stream took first can wait for the next put,
         # however long after t, with a partial batch in hand (seen: CT_small left
@@ -272,6 +283,14 @@ class Engine:
         """Decode, infer and write ``claimed``; returns once all their outcomes are in SQL
         (or after ``chunk_time_limit``, leaving the rest to the reaper)."""
         chunk = Chunk(job_id, {c.id for c in claimed})
+        with self._preparing():
+            self._submit(chunk, claimed, model_names, options)
+        return self._wait(chunk)
+
+    def _submit(
+        self, chunk: Chunk, claimed: Sequence[Claimed], model_names: Sequence[str], options: dict[str, Any]
+    ) -> None:
+        """Send what needs decoding to the decode processes; record the rest's outcomes."""
         try:
             models = self._models(model_names)
         except ModelError as exc:
@@ -279,7 +298,7 @@ class Engine:
                 self.metrics.failed.labels(name).inc(len(claimed))
             for c in claimed:
                 self.writer.outcome(chunk, c.id, InstanceStatus.FAILED, f"model unavailable: {exc}")
-            return self._wait(chunk)
+            return
         todo: list[tuple[Claimed, str | None]] = [(c, None) for c in claimed]
         if options.get("dedup"):
             todo = self._reuse_known(chunk, claimed, models)
@@ -292,8 +311,8 @@ class Engine:
                 group = items[start : start + size]
                 for _ in group:
                     self._slots.acquire()  # back-pressure: at most decode_ahead instances decoded and waiting
+                self._count_coming(len(group))
                 self._decode(group)
-        return self._wait(chunk)
 
     def _decode(self, group: list[_Decoded]) -> None:
         """Send ``group`` (instances of one message) to a decode process as one task."""
@@ -379,6 +398,25 @@ class Engine:
         fresh = reuse_known(self.sessions, readable, [m.card for m in models], self.writer, chunk)
         return {p.claimed.id: p.metadata["content_sha256"] for p in fresh}
 
+    def _count_coming(self, change: int) -> None:
+        with self._coming_lock:
+            self._coming += change
+
+    @contextmanager
+    def _preparing(self) -> Iterator[None]:
+        """While inside, a message's instances are still to be sent (deduplication reads
+        their keys first): more is on its way to the streams."""
+        with self._coming_lock:
+            self._messages_preparing += 1
+        try:
+            yield
+        finally:
+            with self._coming_lock:
+                self._messages_preparing -= 1
+
+    def _more_coming(self) -> bool:
+        return bool(self._coming or self._messages_preparing)
+
     def _wait(self, chunk: Chunk) -> ChunkReport:
         if not chunk.done.wait(self.settings.chunk_time_limit):
             log.error(
@@ -416,7 +454,10 @@ class Engine:
             self._log_stages(stream)
             try:
                 stop = self._take_decoded(stream)
-                stream.batcher.run_due()
+                if self._more_coming():
+                    stream.batcher.run_due()
+                else:  # nothing else can join these batches before they run
+                    stream.batcher.drain()
                 if stop:
                     stream.batcher.drain()
                     return
@@ -440,16 +481,18 @@ class Engine:
                     item.future.set_exception(exc)
 
     def _take_decoded(self, stream: _Stream) -> bool:
-        """Wait for a decoded instance (until the stream's partial batch is due, or idle, the
-        stage log's period), then take every one decoded so far, running the batches they
-        fill; returns whether to stop. Streams take from one queue: a stream busy with a
-        forward pass leaves what arrives meanwhile to the others."""
+        """Wait for a decoded instance (with a partial batch, until it is due or
+        :data:`IDLE_CHECK_S`; idle, the stage log's period), then take every one decoded so
+        far, running the batches they fill; returns whether to stop. Streams take from one
+        queue: a stream busy with a forward pass leaves what arrives meanwhile to the others."""
         queued = stream.batcher.frames_queued
         waiting = time.perf_counter()
-        item = self._next(stream.batcher.due_in() if queued else STAGE_LOG_S)
+        due_in = stream.batcher.due_in()
+        item = self._next(min(due_in, IDLE_CHECK_S) if due_in is not None else STAGE_LOG_S)
         if queued or item is not None:  # idle with nothing to do is not waiting
             stream.waited_s += time.perf_counter() - waiting
         while isinstance(item, list):
+            self._count_coming(-len(item))
             for decoded in item:
                 self._slots.release()
                 self._add(stream, decoded)

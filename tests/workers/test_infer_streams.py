@@ -38,10 +38,10 @@ BATCH = 4
 
 
 def _worker(tmp_path: Path, database_url: str, streams: int, **overrides: Any) -> tuple[Celery, Settings]:
+    options: dict[str, Any] = {"batch_deadline": 0.05, **overrides}
     settings = make_settings(
         tmp_path / f"streams-{streams}", database_url, "memory://",
-        batch_size=BATCH, decode_processes=2, device="cpu", batch_deadline=0.05, infer_streams=streams,
-        **overrides,
+        batch_size=BATCH, decode_processes=2, device="cpu", infer_streams=streams, **options,
     )  # fmt: skip
     app = create_worker_app(settings)
     app.conf.task_always_eager = True
@@ -129,8 +129,9 @@ def test_two_streams_share_the_work_and_give_the_results_of_one(
 def test_a_lone_file_is_flushed_at_the_deadline_beside_a_failing_one(
     tmp_path: Path, own_database_url: str, sessions: Any
 ) -> None:
-    # One instance never fills a batch of 4: its stream runs the partial batch at the
-    # deadline, and a file that fails to decode ends with its reason beside it. A short
+    # One instance never fills a batch of 4: its stream runs the partial batch (once nothing
+    # more can come, or at the deadline), and a file that fails to decode ends with its
+    # reason beside it. A short
     # chunk time limit makes a broken flush fail this test instead of hanging it.
     app, _settings = _worker(tmp_path, own_database_url, 2, chunk_time_limit=30)
     job_id, ids = _submit(sessions, [str(SAMPLES / "real" / "CT_small.dcm"), str(Path(__file__))])
@@ -141,6 +142,24 @@ def test_a_lone_file_is_flushed_at_the_deadline_beside_a_failing_one(
             reason for (reason,) in session.execute(select(Instance.reason).where(Instance.job_id == job_id))
         ]
     assert None in reasons and any("not a DICOM file" in (r or "") for r in reasons), reasons
+
+
+def test_a_lone_file_does_not_wait_out_the_batch_deadline(
+    tmp_path: Path, own_database_url: str, sessions: Any
+) -> None:
+    # With nothing else in hand no instance can join a one-file job's partial batch until
+    # that job finishes, so the batch runs at once instead of after RADQ_BATCH_DEADLINE: a
+    # worker fed one-file jobs (C-STORE, STOW-RS, single uploads) is not held 30 s per job.
+    app, _settings = _worker(tmp_path, own_database_url, 1, batch_deadline=30.0, chunk_time_limit=120)
+    ct = str(SAMPLES / "real" / "CT_small.dcm")
+    job_id, ids = _submit(sessions, [ct])  # untimed: starts the decode processes, loads the model
+    assert app.tasks[INFER_CHUNK].apply(args=[job_id, ids]).get()["done"] == 1
+    job_id, ids = _submit(sessions, [ct])
+    started = time.monotonic()
+    report = app.tasks[INFER_CHUNK].apply(args=[job_id, ids]).get()
+    took = time.monotonic() - started
+    assert report["done"] == 1
+    assert took < 10, f"a lone file took {took:.1f} s: held for the 30 s batch deadline"
 
 
 def test_a_stream_waiting_with_a_partial_batch_wakes_at_its_timeout_when_another_takes_the_work(
