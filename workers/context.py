@@ -7,6 +7,7 @@ initialised in a parent that is about to fork.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,10 @@ class WorkerContext:
 
 _context: WorkerContext | None = None
 _context_pid: int | None = None
+# A worker's first messages arrive together, each on a thread of its own: without the lock
+# each built an engine (decode processes, streams, a model registry of its own), and their
+# instances never shared a batch.
+_building = threading.Lock()
 
 
 def _runtime(settings: Settings) -> Runtime:
@@ -47,6 +52,14 @@ def get_context(settings: Settings, metrics: WorkerMetrics | None = None) -> Wor
     ``metrics`` are the worker process's (served on its metrics port); a fresh, unserved
     set by default.
     """
+    context = _context
+    if context is not None and _context_pid == os.getpid() and context.settings is settings:
+        return context
+    with _building:
+        return _build(settings, metrics)
+
+
+def _build(settings: Settings, metrics: WorkerMetrics | None) -> WorkerContext:
     global _context, _context_pid
     if _context is None or _context_pid != os.getpid() or _context.settings is not settings:
         if _context is not None and _context_pid == os.getpid():

@@ -53,7 +53,6 @@ def test_first_message_finishes_before_the_second_is_half_done(eager: tuple[Cele
             files=[NewInstance(f"ct{i}.dcm", StorageKind.PATH, ct) for i in range(2 * PER_MESSAGE)],
         )
     messages = [ids[:PER_MESSAGE], ids[PER_MESSAGE:]]
-    get_context(settings)  # one engine for both message threads, as in a worker process
     reports: dict[int, dict[str, object]] = {}
 
     def run(index: int) -> None:
@@ -81,3 +80,24 @@ def test_first_message_finishes_before_the_second_is_half_done(eager: tuple[Cele
     assert early < PER_MESSAGE // 2, (
         f"{early} of the second message's {PER_MESSAGE} instances ended with the first"
     )
+
+
+def test_the_first_messages_arriving_together_share_one_engine(eager: tuple[Celery, Settings]) -> None:
+    # A worker's first messages each start on a thread of their own at once. Each used to
+    # build an engine of its own (decode processes, inference streams, models), and their
+    # instances then never shared a batch.
+    _app, settings = eager
+    start = threading.Barrier(4)
+    got: list[object] = []
+
+    def first_message() -> None:
+        start.wait()
+        got.append(get_context(settings))
+
+    threads = [threading.Thread(target=first_message) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(got) == 4
+    assert len({id(context) for context in got}) == 1, "each message thread built a context of its own"
