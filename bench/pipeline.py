@@ -198,7 +198,8 @@ def pipeline(
         "registered_s": None if run.registered_s is None else round(run.registered_s, 3),
         "first_result_s": None if run.first_result_s is None else round(run.first_result_s, 3),
         "last_result_s": None if run.last_result_s is None else round(run.last_result_s, 3),
-        "worker": f"1 worker process ({settings.worker_concurrency} messages in hand)",
+        "worker": f"1 worker process ({settings.worker_concurrency} messages in hand, up to "
+        f"{settings.worker_max_messages} while they are small)",
         "infer_streams": infer_streams(settings, resolve_device(settings.device).type),
         "batch_size": settings.batch_size,
         "chunk_size": settings.chunk_size,

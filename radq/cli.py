@@ -91,7 +91,8 @@ def worker(
     concurrency: Annotated[
         int | None,
         typer.Option(
-            help="Messages processed at once; their instances share batches (RADQ_WORKER_CONCURRENCY, 2)."
+            help="Messages processed at once, more while they are small (up to RADQ_WORKER_MAX_MESSAGES); "
+            "their instances share batches (RADQ_WORKER_CONCURRENCY, 2)."
         ),
     ] = None,
     queues: Annotated[
@@ -118,7 +119,7 @@ def worker(
     from radq.logs import set_worker_name
     from radq.model_card import cards_in
     from radq.routing import DeviceClass, check_worker_queues, worker_queues
-    from workers.app import create_worker_app
+    from workers.app import create_worker_app, pool_threads
     from workers.device import resolve_device
 
     settings = _deployable(_settings(device=device), "worker")
@@ -142,12 +143,15 @@ def worker(
         settings.device, device_class, settings.model_dir, ", ".join(sorted(cards)) or "none",
         ",".join(chosen),
     )  # fmt: skip
+    if concurrency:
+        settings = settings.model_copy(update={"worker_concurrency": concurrency})
     celery_app = create_worker_app(settings)
     argv = [
         # Celery prints its banner straight to stdout; a JSON log keeps one object per line.
         *(["--quiet"] if settings.log_format == "json" else []),
         "worker",
-        f"--concurrency={concurrency or settings.worker_concurrency}",
+        # A thread per message it may hold; the prefetch count (workers.prefetch) says how many.
+        f"--concurrency={pool_threads(settings)}",
         f"--queues={','.join(chosen)}",
         # Threads, not prefork: every message in flight feeds the one engine of this
         # process (batches across messages); decoding runs in the engine's processes.

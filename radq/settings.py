@@ -83,6 +83,14 @@ class Settings(BaseSettings):
         description="Messages one worker process holds at once (radq worker --concurrency); their "
         "instances share batches. A GPU worker that drains between messages wants more.",
     )
+    worker_max_messages: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Most messages one worker process holds while those beyond "
+        "RADQ_WORKER_CONCURRENCY are small (fewer instances than RADQ_BATCH_SIZE): one-file jobs "
+        "then share batches; big messages in hand stay at RADQ_WORKER_CONCURRENCY.",
+    )
     batch_size: int = Field(16, ge=1, le=1024, description="Images per model forward pass.")
     decode_processes: int = Field(
         0,

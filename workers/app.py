@@ -2,7 +2,9 @@
 
 Once Celery has started the worker (``worker_ready``), the process announces itself in
 Redis (:class:`radq.heartbeat.Heartbeat`, which the API counts) and, when
-``RADQ_WORKER_METRICS_PORT`` is set, serves its Prometheus metrics there.
+``RADQ_WORKER_METRICS_PORT`` is set, serves its Prometheus metrics there. Its pool has a
+thread per message it may hold (:func:`pool_threads`); :mod:`workers.prefetch` decides how
+many it takes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from radq.logs import set_worker_name
 from radq.queue import make_celery
 from radq.settings import Settings
 from workers.metrics import WorkerMetrics
+from workers.prefetch import install as install_prefetch
 from workers.tasks import register_tasks
 
 log = logging.getLogger(__name__)
@@ -27,10 +30,16 @@ def _consumed_queues(app: Celery) -> list[str]:
     return sorted(queues.consume_from or queues)
 
 
+def pool_threads(settings: Settings) -> int:
+    """Threads of the worker's pool: one per message it may hold at once."""
+    return max(settings.worker_concurrency, settings.worker_max_messages)
+
+
 def create_worker_app(settings: Settings) -> Celery:
     app = make_celery(settings)
     metrics = WorkerMetrics()
     register_tasks(app, settings, metrics)
+    install_prefetch(app, settings.worker_concurrency, settings.worker_max_messages, settings.batch_size)
     beats: list[Heartbeat] = []
 
     # radq configures logging itself (RADQ_LOG_FORMAT); a receiver here keeps Celery off it.

@@ -242,7 +242,7 @@ class Engine:
         # together and the pipeline would drain before the next ones were claimed.
         self._submitting = threading.Lock()
         # Instances sent to the decode processes that no stream has taken yet, and messages
-        # whose instances are still to be sent. At 0 and 0 no more can come until a message
+        # whose instances are still to be sent (:meth:`arriving`). At 0 and 0 no more can come until a message
         # in hand finishes, which waits for the partial batches: those run at once instead
         # of at their deadline (RADQ_BATCH_DEADLINE), or a worker fed one-file jobs would
         # wait the deadline out for every message.
@@ -283,7 +283,7 @@ class Engine:
         """Decode, infer and write ``claimed``; returns once all their outcomes are in SQL
         (or after ``chunk_time_limit``, leaving the rest to the reaper)."""
         chunk = Chunk(job_id, {c.id for c in claimed})
-        with self._preparing():
+        with self.arriving():
             self._submit(chunk, claimed, model_names, options)
         return self._wait(chunk)
 
@@ -403,9 +403,10 @@ class Engine:
             self._coming += change
 
     @contextmanager
-    def _preparing(self) -> Iterator[None]:
-        """While inside, a message's instances are still to be sent (deduplication reads
-        their keys first): more is on its way to the streams."""
+    def arriving(self) -> Iterator[None]:
+        """While inside, a message's instances are on their way to the streams (being
+        claimed, or their keys read for deduplication): partial batches wait for them, up to
+        ``RADQ_BATCH_DEADLINE``, instead of running at once."""
         with self._coming_lock:
             self._messages_preparing += 1
         try:

@@ -38,7 +38,11 @@ def run_chunk(
 def _run_chunk(
     ctx: WorkerContext, job_id: str, instance_ids: Sequence[int], worker: str | None
 ) -> ChunkReport:
-    with transaction(ctx.sessions) as session:
+    # While it claims, this message's instances count as on their way: partial batches wait
+    # for them. Messages taken together (one-file jobs) claim one after the other, and the
+    # first would otherwise run alone while the rest still claim. (Engine.process counts
+    # them on from its start.)
+    with ctx.engine.arriving(), transaction(ctx.sessions) as session:
         job = get_job(session, job_id)
         if job is not None and ctx.models.device.type != "cuda":
             handed = _hand_back(ctx, session, job, instance_ids)
