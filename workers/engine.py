@@ -328,7 +328,10 @@ class Engine:
         if AUTO in names:
             expanded = (self.models.auto_names() if name == AUTO else [name] for name in names)
             names = list(dict.fromkeys(n for group in expanded for n in group))
-        return [self._on_infer_thread(partial(self.models.get, name)) for name in names]
+        # Loaded models are taken at once: through a stream, each message waited for a forward
+        # pass to end before its files could start decoding.
+        load = self.models.get
+        return [self.models.loaded(name) or self._on_infer_thread(partial(load, name)) for name in names]
 
     def _on_infer_thread(self, fn: Callable[[], T]) -> T:
         """``fn()`` run by an inference stream's thread: only those run torch in this process.

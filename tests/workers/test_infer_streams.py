@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,29 @@ def test_a_stream_waiting_with_a_partial_batch_wakes_at_its_timeout_when_another
             thread.join()
     assert len(overslept) > 100, "the waiting threads barely ran"
     assert max(overslept) < 0.25, f"a wait outlived its {timeout} s timeout by {max(overslept):.2f} s"
+
+
+def test_a_message_for_a_loaded_model_does_not_wait_for_a_stream(tmp_path: Path) -> None:
+    # Models load on a stream's thread (only those run torch). Once loaded, a message takes
+    # them at once: waiting for a stream meant waiting for its forward pass to end before
+    # the message's files could start decoding.
+    database_url = f"sqlite:///{tmp_path / 'radq.db'}"
+    upgrade(database_url)
+    _app, settings = _worker(tmp_path, database_url, 2)
+    engine = get_context(settings).engine
+    engine._models(["radq-smoke"])  # loads it, on a stream
+    busy = threading.Event()
+    for _ in engine.streams:  # each stream in a long "forward pass"
+        engine._ready.put(engine_module._Call(lambda: busy.wait(60), Future()))
+    got: list[object] = []
+    message = threading.Thread(target=lambda: got.append(engine._models(["radq-smoke"])))
+    message.start()
+    message.join(timeout=10)
+    waited = message.is_alive()
+    busy.set()
+    message.join()
+    assert not waited, "a message waited for a busy stream to hand it a loaded model"
+    assert got
 
 
 @pytest.mark.parametrize(

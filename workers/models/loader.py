@@ -286,6 +286,10 @@ class ModelRegistry:
         """The models a job asking for ``auto`` runs (cards with ``auto_route``)."""
         return [name for name, (_, card) in discover_cards(self.root).items() if card.auto_route]
 
+    def loaded(self, name: str) -> LoadedModel | None:
+        """The model if it is loaded already, else None; never waits (a load holds the lock)."""
+        return self._loaded.get(name)
+
     def get(self, name: str) -> LoadedModel:
         with self._lock:
             if name not in self._loaded:
