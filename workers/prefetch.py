@@ -12,6 +12,7 @@ up until their instances fill batches.
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections import Counter
@@ -20,6 +21,8 @@ from typing import Any, Protocol
 from celery import Celery, bootsteps, signals
 
 from radq.tasks import INFER_CHUNK
+
+log = logging.getLogger(__name__)
 
 
 class _QoS(Protocol):
@@ -97,6 +100,10 @@ def install(app: Celery, base: int, most: int, small_below: int) -> SmallMessage
 
         def start(self, c: Any) -> None:
             policy.attach(c.qos)
+            log.info(
+                "holding %d message(s) at once, up to %d while they are small (under %d instances)",
+                policy.base, policy.most, policy.small_below,
+            )  # fmt: skip
 
     def on_received(sender: Any, request: Any, **_: Any) -> None:  # sender: the consumer
         if sender.app is app and request.name == INFER_CHUNK:

@@ -46,7 +46,8 @@ def test_worker_health_sees_the_running_worker_and_not_a_missing_one(stack: Stac
 def test_worker_takes_its_concurrency_from_the_settings(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    """RADQ_WORKER_CONCURRENCY sets the messages in hand; --concurrency still overrides it."""
+    """RADQ_WORKER_CONCURRENCY sets the messages in hand; --concurrency still overrides it.
+    The pool has a thread for each message the worker may hold while they are small."""
     settings = make_settings(tmp_path, database_url, redis_url)
     env = {**settings.to_env(), "RADQ_WORKER_CONCURRENCY": "3"}
     for args, expected in (([], 3), (["--concurrency", "5"], 5)):
@@ -59,6 +60,8 @@ def test_worker_takes_its_concurrency_from_the_settings(
                 assert worker.poll() is None, log_file.read_text(errors="replace")
                 assert time.monotonic() < deadline, "the worker never became ready"
                 time.sleep(0.2)
-            assert re.search(rf"concurrency:\s+{expected} \(thread\)", log_file.read_text(errors="replace"))
+            text = log_file.read_text(errors="replace")
+            assert re.search(rf"holding {expected} message\(s\) at once, up to 16 while they are small", text)
+            assert re.search(r"concurrency:\s+16 \(thread\)", text)
         finally:
             stop(worker)
