@@ -107,7 +107,10 @@ def install(app: Celery, base: int, most: int, small_below: int) -> SmallMessage
 
     def on_received(sender: Any, request: Any, **_: Any) -> None:  # sender: the consumer
         if sender.app is app and request.name == INFER_CHUNK:
-            policy.received(request.id, len(request.args[1]))
+            args = request.args  # (job id, instance ids); a malformed message fails in its task
+            ids = args[1] if len(args) == 2 and isinstance(args[1], list) else None
+            if ids is not None:
+                policy.received(request.id, len(ids))
 
     def on_finished(sender: Any = None, task_id: str | None = None, request: Any = None, **_: Any) -> None:
         # task_postrun names the task id; task_revoked (never run) its request
