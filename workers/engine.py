@@ -242,12 +242,12 @@ class Engine:
         # together and the pipeline would drain before the next ones were claimed.
         self._submitting = threading.Lock()
         # Instances sent to the decode processes that no stream has taken yet, and messages
-        # whose instances are still to be sent (:meth:`arriving`). At 0 and 0 no more can come until a message
-        # in hand finishes, which waits for the partial batches: those run at once instead
-        # of at their deadline (RADQ_BATCH_DEADLINE), or a worker fed one-file jobs would
-        # wait the deadline out for every message.
+        # whose instances are still on their way (:meth:`arriving`). At 0 and 0 no more can
+        # come until a message in hand finishes, which waits for the partial batches: those
+        # run at once instead of at their deadline (RADQ_BATCH_DEADLINE), or a worker fed
+        # one-file jobs would wait the deadline out for every message.
         self._coming = 0
-        self._messages_preparing = 0
+        self._messages_arriving = 0
         self._coming_lock = threading.Lock()
         # queue.Queue, not SimpleQueue: on CPython 3.11-3.12 a SimpleQueue.get(timeout=t)
         # woken by a put whose item another stream took first can wait for the next put,
@@ -411,15 +411,15 @@ class Engine:
         claimed, or their keys read for deduplication): partial batches wait for them, up to
         ``RADQ_BATCH_DEADLINE``, instead of running at once."""
         with self._coming_lock:
-            self._messages_preparing += 1
+            self._messages_arriving += 1
         try:
             yield
         finally:
             with self._coming_lock:
-                self._messages_preparing -= 1
+                self._messages_arriving -= 1
 
     def _more_coming(self) -> bool:
-        return bool(self._coming or self._messages_preparing)
+        return bool(self._coming or self._messages_arriving)
 
     def _wait(self, chunk: Chunk) -> ChunkReport:
         if not chunk.done.wait(self.settings.chunk_time_limit):

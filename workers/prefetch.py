@@ -78,8 +78,7 @@ class SmallMessages:
 
     def finished(self, task_id: str) -> None:
         with self._lock:
-            if not self._ids[task_id]:  # a big message
-                del self._ids[task_id]
+            if not self._ids[task_id]:  # a big message (a Counter reads 0 without storing it)
                 return
             self._ids[task_id] -= 1
             if not self._ids[task_id]:
