@@ -16,7 +16,9 @@ from db.status import Scope
 from db.tokens import find_active_token
 
 
-def get_state(request: Request) -> AppState:
+# Dependencies that do no I/O are coroutines: FastAPI runs each plain ``def`` dependency on a
+# thread of its pool, a hop there and back per request.
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.radq
     return state
 
@@ -32,7 +34,7 @@ def get_session(state: StateDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_registrar(request: Request) -> Registrar:
+async def get_registrar(request: Request) -> Registrar:
     registrar: Registrar = request.app.state.registrar
     return registrar
 
@@ -91,13 +93,17 @@ class RequireScope:
     def __init__(self, scope: Scope) -> None:
         self.scope = scope
 
-    def __call__(self, caller: CallerDep) -> Caller:
-        if not caller.scope.allows(self.scope):
-            raise HTTPException(
-                403, f"this needs a token with scope '{self.scope}' or above; token '{caller.name}' has "
-                f"'{caller.scope}'",
-            )  # fmt: skip
-        return caller
+    async def __call__(self, caller: CallerDep) -> Caller:
+        return _require(self.scope, caller)
+
+
+def _require(scope: Scope, caller: Caller) -> Caller:
+    if not caller.scope.allows(scope):
+        raise HTTPException(
+            403, f"this needs a token with scope '{scope}' or above; token '{caller.name}' has "
+            f"'{caller.scope}'",
+        )  # fmt: skip
+    return caller
 
 
 ReadDep = Annotated[Caller, Depends(RequireScope(Scope.READ))]
@@ -108,11 +114,11 @@ AdminDep = Annotated[Caller, Depends(RequireScope(Scope.ADMIN))]
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def default_scope(request: Request, caller: CallerDep) -> Caller:
+async def default_scope(request: Request, caller: CallerDep) -> Caller:
     """Every /v1 and /dicomweb route's floor: reading needs 'read', anything else 'submit'.
 
     Routes declare their scope too (``SubmitDep``, ``AdminDep``); this keeps a route that
     forgets from being open to a read-only token.
     """
     needed = Scope.READ if request.method in _SAFE_METHODS else Scope.SUBMIT
-    return RequireScope(needed)(caller)
+    return _require(needed, caller)

@@ -25,8 +25,8 @@ from sqlalchemy.exc import OperationalError
 from api.ingest import Ingest, is_archive_name
 from api.paths import inside_roots, walk_files
 from api.state import AppState
-from api.submit import enqueue, notify_ended
-from db.jobs import NewInstance
+from api.submit import notify_ended, publish
+from db.jobs import NewInstance, mark_queued
 from db.session import transaction
 from db.sources import (
     SourceRef,
@@ -102,7 +102,7 @@ class Registrar:
             for n, source in enumerate(walks, 1):
                 self._run_one(source, unpublished, last=n == len(walks))
         finally:
-            self._publish(sources[0], unpublished, everything=True)
+            self._queue(sources[0], unpublished, everything=True)
 
     def _run_files(self, sources: list[SourceRef], unpublished: list[int], *, last: bool) -> bool:
         """Register listed files (sources that are one plain file each) in one transaction.
@@ -121,8 +121,9 @@ class Registrar:
             if ids is None:
                 return False
             unpublished.extend(ids)
-            self._publish(sources[0], unpublished, everything=last)
+            published = self._publish(sources[0], unpublished, everything=last)
             with transaction(self.state.sessions) as session:
+                mark_queued(session, published)
                 notify = leave_registering(session, job_id)
             log.info("registered %d listed file(s) for job %s", len(sources), job_id)
             if notify:
@@ -188,27 +189,39 @@ class Registrar:
                     self._finish(source, SourceStatus.CANCELLED, CANCELLED_NOTE)
                     return
                 unpublished.extend(ids)
-                self._publish(source, unpublished)
+                self._queue(source, unpublished)
         except OSError as exc:
             self._finish(source, SourceStatus.FAILED, f"enumeration stopped after {seen} files: {exc}")
             return
         # The job's last source: every instance queued before the job reads as registered.
-        self._publish(source, unpublished, everything=last)
+        self._queue(source, unpublished, everything=last)
         self._finish(source, SourceStatus.DONE, None if seen else "no files found")
 
-    def _publish(self, source: SourceRef, unpublished: list[int], *, everything: bool = False) -> None:
-        """Publish the whole chunks among ``unpublished`` (all of it when ``everything``)."""
+    def _queue(self, source: SourceRef, unpublished: list[int], *, everything: bool = False) -> None:
+        """Publish the whole chunks among ``unpublished`` (all of it when ``everything``) and
+        mark them queued."""
+        published = self._publish(source, unpublished, everything=everything)
+        if published:
+            with transaction(self.state.sessions) as session:
+                mark_queued(session, published)
+
+    def _publish(self, source: SourceRef, unpublished: list[int], *, everything: bool = False) -> list[int]:
+        """Publish the whole chunks among ``unpublished`` (all of it when ``everything``);
+        returns the ids published, for the caller to mark queued in its next transaction."""
         chunk = self.state.settings.chunk_size
         count = len(unpublished) if everything else len(unpublished) - len(unpublished) % chunk
         if not count:
-            return
+            return []
         ids = unpublished[:count]
-        del unpublished[:count]
         try:
-            enqueue(self.state, source.job_id, ids, source.priority, queue=source.queue)
+            publish(self.state, source.job_id, ids, source.priority, queue=source.queue)
         except TransientError as exc:
-            # Recorded as pending: the maintenance loop publishes them once the broker is back.
+            # Left pending: the maintenance loop publishes them once the broker is back.
             log.warning("%s", exc)
+            return []
+        finally:
+            del unpublished[:count]
+        return ids
 
     def _finish(self, source: SourceRef, status: SourceStatus, note: str | None) -> None:
         with transaction(self.state.sessions) as session:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
+from sqlalchemy.orm import Session
 
 from api.ingest import Ingest
 from api.paths import resolve_submitted
@@ -19,6 +20,10 @@ from radq.model_card import AUTO, cards_in, discover_cards
 from radq.queue import publish_chunks
 from radq.routing import job_queue
 from radq.tasks import NOTIFY_JOB
+
+Recorded = Callable[[Session, str], None]
+"""Called with the session and the new job's id inside the transaction that records the job
+(the route adds its audit event there: one transaction, and no job without its event)."""
 
 
 def resolve_models(state: AppState, requested: Sequence[str] | None) -> list[str]:
@@ -51,6 +56,7 @@ def submit(
     *,
     priority: str = Priority.NORMAL,
     webhook_url: str | None = None,
+    recorded: Recorded | None = None,
 ) -> str:
     """Create a job from whatever ``collect`` adds to an :class:`Ingest`; return its id.
 
@@ -79,6 +85,8 @@ def submit(
             queue=route(state, names),
         )
         ids = add_instances(session, job_id=job.id, files=ingest.files)
+        if recorded:
+            recorded(session, job.id)
     enqueue(state, job.id, ids, priority, queue=job.queue)
     return job.id
 
@@ -91,6 +99,7 @@ def submit_paths(
     *,
     priority: str = Priority.BULK,
     webhook_url: str | None = None,
+    recorded: Recorded | None = None,
 ) -> tuple[str, list[SourceRef]]:
     """Record a job over paths on shared storage, to be enumerated in the background.
 
@@ -120,6 +129,8 @@ def submit_paths(
         )
         lease = state.settings.registration_lease_seconds
         sources = add_sources(session, job_id=job.id, paths=resolved, lease_seconds=lease)
+        if recorded:
+            recorded(session, job.id)
     return job.id, sources
 
 
@@ -140,6 +151,25 @@ def enqueue(
     Raises:
         BrokerUnavailable: the broker is unreachable; the instances stay ``pending``.
     """
+    publish(state, job_id, ids, priority, queue=queue, chunk_size=chunk_size)
+    with transaction(state.sessions) as session:
+        mark_queued(session, ids)
+
+
+def publish(
+    state: AppState,
+    job_id: str,
+    ids: Sequence[int],
+    priority: str,
+    *,
+    queue: str | None = None,
+    chunk_size: int | None = None,
+) -> None:
+    """Publish a job's instances in chunks; the caller marks them queued (``db.jobs.mark_queued``).
+
+    Raises:
+        BrokerUnavailable: the broker is unreachable; the instances stay ``pending``.
+    """
     settings = state.settings
     try:
         publish_chunks(
@@ -155,8 +185,6 @@ def enqueue(
             f"job {job_id} is recorded but could not be queued: the broker is unreachable ({exc}); "
             "it is queued automatically once the broker answers again"
         ) from None
-    with transaction(state.sessions) as session:
-        mark_queued(session, ids)
 
 
 def notify_ended(state: AppState, job_id: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from functools import partial
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -13,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData, UploadFile
 
-from api.audit import audit
+from api.audit import audit, submitted
 from api.deps import ReadDep, RegistrarDep, SessionDep, StateDep, SubmitDep
 from api.ingest import Ingest
 from api.retention import retention_reason
@@ -136,6 +135,11 @@ def _progress(counts: Counts, created: datetime, finished_at: datetime | None) -
 def _form_options(form: FormData) -> SubmitOptions:
     """Submission options from multipart fields (``models`` may repeat or be comma-separated)."""
     keys = ("explain_threshold", "priority", "webhook_url", "force")
+    repeated = [k for k in keys if len(form.getlist(k)) > 1]
+    if repeated:  # which one was meant is unknown: taking the first would hide the mistake
+        raise HTTPException(
+            400, f"invalid request: {repeated[0]}: give it once, not {len(form.getlist(repeated[0]))} times"
+        )
     fields = {k: form.get(k) for k in keys if form.get(k)}
     models = [m.strip() for v in form.getlist("models") if isinstance(v, str) for m in v.split(",")]
     return _validated(SubmitOptions, {"models": models, **fields})
@@ -184,27 +188,36 @@ async def create_job(
                 for upload in uploads:
                     ingest.add_upload(upload.filename or "upload", upload.file)
 
-            job_id = await run_in_threadpool(
-                partial(submit, priority=opts.priority or Priority.NORMAL, webhook_url=opts.webhook_url),
-                state, collect, opts.models, opts.job_options(dedup_by_default=state.settings.dedup),
-            )  # fmt: skip
-        how = f"upload: {len(uploads)} part(s)"
+            def accept_upload() -> JobOut:
+                job_id = submit(
+                    state, collect, opts.models, opts.job_options(dedup_by_default=state.settings.dedup),
+                    priority=opts.priority or Priority.NORMAL, webhook_url=opts.webhook_url,
+                    recorded=submitted(caller, f"upload: {len(uploads)} part(s)"),
+                )  # fmt: skip
+                return _view(state, job_id)
+
+            view = await run_in_threadpool(accept_upload)
     elif content_type.startswith("application/json"):
         body = _validated(PathsRequest, await request.body())
-        job_id, sources = await run_in_threadpool(
-            partial(submit_paths, priority=body.priority or Priority.BULK, webhook_url=body.webhook_url),
-            state, body.paths, body.models, body.job_options(dedup_by_default=state.settings.dedup),
-        )  # fmt: skip
-        registrar.register(sources)
-        how = f"paths: {len(body.paths)}"
+
+        def accept_paths() -> JobOut:
+            job_id, sources = submit_paths(
+                state, body.paths, body.models, body.job_options(dedup_by_default=state.settings.dedup),
+                priority=body.priority or Priority.BULK, webhook_url=body.webhook_url,
+                recorded=submitted(caller, f"paths: {len(body.paths)}"),
+            )  # fmt: skip
+            registrar.register(sources)
+            return _view(state, job_id)
+
+        # One hop to a thread for the whole submission: a one-file job is mostly overhead.
+        view = await run_in_threadpool(accept_paths)
     else:
         raise HTTPException(
             415,
             "send multipart/form-data with 'files' parts, or application/json with {\"paths\": [...]}",
         )
-    await run_in_threadpool(partial(audit, job_id=job_id, detail=how), state, caller, AuditAction.SUBMIT)
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return await run_in_threadpool(_view, state, job_id)
+    response.headers["Location"] = f"/v1/jobs/{view.id}"
+    return view
 
 
 def _view(state: AppState, job_id: str) -> JobOut:

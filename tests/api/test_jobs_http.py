@@ -200,3 +200,6 @@ def test_gradcam_maps_on_request(stack: Stack) -> None:
     assert stack.http.get(f"/v1/saliency/{'0' * 64}.png").status_code == 404
     bad = _upload(stack, [("ct.dcm", ct)], explain_threshold="2")
     assert bad.status_code == 400 and "explain_threshold" in bad.json()["detail"]
+    twice = _upload(stack, [("ct.dcm", ct)], explain_threshold=["0.9", "0.1"])  # which was meant?
+    assert twice.status_code == 400
+    assert twice.json()["detail"] == "invalid request: explain_threshold: give it once, not 2 times"

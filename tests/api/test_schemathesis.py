@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from schemathesis import Case, SerializationContext
 from schemathesis.openapi import from_url
@@ -128,12 +128,22 @@ def _aim(case: Case, pick: int, job_ids: list[str], root: Path) -> None:
         case.body["paths"] = [f"{root}/{p}" if isinstance(p, str) else p for p in case.body["paths"]]
 
 
+def _sends_what_it_means(case: Case) -> bool:
+    """False for a multipart case with an empty list in a field other than ``files``: such a
+    field is sent as no part at all, the request is the one without it, and schemathesis
+    would hold a valid request (``explain_threshold: []``, "became array") to be refused."""
+    if not (case.media_type or "").startswith("multipart/form-data") or not isinstance(case.body, dict):
+        return True
+    return not any(value == [] for name, value in case.body.items() if name != "files")
+
+
 @schema.parametrize()
 @schema.given(pick=st.integers(min_value=0, max_value=2))
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_answers_within_its_schema_and_never_5xx(
     case: Case, pick: int, job_ids: list[str], server: Server
 ) -> None:
+    assume(_sends_what_it_means(case))
     _aim(case, pick, job_ids, server.settings.allowed_roots[0])
     headers = {}
     if any(name.lower() == "authorization" for name in case.headers or {}):
