@@ -225,10 +225,14 @@ def _view(state: AppState, job_id: str) -> JobOut:
         return job_view(session, job_id)
 
 
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+"""What pydantic would read as a number of seconds: ``20240131``, ``1.5``, ``1.19e-07``."""
+
+
 def not_a_number(value: object) -> object:
     """Refuse a number for a date-time: pydantic would read it as Unix time, so ISO 8601's
     basic form ``20240131`` would silently mean 1970-08-23."""
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+(\.\d*)?\s*", value):
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
         raise ValueError("expected an ISO 8601 date-time such as 2024-01-31T00:00:00Z, not a number")
     return value
 

@@ -120,7 +120,7 @@ def test_zip_slip_member_is_stored_by_hash_not_by_name(
 def test_truncated_multipart_body_is_refused_and_records_nothing(client: tuple[httpx.Client, str]) -> None:
     test_client, url = client
     body = (
-        b"--cut\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.dcm\"\r\n"
+        b'--cut\r\nContent-Disposition: form-data; name="files"; filename="a.dcm"\r\n'
         b"Content-Type: application/dicom\r\n\r\n" + b"\0" * 500
     )  # no closing boundary: the client died mid-upload
     response = test_client.post(

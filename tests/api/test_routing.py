@@ -70,7 +70,9 @@ def test_auto_routes_by_modality_and_body_part(stack: Stack) -> None:
         summary = next(s for s in study["summary"] if s["model"] == model)
         assert summary["model_version"] == "0.1.0-random" and summary["aggregation"] == "max"
     us = next(
-        i for s in stack.client.study_results(done["examples_rgb_color.dcm"]["study_instance_uid"])["series"]
-        for i in s["instances"] if i["job_id"] == job["id"]
+        i
+        for s in stack.client.study_results(done["examples_rgb_color.dcm"]["study_instance_uid"])["series"]
+        for i in s["instances"]
+        if i["job_id"] == job["id"]
     )
     assert abs(sum(us["results"][0]["outputs"].values()) - 1.0) < 1e-3  # softmax card

@@ -176,9 +176,10 @@ def test_path_whose_name_is_too_long_is_refused(server: Server) -> None:
 
 def test_since_is_iso_8601_not_unix_time(server: Server) -> None:
     # pydantic reads a number as Unix time: ISO 8601's basic 20240131 would mean 1970-08-23.
-    response = server.http.get("/v1/jobs", params={"since": "20240131"})
-    assert response.status_code == 422, response.text
-    assert "ISO 8601" in response.json()["detail"]
+    for number in ("20240131", "1.5", ".5", "1.192092896e-07", " -2E3 "):  # the last two found by fuzzing
+        response = server.http.get("/v1/jobs", params={"since": number})
+        assert response.status_code == 422, (number, response.text)
+        assert "ISO 8601" in response.json()["detail"]
     assert server.http.get("/v1/jobs", params={"since": "2024-01-31T00:00:00Z"}).status_code == 200
 
 
