@@ -25,6 +25,43 @@ def _table(model: type[Any]) -> Table:
     return cast(Table, model.__table__)
 
 
+@lru_cache(maxsize=1)
+def _claim() -> ReturningUpdate[int, str, str, str, str, int]:
+    # Built once, as the writer's statements are: the ORM-enabled UPDATE built per message
+    # cost a one-file message 1.5 ms of the worker's CPU (SQLite), ten times its SQL.
+    table, jobs = _table(Instance), _table(Job)
+    live_jobs = select(jobs.c.id).where(jobs.c.status != JobStatus.CANCELLED)
+    return (
+        update(table)
+        .where(
+            table.c.id.in_(bindparam("b_ids", expanding=True)),
+            table.c.job_id == bindparam("b_job"),
+            table.c.job_id.in_(live_jobs),
+            table.c.status.in_(WAITING_STATUSES),
+        )
+        .values(
+            status=InstanceStatus.PROCESSING,
+            attempts=table.c.attempts + 1,
+            lease_expires_at=bindparam("b_lease"),
+            worker=bindparam("b_worker"),
+            updated_at=bindparam("b_now"),
+        )
+        .returning(
+            table.c.id, table.c.job_id, table.c.file_name, table.c.storage, table.c.location, table.c.attempts
+        )  # fmt: skip
+    )
+
+
+@lru_cache(maxsize=1)
+def _job_running() -> Update:
+    jobs = _table(Job)
+    return (
+        update(jobs)
+        .where(jobs.c.id == bindparam("b_job"), jobs.c.status == JobStatus.QUEUED)
+        .values(status=JobStatus.RUNNING)
+    )
+
+
 @dataclass(frozen=True)
 class Claimed:
     id: int
@@ -66,40 +103,16 @@ def claim(
     which sends it on its own so that a file that kills workers takes no others down.
     """
     now = utcnow()
-    live_jobs = select(Job.id).where(Job.status != JobStatus.CANCELLED)
-    rows = session.execute(
-        update(Instance)
-        .where(
-            Instance.id.in_(instance_ids),
-            Instance.job_id == job_id,
-            Instance.job_id.in_(live_jobs),
-            Instance.status.in_(WAITING_STATUSES),
-        )
-        .values(
-            status=InstanceStatus.PROCESSING,
-            attempts=Instance.attempts + 1,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            worker=worker,
-            updated_at=now,
-        )
-        .returning(
-            Instance.id,
-            Instance.job_id,
-            Instance.file_name,
-            Instance.storage,
-            Instance.location,
-            Instance.attempts,
-        )
-        .execution_options(synchronize_session=False)
-    ).all()
-    claimed = [Claimed(*row) for row in rows]
-    job_ids = {c.job_id for c in claimed}
-    if job_ids:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED)
-            .values(status=JobStatus.RUNNING)
-        )
+    values = {
+        "b_ids": list(instance_ids),
+        "b_job": job_id,
+        "b_lease": now + timedelta(seconds=lease_seconds),
+        "b_worker": worker,
+        "b_now": now,
+    }
+    claimed = [Claimed(*row) for row in session.execute(_claim(), values).tuples()]
+    if claimed:
+        session.execute(_job_running(), {"b_job": job_id})
     return sorted(claimed, key=lambda c: c.id)
 
 

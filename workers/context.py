@@ -18,6 +18,7 @@ from radq.blobs import BlobStore, open_blob_store
 from radq.settings import Settings
 from workers.device import resolve_device
 from workers.engine import Engine, torch_threads
+from workers.leases import Leases
 from workers.metrics import WorkerMetrics
 from workers.models.loader import ModelRegistry, Runtime
 
@@ -29,6 +30,7 @@ class WorkerContext:
     models: ModelRegistry
     blobs: BlobStore
     engine: Engine
+    leases: Leases
 
 
 _context: WorkerContext | None = None
@@ -64,6 +66,7 @@ def _build(settings: Settings, metrics: WorkerMetrics | None) -> WorkerContext:
     if _context is None or _context_pid != os.getpid() or _context.settings is not settings:
         if _context is not None and _context_pid == os.getpid():
             _context.engine.close()  # settings changed in-process (tests)
+            _context.leases.close()
         runtime = _runtime(settings)
         # Before any stream starts: each thread that runs torch sizes its OpenMP team from it.
         torch.set_num_threads(torch_threads(settings, runtime.device.type))
@@ -74,6 +77,7 @@ def _build(settings: Settings, metrics: WorkerMetrics | None) -> WorkerContext:
         models = ModelRegistry(settings.model_dir, runtime)
         blobs = open_blob_store(settings)
         engine = Engine(settings, sessions, models, blobs, metrics)
-        _context = WorkerContext(settings, sessions, models, blobs, engine)
+        leases = Leases(sessions, settings.lease_seconds)
+        _context = WorkerContext(settings, sessions, models, blobs, engine, leases)
         _context_pid = os.getpid()
     return _context

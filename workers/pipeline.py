@@ -7,8 +7,7 @@ from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
-from db.jobs import get_job, route_job
-from db.models import Job
+from db.jobs import JobSpec, job_spec, route_job
 from db.session import transaction
 from db.status import MESSAGE_PRIORITY, Priority
 from db.work import claim, still_waiting
@@ -17,7 +16,6 @@ from radq.model_card import cards_in
 from radq.routing import gpu_only_models, gpu_queue_for
 from workers.chunk import ChunkReport, HandBack
 from workers.context import WorkerContext
-from workers.leases import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +41,7 @@ def _run_chunk(
     # first would otherwise run alone while the rest still claim. (Engine.process counts
     # them on from its start.)
     with ctx.engine.arriving(), transaction(ctx.sessions) as session:
-        job = get_job(session, job_id)
+        job = job_spec(session, job_id)
         if job is not None and ctx.models.device.type != "cuda":
             handed = _hand_back(ctx, session, job, instance_ids)
             if handed is not None:
@@ -51,11 +49,11 @@ def _run_chunk(
         claimed = claim(
             session, job_id, instance_ids, lease_seconds=ctx.settings.lease_seconds, worker=worker
         )
-        model_names = list(job.models) if job else []
-        options = dict(job.options or {}) if job else {}
+        model_names = job.models if job else []
+        options = job.options if job else {}
     if not claimed:
         return ChunkReport()
-    with LeaseKeeper(ctx.sessions, [c.id for c in claimed], ctx.settings.lease_seconds):
+    with ctx.leases.holding([c.id for c in claimed]):
         report = ctx.engine.process(job_id, claimed, model_names, options)
     log.info(
         "job %s chunk done: claimed=%d done=%d failed=%d skipped=%d",
@@ -65,7 +63,7 @@ def _run_chunk(
 
 
 def _hand_back(
-    ctx: WorkerContext, session: Session, job: Job, instance_ids: Sequence[int]
+    ctx: WorkerContext, session: Session, job: JobSpec, instance_ids: Sequence[int]
 ) -> HandBack | None:
     """Where a chunk this CPU worker must not run goes instead; None when it may run it.
 
