@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import radq
 from api.deps import default_scope
@@ -88,6 +89,50 @@ def _allowed_methods(request: Request) -> str:
     )
 
 
+class LimitsAndMetrics:
+    """Refuses a body declared over ``RADQ_MAX_UPLOAD_BYTES``; counts and times every request.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs
+    the app in a task of its own and streams each response through a memory channel, for
+    every request.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            too_big = _error(
+                413,
+                f"request body of {length.decode()} bytes is over the limit of {self.max_body_bytes} "
+                "bytes (RADQ_MAX_UPLOAD_BYTES)",
+            )
+            await too_big(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            # The router notes the matched route in the scope it was given (this one).
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - start)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the API. Engines and the broker producer are created here, not at import."""
     state = AppState.build(settings)
@@ -117,24 +162,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics = Metrics(state)
     _install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _limits_and_metrics(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes:
-            return _error(
-                413,
-                f"request body of {length} bytes is over the limit of {settings.max_upload_bytes} "
-                "bytes (RADQ_MAX_UPLOAD_BYTES)",
-            )
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_upload_bytes, metrics=metrics)
 
     # Every route but /healthz and /metrics needs a token (RADQ_AUTH): reading 'read',
     # anything else 'submit' at least; routes name a higher scope themselves.

@@ -169,9 +169,12 @@ def test_health_and_metrics(stack: Stack) -> None:
     health = stack.http.get("/healthz")
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "database": "ok", "broker": "ok"}
+    assert stack.http.get("/v1/jobs/no-such-job").status_code == 404
     metrics = stack.http.get("/metrics").text
     assert 'radq_instances{status="done"}' in metrics
-    assert "radq_http_requests_total" in metrics
+    # Requests are counted under the route that matched, with the status the client got.
+    assert 'radq_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"}' in metrics
+    assert 'radq_http_requests_total{method="GET",route="/healthz",status="200"}' in metrics
 
 
 def test_result_rows_are_unique_per_instance_and_model(stack: Stack) -> None:
