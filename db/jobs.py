@@ -122,7 +122,7 @@ def job_spec(session: Session, job_id: str) -> JobSpec | None:
     One cached statement and a plain row: a worker asks for every message, and loading the
     ORM object cost a one-file message more than the query did.
     """
-    row = session.execute(_job_spec(), {"b_id": job_id}).tuples().first()
+    row = session.execute(_job_spec(), {"b_id": job_id}).first()
     if row is None:
         return None
     job_id, models, options, queue, priority = row

@@ -110,7 +110,7 @@ def claim(
         "b_worker": worker,
         "b_now": now,
     }
-    claimed = [Claimed(*row) for row in session.execute(_claim(), values).tuples()]
+    claimed = [Claimed(*row) for row in session.execute(_claim(), values)]
     if claimed:
         session.execute(_job_running(), {"b_job": job_id})
     return sorted(claimed, key=lambda c: c.id)
