@@ -6,6 +6,7 @@ import time
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from db.jobs import NewInstance, add_instances, create_job
 from db.models import Instance
@@ -17,7 +18,7 @@ from workers.leases import Leases
 LEASE_S = 1  # renewed every third of a second
 
 
-def _expiries(sessions, ids: list[int]) -> list[datetime]:  # type: ignore[no-untyped-def]
+def _expiries(sessions: sessionmaker[Session], ids: list[int]) -> list[datetime]:
     with sessions() as session:
         return list(
             session.scalars(
