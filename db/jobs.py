@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, insert, select, update
+from sqlalchemy import Select, Update, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert
 
-from db.models import Instance, Job, utcnow
+from db.models import Instance, Job, table_of, utcnow
 from db.status import OPEN_JOB_STATUSES, WAITING_STATUSES, InstanceStatus, JobStatus, Priority, StorageKind
 
 
@@ -78,9 +79,7 @@ def add_instances(
             }
             for f in files[start : start + batch]
         ]
-        result = session.execute(
-            insert(Instance).returning(Instance.id, Instance.status, sort_by_parameter_order=True), rows
-        )
+        result = session.execute(_insert_instances(), rows)
         ids.extend(i for i, status in result.all() if status == InstanceStatus.PENDING)
     return ids
 
@@ -91,14 +90,23 @@ def mark_queued(session: Session, instance_ids: Sequence[int]) -> None:
     Conditional, so a worker that already claimed one is never set back.
     """
     for start in range(0, len(instance_ids), 1000):
-        session.execute(
-            update(Instance)
-            .where(
-                Instance.id.in_(instance_ids[start : start + 1000]),
-                Instance.status == InstanceStatus.PENDING,
-            )
-            .values(status=InstanceStatus.QUEUED)
-        )
+        session.execute(_mark_queued(), {"b_ids": list(instance_ids[start : start + 1000])})
+
+
+@lru_cache(maxsize=1)
+def _insert_instances() -> ReturningInsert[int, str]:
+    table = table_of(Instance)
+    return insert(table).returning(table.c.id, table.c.status, sort_by_parameter_order=True)
+
+
+@lru_cache(maxsize=1)
+def _mark_queued() -> Update:
+    table = table_of(Instance)
+    return (
+        update(table)
+        .where(table.c.id.in_(bindparam("b_ids", expanding=True)), table.c.status == InstanceStatus.PENDING)
+        .values(status=InstanceStatus.QUEUED)
+    )
 
 
 def get_job(session: Session, job_id: str) -> Job | None:
@@ -136,32 +144,60 @@ def _job_spec() -> Select[str, list[str], dict[str, Any] | None, str | None, str
 
 def job_counts(session: Session, job_id: str) -> dict[str, int]:
     """Instance counts per status, plus ``total``; every status is present."""
-    rows = session.execute(
-        select(Instance.status, func.count()).where(Instance.job_id == job_id).group_by(Instance.status)
-    ).all()
-    counts = {s.value: 0 for s in InstanceStatus}
-    for status, n in rows:
-        counts[status] = n
-    counts["total"] = sum(counts.values())
-    return counts
+    rows = session.execute(_job_counts(), {"b_job": job_id}).all()
+    return _counts((status, n) for status, n in rows)
 
 
-def job_studies(session: Session, job_id: str) -> list[dict[str, object]]:
-    """Studies seen so far in a job, with instance counts per status (per-study progress)."""
-    rows = session.execute(
-        select(Instance.study_instance_uid, Instance.status, func.count())
-        .where(Instance.job_id == job_id, Instance.study_instance_uid.is_not(None))
-        .group_by(Instance.study_instance_uid, Instance.status)
-        .order_by(Instance.study_instance_uid)
-    ).all()
-    studies: dict[str | None, dict[str, Any]] = {}
+@dataclass(frozen=True)
+class JobTally:
+    """A job's instance counts per status (``total`` included), and per study seen so far."""
+
+    counts: dict[str, int]
+    studies: list[dict[str, Any]]
+
+
+def job_tally(session: Session, job_id: str) -> JobTally:
+    """Counts per status and per study from one grouped query: every job view asks for both."""
+    rows = session.execute(_job_tally(), {"b_job": job_id}).all()
+    studies: dict[str, dict[str, Any]] = {}
     for uid, status, n in rows:
+        if uid is None:
+            continue
         study = studies.setdefault(uid, {"study_instance_uid": uid, "instances": 0, "done": 0, "failed": 0,
                                          "skipped": 0})  # fmt: skip
         study["instances"] += n
         if status in study:
             study[status] += n
-    return list(studies.values())
+    counts = _counts((status, n) for _, status, n in rows)
+    return JobTally(counts, [studies[uid] for uid in sorted(studies)])
+
+
+def _counts(rows: Iterable[tuple[str, int]]) -> dict[str, int]:
+    counts = {s.value: 0 for s in InstanceStatus}
+    for status, n in rows:
+        counts[status] += n
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+# Built once: constructing a grouped select costs more CPU than SQLite takes to run it on a
+# small job, and every job view and webhook asks.
+@lru_cache(maxsize=1)
+def _job_counts() -> Select[str, int]:
+    return (
+        select(Instance.status, func.count())
+        .where(Instance.job_id == bindparam("b_job"))
+        .group_by(Instance.status)
+    )
+
+
+@lru_cache(maxsize=1)
+def _job_tally() -> Select[str | None, str, int]:
+    return (
+        select(Instance.study_instance_uid, Instance.status, func.count())
+        .where(Instance.job_id == bindparam("b_job"))
+        .group_by(Instance.study_instance_uid, Instance.status)
+    )
 
 
 def cancel_job(session: Session, job_id: str) -> bool:

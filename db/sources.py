@@ -12,13 +12,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import ColumnElement, Table, bindparam, case, exists, func, insert, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Select,
+    Update,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from db.jobs import NewInstance, add_instances
-from db.models import Instance, Job, JobSource, utcnow
+from db.models import Instance, Job, JobSource, table_of, utcnow
 from db.status import OPEN_JOB_STATUSES, WAITING_STATUSES, InstanceStatus, JobStatus, SourceStatus
 from db.work import close_finished_jobs
 
@@ -44,7 +57,7 @@ def add_sources(
     assert job is not None
     # One executemany, not the ORM's unit of work: a list of 4,000 file paths took the API
     # ~0.4 s to answer through add_all + flush.
-    table = cast(Table, JobSource.__table__)
+    table = table_of(JobSource)
     rows = [
         {"job_id": job_id, "path": p, "files_seen": 0, "registered": 0, "lease_expires_at": lease}
         for p in paths
@@ -87,15 +100,7 @@ def record_batch(
         The ids of the new pending instances, or None when the job is no longer
         registering (cancelled): nothing is inserted then.
     """
-    # Touching the job row first takes its lock (PostgreSQL) or the write lock
-    # (SQLite), so a concurrent cancel either sees this batch or stops it.
-    still_open = session.execute(
-        update(Job)
-        .where(Job.id == source.job_id, Job.status == JobStatus.REGISTERING)
-        .values(status=JobStatus.REGISTERING)
-        .execution_options(synchronize_session=False)
-    )
-    if not getattr(still_open, "rowcount", 0):
+    if not _still_registering(session, source.job_id):
         return None
     ids = add_instances(session, job_id=source.job_id, files=files)
     session.execute(
@@ -123,29 +128,48 @@ def record_files(
         The ids of the new pending instances, or None when the job is no longer
         registering (cancelled): nothing is inserted or closed then.
     """
-    still_open = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.REGISTERING)
-        .values(status=JobStatus.REGISTERING)
-        .execution_options(synchronize_session=False)
-    )
-    if not getattr(still_open, "rowcount", 0):
+    if not _still_registering(session, job_id):
         return None
     ids = add_instances(session, job_id=job_id, files=[row for _, rows in files for row in rows])
-    table = cast(Table, JobSource.__table__)
+    now = utcnow()
     session.execute(
-        update(table)
-        .where(table.c.id == bindparam("b_id"))
+        _close_listed(),
+        [{"b_id": source.id, "b_registered": len(rows), "b_now": now} for source, rows in files],
+    )
+    return ids
+
+
+def _still_registering(session: Session, job_id: str) -> bool:
+    """Lock the job row if it is still registering; False when it is not (cancelled)."""
+    # Touching the job row first takes its lock (PostgreSQL) or the write lock (SQLite),
+    # so a concurrent cancel either sees this batch or stops it.
+    return bool(getattr(session.execute(_touch_registering(), {"b_job": job_id}), "rowcount", 0))
+
+
+@lru_cache(maxsize=1)
+def _touch_registering() -> Update:
+    jobs = table_of(Job)
+    return (
+        update(jobs)
+        .where(jobs.c.id == bindparam("b_job"), jobs.c.status == JobStatus.REGISTERING)
+        .values(status=JobStatus.REGISTERING)
+    )
+
+
+@lru_cache(maxsize=1)
+def _close_listed() -> Update:
+    sources = table_of(JobSource)
+    return (
+        update(sources)
+        .where(sources.c.id == bindparam("b_id"))
         .values(
             files_seen=1,
             registered=bindparam("b_registered"),
             status=SourceStatus.DONE,
-            finished_at=utcnow(),
+            finished_at=bindparam("b_now"),
             lease_expires_at=None,
-        ),
-        [{"b_id": source.id, "b_registered": len(rows)} for source, rows in files],
+        )
     )
-    return ids
 
 
 def cancel_sources(session: Session, job_id: str, source_ids: Sequence[int]) -> str | None:
@@ -187,16 +211,22 @@ def leave_registering(session: Session, job_id: str) -> str | None:
     Returns:
         The job id when this closed the whole job and the job has a webhook to call.
     """
-    others = exists().where(JobSource.job_id == job_id, JobSource.status == SourceStatus.REGISTERING)
-    started = exists().where(Instance.job_id == job_id, Instance.status.not_in(WAITING_STATUSES))
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.REGISTERING, ~others)
-        .values(status=case((started, JobStatus.RUNNING), else_=JobStatus.QUEUED))
-        .execution_options(synchronize_session=False)
-    )
+    session.execute(_leave_registering(), {"b_job": job_id})
     closed = close_finished_jobs(session, [job_id])
     return closed[0] if closed else None
+
+
+@lru_cache(maxsize=1)
+def _leave_registering() -> Update:
+    jobs, sources, instances = table_of(Job), table_of(JobSource), table_of(Instance)
+    job: BindParameter[str] = bindparam("b_job")
+    others = exists().where(sources.c.job_id == job, sources.c.status == SourceStatus.REGISTERING)
+    started = exists().where(instances.c.job_id == job, instances.c.status.not_in(WAITING_STATUSES))
+    return (
+        update(jobs)
+        .where(jobs.c.id == job, jobs.c.status == JobStatus.REGISTERING, ~others)
+        .values(status=case((started, JobStatus.RUNNING), else_=JobStatus.QUEUED))
+    )
 
 
 def release_sources(session: Session, source_ids: Sequence[int]) -> None:
@@ -228,23 +258,9 @@ def registration_of(session: Session, job_id: str) -> Registration | None:
     ``GET /v1/jobs/{id}`` asks.
     """
 
-    def having(status: str) -> ColumnElement[int]:
-        return func.sum(case((JobSource.status == status, 1), else_=0))
-
-    summary = session.execute(
-        select(
-            func.count(),
-            func.sum(JobSource.files_seen),
-            func.sum(JobSource.registered),
-            func.min(JobSource.created_at),
-            func.max(JobSource.finished_at),
-            func.count(JobSource.finished_at),
-            having(SourceStatus.REGISTERING),
-            having(SourceStatus.FAILED),
-            having(SourceStatus.CANCELLED),
-        ).where(JobSource.job_id == job_id)
-    ).one()
-    total, seen, registered, started, finished, ended, registering, failed, cancelled = summary
+    summary_query, errors_query = _registration_statements()
+    summary = session.execute(summary_query, {"b_job": job_id}).one()
+    total, seen, registered, started, finished, ended, with_error, registering, failed, cancelled = summary
     if not total:
         return None
     overall = SourceStatus.DONE
@@ -253,11 +269,7 @@ def registration_of(session: Session, job_id: str) -> Registration | None:
         if count:
             overall = status
             break
-    errors = session.execute(
-        select(JobSource.path, JobSource.error)
-        .where(JobSource.job_id == job_id, JobSource.error.is_not(None))
-        .order_by(JobSource.id)
-    ).all()
+    errors = session.execute(errors_query, {"b_job": job_id}).all() if with_error else []
     return Registration(
         status=overall,
         files_seen=int(seen or 0),
@@ -266,6 +278,35 @@ def registration_of(session: Session, job_id: str) -> Registration | None:
         started_at=started,
         finished_at=finished if ended == total else None,
     )
+
+
+@lru_cache(maxsize=1)
+def _registration_statements() -> tuple[Select[*tuple[Any, ...]], Select[str, str | None]]:
+    """The summary and the error list of :func:`registration_of`, built once: building the
+    summary's nine aggregates cost more CPU than SQLite took to run it."""
+    job: BindParameter[str] = bindparam("b_job")
+
+    def having(status: str) -> ColumnElement[int]:
+        return func.sum(case((JobSource.status == status, 1), else_=0))
+
+    summary = select(
+        func.count(),
+        func.sum(JobSource.files_seen),
+        func.sum(JobSource.registered),
+        func.min(JobSource.created_at),
+        func.max(JobSource.finished_at),
+        func.count(JobSource.finished_at),
+        func.count(JobSource.error),
+        having(SourceStatus.REGISTERING),
+        having(SourceStatus.FAILED),
+        having(SourceStatus.CANCELLED),
+    ).where(JobSource.job_id == job)
+    errors = (
+        select(JobSource.path, JobSource.error)
+        .where(JobSource.job_id == job, JobSource.error.is_not(None))
+        .order_by(JobSource.id)
+    )
+    return summary, errors
 
 
 def stale_pending(

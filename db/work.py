@@ -10,26 +10,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import BindParameter, Insert, Select, Table, Update, bindparam, exists, select, update
+from sqlalchemy import BindParameter, Insert, Select, Update, bindparam, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningUpdate
 
-from db.models import Instance, Job, Result, utcnow
+from db.models import Instance, Job, Result, table_of, utcnow
 from db.status import FINAL_STATUSES, WAITING_STATUSES, InstanceStatus, JobStatus
-
-
-def _table(model: type[Any]) -> Table:
-    return cast(Table, model.__table__)
 
 
 @lru_cache(maxsize=1)
 def _claim() -> ReturningUpdate[int, str, str, str, str, int]:
     # Built once, as the writer's statements are: the ORM-enabled UPDATE built per message
     # cost a one-file message 1.5 ms of the worker's CPU (SQLite), ten times its SQL.
-    table, jobs = _table(Instance), _table(Job)
+    table, jobs = table_of(Instance), table_of(Job)
     live_jobs = select(jobs.c.id).where(jobs.c.status != JobStatus.CANCELLED)
     return (
         update(table)
@@ -54,7 +50,7 @@ def _claim() -> ReturningUpdate[int, str, str, str, str, int]:
 
 @lru_cache(maxsize=1)
 def _job_running() -> Update:
-    jobs = _table(Job)
+    jobs = table_of(Job)
     return (
         update(jobs)
         .where(jobs.c.id == bindparam("b_job"), jobs.c.status == JobStatus.QUEUED)
@@ -165,7 +161,7 @@ def record_metadata(session: Session, metadata: Sequence[Mapping[str, Any]]) -> 
 def _metadata_update(columns: tuple[str, ...]) -> Update:
     # Cached statements keep their memoised cache key: building one per batch (and the
     # ORM's bulk UPDATE by primary key) cost a GPU worker's writer more than the SQL did.
-    table = _table(Instance)
+    table = table_of(Instance)
     values: dict[str, Any] = {c: bindparam(f"b_{c}") for c in columns}
     values["updated_at"] = bindparam("b_updated_at")
     return update(table).where(table.c.id == bindparam("b_id")).values(values)
@@ -206,7 +202,7 @@ def write_results(session: Session, results: Sequence[ResultRow]) -> None:
 @lru_cache(maxsize=4)
 def _result_upsert(dialect: str) -> Insert:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(_table(Result))
+    stmt = insert(table_of(Result))
     return stmt.on_conflict_do_update(
         index_elements=["instance_id", "model", "model_version"],
         set_={
@@ -237,7 +233,7 @@ def finish(session: Session, outcomes: Sequence[tuple[int, str, str | None]]) ->
 
 @lru_cache(maxsize=1)
 def _finish_update() -> Update:
-    table = _table(Instance)
+    table = table_of(Instance)
     return (
         update(table)
         .where(table.c.id == bindparam("b_id"), table.c.status == InstanceStatus.PROCESSING)
@@ -288,7 +284,7 @@ def close_finished_jobs(session: Session, job_ids: Iterable[str]) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _close_statements() -> tuple[Select[str], ReturningUpdate[str, str | None]]:
-    jobs, instances = _table(Job), _table(Instance)
+    jobs, instances = table_of(Job), table_of(Instance)
     ids: BindParameter[str] = bindparam("ids", expanding=True)
     unfinished = exists().where(instances.c.job_id == jobs.c.id, instances.c.status.not_in(FINAL_STATUSES))
     lock = select(jobs.c.id).where(jobs.c.id.in_(ids)).order_by(jobs.c.id).with_for_update()

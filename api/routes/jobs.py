@@ -36,8 +36,7 @@ from db.jobs import (
     as_utc,
     cancel_job,
     get_job,
-    job_counts,
-    job_studies,
+    job_tally,
     list_instances,
     list_jobs,
     reset_failed,
@@ -85,7 +84,8 @@ def _job_or_404(session: Session, job_id: str) -> Job:
 
 def job_view(session: Session, job_id: str) -> JobOut:
     job = _job_or_404(session, job_id)
-    counts = Counts(**job_counts(session, job_id))
+    tally = job_tally(session, job_id)
+    counts = Counts(**tally.counts)
     created = as_utc(job.created_at)
     assert created is not None
     return JobOut(
@@ -100,7 +100,7 @@ def job_view(session: Session, job_id: str) -> JobOut:
         webhook_url=job.webhook_url,
         counts=counts,
         progress=_progress(counts, created, as_utc(job.finished_at)),
-        studies=[StudyRef.model_validate(s) for s in job_studies(session, job_id)],
+        studies=[StudyRef.model_validate(s) for s in tally.studies],
         registration=_registration(session, job_id),
     )
 
