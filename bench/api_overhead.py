@@ -6,7 +6,8 @@ publish, the job view it answers with. This posts ``--posts`` one-file path jobs
 the other to a real ``radq api`` (the bench's embedded stack, no worker: nothing else runs)
 and reads, per POST, the API process's CPU (all its threads, from ``/proc``), the wall time,
 and on PostgreSQL the transactions its database counted (``pg_stat_database``; SQLAlchemy's
-pre-ping of each checkout is one).
+pre-ping of each checkout is one). Then it asks for the last job's view as many times
+(``GET /v1/jobs/{id}``, what a client polling its job pays) and reads the API's CPU per GET.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Round:
     wall_ms: float
     cpu_ms: float
     transactions: float | None
+    get_cpu_ms: float
 
 
 def _transactions(engine: Engine) -> int | None:
@@ -64,13 +66,22 @@ def _round(stack: Stack, database: str, posts: int) -> Round:
     before_xacts, before_cpu = _transactions(stack.engine), process_cpu_s(stack.api.pid)
     start = time.perf_counter()
     for _ in range(posts):
-        stack.client.submit_paths([str(SAMPLE)], force=True)
+        job_id = stack.client.submit_paths([str(SAMPLE)], force=True)["id"]
     wall = time.perf_counter() - start
     time.sleep(SETTLE_S)
     cpu = process_cpu_s(stack.api.pid) - before_cpu
     after_xacts = _transactions(stack.engine)
     xacts = None if before_xacts is None or after_xacts is None else (after_xacts - before_xacts) / posts
-    return Round(database, posts, 1000 * wall / posts, 1000 * cpu / posts, xacts)
+    get_cpu_ms = _get_cpu_ms(stack, job_id, posts)
+    return Round(database, posts, 1000 * wall / posts, 1000 * cpu / posts, xacts, get_cpu_ms)
+
+
+def _get_cpu_ms(stack: Stack, job_id: str, gets: int) -> float:
+    """The API's CPU per ``GET /v1/jobs/{id}`` of one job."""
+    before = process_cpu_s(stack.api.pid)
+    for _ in range(gets):
+        stack.client.job(job_id)
+    return 1000 * (process_cpu_s(stack.api.pid) - before) / gets
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -96,15 +107,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) as stack:  # fmt: skip
             rounds += [_round(stack, database, args.posts) for _ in range(args.rounds)]
     table = Table(title=f"one-file path jobs POSTed one after the other, {args.posts} per round, no worker")
-    for column in ("database", "round", "wall ms/POST", "API CPU ms/POST", "transactions/POST"):
+    columns = ("database", "round", "wall ms/POST", "API CPU ms/POST", "transactions/POST", "API CPU ms/GET")
+    for column in columns:
         table.add_column(column, justify="left" if column == "database" else "right")
     for database in dict.fromkeys(r.database for r in rounds):
         mine = [r for r in rounds if r.database == database]
         for n, r in enumerate(mine, 1):
             xacts = "-" if r.transactions is None else f"{r.transactions:.1f}"
-            table.add_row(database, str(n), f"{r.wall_ms:.1f}", f"{r.cpu_ms:.1f}", xacts)
-        median = statistics.median(r.cpu_ms for r in mine)
-        table.add_row(database, "median", "", f"[bold]{median:.1f}[/bold]", "", end_section=True)
+            get = f"{r.get_cpu_ms:.2f}"
+            table.add_row(database, str(n), f"{r.wall_ms:.1f}", f"{r.cpu_ms:.1f}", xacts, get)
+        median = f"[bold]{statistics.median(r.cpu_ms for r in mine):.1f}[/bold]"
+        get_median = f"[bold]{statistics.median(r.get_cpu_ms for r in mine):.2f}[/bold]"
+        table.add_row(database, "median", "", median, "", get_median, end_section=True)
     console.print(table)
     machine = describe(torch.device("cpu"))
     console.print(f"{machine['cpu']}, {machine['usable_cores']} cores, python {machine['python']}")

@@ -21,4 +21,5 @@ def test_a_round_posts_its_jobs_and_measures_the_api_process(redis_url: str, tmp
             jobs = conn.execute(select(func.count()).select_from(Job)).scalar_one()
     assert jobs == WARM_UP + 5
     assert measured.posts == 5 and measured.cpu_ms > 0 and measured.wall_ms > 0
+    assert measured.get_cpu_ms > 0  # the polls reached the API process
     assert measured.transactions is None  # counted on PostgreSQL only
