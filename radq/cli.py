@@ -157,7 +157,8 @@ def worker(
         # process (batches across messages); decoding runs in the engine's processes.
         "--pool=threads",
         f"--loglevel={log_level.upper()}",
-        "--task-events",
+        # No --task-events: three events per message cost a one-file message ~10 % of the
+        # worker's CPU with nobody listening; `radq flower` turns them on while it runs.
         "--without-gossip",
         "--without-mingle",
         f"--hostname={hostname}",
@@ -199,8 +200,9 @@ def flower(
 ) -> None:
     """Run Flower, the Celery monitoring UI, against radq's broker.
 
-    Its state (tasks and workers seen) is kept in RADQ_FLOWER_DB across restarts; workers
-    send task events (``--task-events``) and Flower asks for them again if they stop.
+    Its state (tasks and workers seen) is kept in RADQ_FLOWER_DB across restarts. Workers
+    send task events only when asked: Flower asks every 5 s (``--enable_events``), so
+    workers started before or after it report their tasks within seconds.
     """
     from radq.queue import make_celery
 

@@ -66,8 +66,9 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # Flower reads these events.
-        worker_send_task_events=True,
+        # Task events are for Flower, which turns a worker's on (`celery control
+        # enable_events`) while it runs; the API's task-sent events are one per message.
+        worker_send_task_events=False,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},

@@ -1,4 +1,5 @@
-"""``radq flower`` watches the same broker as the workers, behind basic auth from settings."""
+"""``radq flower`` watches the same broker as the workers, behind basic auth from settings, and
+sees their tasks: workers send task events only while Flower asks for them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import time
 import httpx
 
 from radq.services import free_port, spawn, stop
-from tests.conftest import Stack
+from radq.tasks import INFER_CHUNK
+from tests.conftest import SAMPLES, Stack
+from tests.jobwait import wait_done
 
 
 def test_flower_takes_auth_from_settings_lists_the_worker_and_keeps_state(stack: Stack) -> None:
@@ -40,6 +43,15 @@ def test_flower_takes_auth_from_settings_lists_the_worker_and_keeps_state(stack:
             time.sleep(0.5)
         assert unauthenticated == 401 and wrong_password == 401, (unauthenticated, wrong_password)
         assert any(w.startswith("test-") for w in workers), workers
+        # Flower turns the workers' task events on (every 5 s): a job run now shows up as a task.
+        tasks: dict[str, dict[str, object]] = {}
+        while time.monotonic() < deadline + 30 and not tasks:
+            job = stack.client.upload([SAMPLES / "real" / "CT_small.dcm"], force=True)
+            wait_done(stack.client, job["id"])
+            time.sleep(1.0)
+            response = httpx.get(f"{url}/api/tasks", params={"taskname": INFER_CHUNK}, auth=("ops", "secret"))
+            tasks = {k: t for k, t in response.json().items() if t.get("state") == "SUCCESS"}
+        assert tasks, "Flower saw no finished task of the worker"
         # Flower's state file (persistent mode) is opened at start under RADQ_FLOWER_DB.
         assert list(db.parent.glob("flower.db*")), f"no state file under {db.parent}"
     finally:
