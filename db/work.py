@@ -26,13 +26,17 @@ def _claim() -> ReturningUpdate[int, str, str, str, str, int]:
     # Built once, as the writer's statements are: the ORM-enabled UPDATE built per message
     # cost a one-file message 1.5 ms of the worker's CPU (SQLite), ten times its SQL.
     table, jobs = table_of(Instance), table_of(Job)
-    live_jobs = select(jobs.c.id).where(jobs.c.status != JobStatus.CANCELLED)
+    job: BindParameter[str] = bindparam("b_job")
+    # EXISTS on the one job, not `job_id IN (SELECT id FROM jobs WHERE ...)`: SQLite built
+    # that list from every job in the database for each claim (68 ms with 50,000 jobs, a
+    # day of one-file jobs), PostgreSQL's planner looks the one job up either way.
+    job_live = exists().where(jobs.c.id == job, jobs.c.status != JobStatus.CANCELLED)
     return (
         update(table)
         .where(
             table.c.id.in_(bindparam("b_ids", expanding=True)),
-            table.c.job_id == bindparam("b_job"),
-            table.c.job_id.in_(live_jobs),
+            table.c.job_id == job,
+            job_live,
             table.c.status.in_(WAITING_STATUSES),
         )
         .values(
