@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Select, Update, bindparam, func, insert, select, update
+from sqlalchemy import Select, TextClause, Update, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
 
@@ -65,8 +65,9 @@ def add_instances(
     Files with a ``failure`` are recorded ``failed`` with it as the reason.
     """
     ids: list[int] = []
+    postgres = session.get_bind().dialect.name == "postgresql"
     for start in range(0, len(files), batch):
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "job_id": job_id,
                 "file_name": f.file_name,
@@ -79,9 +80,27 @@ def add_instances(
             }
             for f in files[start : start + batch]
         ]
-        result = session.execute(_insert_instances(), rows)
-        ids.extend(i for i, status in result.all() if status == InstanceStatus.PENDING)
+        if postgres:
+            _insert_with_reserved_ids(session, rows)
+            ids.extend(row["id"] for row in rows if row["status"] == InstanceStatus.PENDING)
+        else:
+            result = session.execute(_insert_instances(), rows)
+            ids.extend(i for i, status in result.all() if status == InstanceStatus.PENDING)
     return ids
+
+
+def _insert_with_reserved_ids(session: Session, rows: list[dict[str, Any]]) -> None:
+    """PostgreSQL: take the rows' ids from the sequence first, then insert them without RETURNING.
+
+    An INSERT ... RETURNING of many rows is one statement with a placeholder per value, and
+    psycopg rewrites such a statement's placeholders in Python on every execution (it caches
+    only short ones): 45 ms of CPU per 1,000 instances, two thirds of a path walk's time.
+    Without RETURNING the insert is a plain executemany of one short statement: 15 ms.
+    """
+    reserved = sorted(session.scalars(_reserve_instance_ids(), {"b_n": len(rows)}))
+    for row, instance_id in zip(rows, reserved, strict=True):
+        row["id"] = instance_id
+    session.execute(insert(table_of(Instance)), rows)
 
 
 def mark_queued(session: Session, instance_ids: Sequence[int]) -> None:
@@ -91,6 +110,11 @@ def mark_queued(session: Session, instance_ids: Sequence[int]) -> None:
     """
     for start in range(0, len(instance_ids), 1000):
         session.execute(_mark_queued(), {"b_ids": list(instance_ids[start : start + 1000])})
+
+
+@lru_cache(maxsize=1)
+def _reserve_instance_ids() -> TextClause:
+    return text("SELECT nextval(pg_get_serial_sequence('instances', 'id')) FROM generate_series(1, :b_n)")
 
 
 @lru_cache(maxsize=1)
