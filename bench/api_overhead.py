@@ -84,23 +84,32 @@ def _get_cpu_ms(stack: Stack, job_id: str, gets: int) -> float:
     return 1000 * (process_cpu_s(stack.api.pid) - before) / gets
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.api_overhead", description=__doc__.split("\n")[0])
+def parse_rounds(prog: str, description: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The options of the one-file-job benches: ``posts``, ``rounds``, ``databases``, ``postgres_url``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--posts", type=int, default=400, help="one-file jobs per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--database", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test",
                         help="a server where this URL may CREATE DATABASE")  # fmt: skip
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.databases = args.database.split(",")
+    unknown = [d for d in args.databases if d not in DATABASES]
+    if unknown:
+        parser.error(f"--database: {unknown[0]!r} is not one of {', '.join(DATABASES)}")
+    return args
+
+
+def print_machine(console: Console) -> None:
+    machine = describe(torch.device("cpu"))
+    console.print(f"{machine['cpu']}, {machine['usable_cores']} cores, python {machine['python']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
+    args = parse_rounds("python -m bench.api_overhead", __doc__.split("\n")[0], argv)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     rounds: list[Round] = []
-    for database in args.database.split(","):
-        if database not in DATABASES:
-            raise SystemExit(f"--database: {database!r} is not one of {', '.join(DATABASES)}")
+    for database in args.databases:
         base = Settings(allowed_roots=[SAMPLE.parent])
         with tempfile.TemporaryDirectory(prefix="radq-api-overhead-") as tmp, embedded_stack(
             base, home=Path(tmp), database=database, postgres_admin_url=args.postgres_url, worker=False
@@ -120,8 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         get_median = f"[bold]{statistics.median(r.get_cpu_ms for r in mine):.2f}[/bold]"
         table.add_row(database, "median", "", median, "", get_median, end_section=True)
     console.print(table)
-    machine = describe(torch.device("cpu"))
-    console.print(f"{machine['cpu']}, {machine['usable_cores']} cores, python {machine['python']}")
+    print_machine(console)
     return 0
 
 

@@ -12,7 +12,6 @@ from ``/proc``; its decode processes not counted) and the jobs finished per seco
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -21,16 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
-from bench.api_overhead import SAMPLE
-from bench.machine import describe
+from bench.api_overhead import SAMPLE, parse_rounds, print_machine
 from bench.models import OVERHEAD_PROBE, model_dir
 from bench.pipeline import process_cpu_s
-from bench.stack import DATABASES, BenchError, Stack, embedded_stack
+from bench.stack import BenchError, Stack, embedded_stack
 from db.models import Instance
 from db.status import FINAL_STATUSES
 from radq.settings import Settings
@@ -77,18 +74,6 @@ def _round(stack: Stack, database: str, posts: int) -> Round:
     return Round(database, posts, 1000 * cpu / posts, posts / wall)
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.message_overhead", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--posts", type=int, default=400, help="one-file jobs per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--database", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
-    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test",
-                        help="a server where this URL may CREATE DATABASE")  # fmt: skip
-    return parser.parse_args(argv)
-
-
 def probe_settings(base: Settings, work: Path) -> Settings:
     """``base`` with the bench's model folder, ``overhead-probe`` as the default model, and no
     deduplication (every post is new work)."""
@@ -97,12 +82,10 @@ def probe_settings(base: Settings, work: Path) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
+    args = parse_rounds("python -m bench.message_overhead", __doc__.split("\n")[0], argv)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     rounds: list[Round] = []
-    for database in args.database.split(","):
-        if database not in DATABASES:
-            raise SystemExit(f"--database: {database!r} is not one of {', '.join(DATABASES)}")
+    for database in args.databases:
         with tempfile.TemporaryDirectory(prefix="radq-message-overhead-") as tmp:
             base = probe_settings(Settings(allowed_roots=[SAMPLE.parent]), Path(tmp))
             with embedded_stack(
@@ -119,8 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         median = f"[bold]{statistics.median(r.cpu_ms for r in mine):.2f}[/bold]"
         table.add_row(database, "median", median, "", end_section=True)
     console.print(table)
-    machine = describe(torch.device("cpu"))
-    console.print(f"{machine['cpu']}, {machine['usable_cores']} cores, python {machine['python']}")
+    print_machine(console)
     return 0
 
 
