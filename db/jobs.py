@@ -146,10 +146,11 @@ class JobSpec:
     options: dict[str, Any]
     queue: str | None
     priority: str
+    status: str
 
 
 def job_spec(session: Session, job_id: str) -> JobSpec | None:
-    """The job's models, options, queue and priority; None when there is no such job.
+    """The job's models, options, queue, priority and status; None when there is no such job.
 
     One cached statement and a plain row: a worker asks for every message, and loading the
     ORM object cost a one-file message more than the query did.
@@ -157,13 +158,15 @@ def job_spec(session: Session, job_id: str) -> JobSpec | None:
     row = session.execute(_job_spec(), {"b_id": job_id}).first()
     if row is None:
         return None
-    job_id, models, options, queue, priority = row
-    return JobSpec(job_id, list(models or []), dict(options or {}), queue, priority)
+    job_id, models, options, queue, priority, status = row
+    return JobSpec(job_id, list(models or []), dict(options or {}), queue, priority, status)
 
 
 @lru_cache(maxsize=1)
-def _job_spec() -> Select[str, list[str], dict[str, Any] | None, str | None, str]:
-    return select(Job.id, Job.models, Job.options, Job.queue, Job.priority).where(Job.id == bindparam("b_id"))
+def _job_spec() -> Select[str, list[str], dict[str, Any] | None, str | None, str, str]:
+    return select(Job.id, Job.models, Job.options, Job.queue, Job.priority, Job.status).where(
+        Job.id == bindparam("b_id")
+    )
 
 
 def job_counts(session: Session, job_id: str) -> dict[str, int]:

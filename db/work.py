@@ -94,13 +94,16 @@ def claim(
     *,
     lease_seconds: int,
     worker: str | None = None,
+    job_running: bool = False,
 ) -> list[Claimed]:
-    """Take the instances that are waiting, for this worker.
+    """Take the instances that are waiting, for this worker, and mark a queued job running.
 
     Instances already final, being processed, or in a cancelled job are left alone:
     that is what makes a re-delivered message harmless. An instance whose worker died
     is not retaken here but by the reaper (:func:`db.recovery.reap_expired_leases`),
     which sends it on its own so that a file that kills workers takes no others down.
+    ``job_running``: the caller read the job as running in this transaction, so marking it
+    is skipped (a statement per message on one-file streams).
     """
     now = utcnow()
     values = {
@@ -111,7 +114,7 @@ def claim(
         "b_now": now,
     }
     claimed = [Claimed(*row) for row in session.execute(_claim(), values)]
-    if claimed:
+    if claimed and not job_running:
         session.execute(_job_running(), {"b_job": job_id})
     return sorted(claimed, key=lambda c: c.id)
 

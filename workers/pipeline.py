@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from db.jobs import JobSpec, job_spec, route_job
 from db.session import transaction
-from db.status import MESSAGE_PRIORITY, Priority
+from db.status import MESSAGE_PRIORITY, JobStatus, Priority
 from db.work import claim, still_waiting
 from radq.logs import log_context
 from radq.model_card import cards_in
@@ -46,9 +46,11 @@ def _run_chunk(
             handed = _hand_back(ctx, session, job, instance_ids)
             if handed is not None:
                 return ChunkReport(handed_back=handed)
+        running = job is not None and job.status == JobStatus.RUNNING
         claimed = claim(
-            session, job_id, instance_ids, lease_seconds=ctx.settings.lease_seconds, worker=worker
-        )
+            session, job_id, instance_ids, lease_seconds=ctx.settings.lease_seconds, worker=worker,
+            job_running=running,
+        )  # fmt: skip
         model_names = job.models if job else []
         options = job.options if job else {}
     if not claimed:
