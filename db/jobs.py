@@ -80,13 +80,18 @@ def add_instances(
             }
             for f in files[start : start + batch]
         ]
-        if postgres:
+        if postgres and len(rows) > RETURNING_MAX_ROWS:
             _insert_with_reserved_ids(session, rows)
             ids.extend(row["id"] for row in rows if row["status"] == InstanceStatus.PENDING)
         else:
             result = session.execute(_insert_instances(), rows)
             ids.extend(i for i, status in result.all() if status == InstanceStatus.PENDING)
     return ids
+
+
+RETURNING_MAX_ROWS = 5
+"""Most rows PostgreSQL inserts with RETURNING: psycopg caches the parsed form of statements of
+up to 50 parameters (5 rows of 9), and a one-file job would pay a round trip to reserve ids."""
 
 
 def _insert_with_reserved_ids(session: Session, rows: list[dict[str, Any]]) -> None:
