@@ -51,3 +51,20 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose work commits on success and rolls back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+@contextmanager
+def snapshot(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session for reading only, whose reads all see one state of the database.
+
+    pysqlite begins a transaction only before a write, so each SELECT of a plain session sees
+    the latest commit: an explicit BEGIN makes the reads one WAL snapshot. PostgreSQL's READ
+    COMMITTED takes a snapshot per statement; REPEATABLE READ keeps the first one (set on the
+    connection, no extra round trip). Nothing is committed: the session ends in a rollback.
+    """
+    with factory() as session:
+        if session.get_bind().dialect.name == "sqlite":
+            session.connection().exec_driver_sql("BEGIN")
+        else:
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        yield session

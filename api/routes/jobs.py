@@ -42,7 +42,7 @@ from db.jobs import (
     reset_failed,
 )
 from db.models import Job
-from db.session import transaction
+from db.session import snapshot, transaction
 from db.sources import registration_of
 from db.status import InstanceStatus, JobStatus, Priority
 
@@ -221,7 +221,8 @@ async def create_job(
 
 
 def _view(state: AppState, job_id: str) -> JobOut:
-    with state.sessions() as session:
+    # One snapshot: the job's status, counts and registration agree even while workers commit.
+    with snapshot(state.sessions) as session:
         return job_view(session, job_id)
 
 
