@@ -239,8 +239,8 @@ def not_a_number(value: object) -> object:
 
 
 @router.get("", response_model=JobsPage, responses={422: {"model": ErrorOut}})
-def read_jobs(
-    session: SessionDep,
+async def read_jobs(
+    state: StateDep,
     status: Annotated[JobStatus | None, Query()] = None,
     since: Annotated[
         datetime | None,
@@ -252,8 +252,13 @@ def read_jobs(
     """Jobs, newest first."""
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-    jobs = list_jobs(session, status=status, since=since, limit=limit)
-    return JobsPage(items=[job_view(session, j.id) for j in jobs])
+
+    def page() -> JobsPage:  # one hop to a thread, and every view from one snapshot
+        with snapshot(state.sessions) as session:
+            jobs = list_jobs(session, status=status, since=since, limit=limit)
+            return JobsPage(items=[job_view(session, j.id) for j in jobs])
+
+    return await run_in_threadpool(page)
 
 
 @router.get("/{job_id}", response_model=JobOut,
