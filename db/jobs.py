@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Select, TextClause, Update, bindparam, func, insert, select, text, update
+from sqlalchemy import Insert, Select, TextClause, Update, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
 
@@ -105,7 +105,7 @@ def _insert_with_reserved_ids(session: Session, rows: list[dict[str, Any]]) -> N
     reserved = sorted(session.scalars(_reserve_instance_ids(), {"b_n": len(rows)}))
     for row, instance_id in zip(rows, reserved, strict=True):
         row["id"] = instance_id
-    session.execute(insert(table_of(Instance)), rows)
+    session.execute(_insert_plain(), rows)
 
 
 def mark_queued(session: Session, instance_ids: Sequence[int]) -> None:
@@ -120,6 +120,11 @@ def mark_queued(session: Session, instance_ids: Sequence[int]) -> None:
 @lru_cache(maxsize=1)
 def _reserve_instance_ids() -> TextClause:
     return text("SELECT nextval(pg_get_serial_sequence('instances', 'id')) FROM generate_series(1, :b_n)")
+
+
+@lru_cache(maxsize=1)
+def _insert_plain() -> Insert:
+    return insert(table_of(Instance))
 
 
 @lru_cache(maxsize=1)
@@ -176,8 +181,7 @@ def _job_spec() -> Select[str, list[str], dict[str, Any] | None, str | None, str
 
 def job_counts(session: Session, job_id: str) -> dict[str, int]:
     """Instance counts per status, plus ``total``; every status is present."""
-    rows = session.execute(_job_counts(), {"b_job": job_id}).all()
-    return _counts((status, n) for status, n in rows)
+    return _counts(session.execute(_job_counts(), {"b_job": job_id}).all())
 
 
 @dataclass(frozen=True)
