@@ -194,7 +194,19 @@ class JobTally:
 
 def job_tally(session: Session, job_id: str) -> JobTally:
     """Counts per status and per study from one grouped query: every job view asks for both."""
-    rows = session.execute(_job_tally(), {"b_job": job_id}).all()
+    return _tally(session.execute(_job_tally(), {"b_job": job_id}).all())
+
+
+def job_tallies(session: Session, job_ids: Sequence[str]) -> dict[str, JobTally]:
+    """:func:`job_tally` for many jobs from one grouped query: a jobs page shows up to 500."""
+    rows: dict[str, list[tuple[str | None, str, int]]] = {job_id: [] for job_id in job_ids}
+    if job_ids:
+        for job_id, uid, status, n in session.execute(_jobs_tally(), {"b_jobs": list(job_ids)}):
+            rows[job_id].append((uid, status, n))
+    return {job_id: _tally(found) for job_id, found in rows.items()}
+
+
+def _tally(rows: Sequence[Any]) -> JobTally:
     studies: dict[str, dict[str, Any]] = {}
     for uid, status, n in rows:
         if uid is None:
@@ -233,6 +245,15 @@ def _job_tally() -> Select[str | None, str, int]:
         select(Instance.study_instance_uid, Instance.status, func.count())
         .where(Instance.job_id == bindparam("b_job"))
         .group_by(Instance.study_instance_uid, Instance.status)
+    )
+
+
+@lru_cache(maxsize=1)
+def _jobs_tally() -> Select[str, str | None, str, int]:
+    return (
+        select(Instance.job_id, Instance.study_instance_uid, Instance.status, func.count())
+        .where(Instance.job_id.in_(bindparam("b_jobs", expanding=True)))
+        .group_by(Instance.job_id, Instance.study_instance_uid, Instance.status)
     )
 
 

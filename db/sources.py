@@ -257,10 +257,34 @@ def registration_of(session: Session, job_id: str) -> Registration | None:
     Aggregated in SQL: a job of 4,000 listed files has 4,000 sources, and every
     ``GET /v1/jobs/{id}`` asks.
     """
-
     summary_query, errors_query = _registration_statements()
     summary = session.execute(summary_query, {"b_job": job_id}).one()
-    total, seen, registered, started, finished, ended, with_error, registering, failed, cancelled = summary
+    errors = session.execute(errors_query, {"b_job": job_id}).all() if _with_error(summary) else []
+    return _registration(summary, errors)
+
+
+def registrations_of(session: Session, job_ids: Sequence[str]) -> dict[str, Registration]:
+    """:func:`registration_of` for many jobs in at most two queries (a jobs page shows up to
+    500); jobs not submitted by path are absent."""
+    if not job_ids:
+        return {}
+    summary_query, errors_query = _registrations_statements()
+    summaries = {row[0]: row[1:] for row in session.execute(summary_query, {"b_jobs": list(job_ids)})}
+    errors: dict[str, list[tuple[str, str | None]]] = {job_id: [] for job_id in summaries}
+    with_error = [job_id for job_id, summary in summaries.items() if _with_error(summary)]
+    if with_error:
+        for job_id, path, error in session.execute(errors_query, {"b_jobs": with_error}):
+            errors[job_id].append((path, error))
+    found = {job_id: _registration(summary, errors[job_id]) for job_id, summary in summaries.items()}
+    return {job_id: registration for job_id, registration in found.items() if registration is not None}
+
+
+def _with_error(summary: Sequence[Any]) -> bool:
+    return bool(summary[6])
+
+
+def _registration(summary: Sequence[Any], errors: Sequence[Any]) -> Registration | None:
+    total, seen, registered, started, finished, ended, _, registering, failed, cancelled = summary
     if not total:
         return None
     overall = SourceStatus.DONE
@@ -269,7 +293,6 @@ def registration_of(session: Session, job_id: str) -> Registration | None:
         if count:
             overall = status
             break
-    errors = session.execute(errors_query, {"b_job": job_id}).all() if with_error else []
     return Registration(
         status=overall,
         files_seen=int(seen or 0),
@@ -280,16 +303,13 @@ def registration_of(session: Session, job_id: str) -> Registration | None:
     )
 
 
-@lru_cache(maxsize=1)
-def _registration_statements() -> tuple[Select[*tuple[Any, ...]], Select[str, str | None]]:
-    """The summary and the error list of :func:`registration_of`, built once: building the
-    summary's nine aggregates cost more CPU than SQLite took to run it."""
-    job: BindParameter[str] = bindparam("b_job")
+def _summary_columns() -> list[ColumnElement[Any]]:
+    """The aggregates :func:`_registration` reads, in its order."""
 
     def having(status: str) -> ColumnElement[int]:
         return func.sum(case((JobSource.status == status, 1), else_=0))
 
-    summary = select(
+    return [
         func.count(),
         func.sum(JobSource.files_seen),
         func.sum(JobSource.registered),
@@ -300,10 +320,33 @@ def _registration_statements() -> tuple[Select[*tuple[Any, ...]], Select[str, st
         having(SourceStatus.REGISTERING),
         having(SourceStatus.FAILED),
         having(SourceStatus.CANCELLED),
-    ).where(JobSource.job_id == job)
+    ]
+
+
+# Built once: building the summary's ten aggregates cost more CPU than SQLite took to run it.
+@lru_cache(maxsize=1)
+def _registration_statements() -> tuple[Select[*tuple[Any, ...]], Select[str, str | None]]:
+    job: BindParameter[str] = bindparam("b_job")
+    summary = select(*_summary_columns()).where(JobSource.job_id == job)
     errors = (
         select(JobSource.path, JobSource.error)
         .where(JobSource.job_id == job, JobSource.error.is_not(None))
+        .order_by(JobSource.id)
+    )
+    return summary, errors
+
+
+@lru_cache(maxsize=1)
+def _registrations_statements() -> tuple[Select[*tuple[Any, ...]], Select[str, str, str | None]]:
+    jobs: BindParameter[list[str]] = bindparam("b_jobs", expanding=True)
+    summary = (
+        select(JobSource.job_id, *_summary_columns())
+        .where(JobSource.job_id.in_(jobs))
+        .group_by(JobSource.job_id)
+    )
+    errors = (
+        select(JobSource.job_id, JobSource.path, JobSource.error)
+        .where(JobSource.job_id.in_(jobs), JobSource.error.is_not(None))
         .order_by(JobSource.id)
     )
     return summary, errors
