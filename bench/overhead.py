@@ -99,18 +99,22 @@ def _cpu_by_stage() -> dict[str, float]:
 
 
 def _register(
-    ctx: WorkerContext, files: Sequence[Path], model: str, dedup: bool = False
+    ctx: WorkerContext, files: Sequence[Path], model: str, dedup: bool = False, explain: float | None = None
 ) -> tuple[str, list[int]]:
     """A queued job of ``files`` (read in place), recorded as the API records a path submission.
 
     With ``dedup`` the job asks for deduplication (the API's default) and the results of
     earlier rounds are deleted first, so that every round is a first submission: what
-    deduplication costs when it finds nothing to reuse.
+    deduplication costs when it finds nothing to reuse. With ``explain`` the job asks for
+    Grad-CAM maps of every label scoring at least that much.
     """
     with transaction(ctx.sessions) as session:
         if dedup:
             session.execute(delete(Result))
-        job = create_job(session, models=[model], options={"dedup": dedup})
+        options: dict[str, object] = {"dedup": dedup}
+        if explain is not None:
+            options["explain_threshold"] = explain
+        job = create_job(session, models=[model], options=options)
         found = [NewInstance(f.name, StorageKind.PATH, str(f)) for f in files]
         return job.id, add_instances(session, job_id=job.id, files=found)
 
@@ -137,8 +141,9 @@ def _run(ctx: WorkerContext, job_id: str, ids: list[int], concurrency: int) -> N
         thread.join()
 
 
-def _round(ctx: WorkerContext, files: Sequence[Path], model: str, concurrency: int, dedup: bool) -> Round:
-    job_id, ids = _register(ctx, files, model, dedup)
+def _round(ctx: WorkerContext, files: Sequence[Path], args: argparse.Namespace, concurrency: int) -> Round:
+    model = args.model
+    job_id, ids = _register(ctx, files, model, args.dedup, args.explain)
     stages = _cpu_by_stage()
     batches, forward_s = _batches(ctx, model)
     usage, cpu, wall = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
@@ -177,6 +182,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dedup", action="store_true", help="jobs ask for deduplication (the API's default), finding nothing"
     )
+    parser.add_argument(
+        "--explain", type=float, metavar="THRESHOLD",
+        help="jobs ask for Grad-CAM maps of every label at or above THRESHOLD (0: all)",
+    )  # fmt: skip
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where generated corpora are kept")
     return parser.parse_args(argv)
 
@@ -205,11 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             _run(
                 ctx,
-                *_register(ctx, files[: 2 * settings.chunk_size], args.model),
+                *_register(ctx, files[: 2 * settings.chunk_size], args.model, explain=args.explain),
                 settings.worker_concurrency,
             )
             concurrency = settings.worker_concurrency
-            rounds = [_round(ctx, files, args.model, concurrency, args.dedup) for _ in range(args.rounds)]
+            rounds = [_round(ctx, files, args, concurrency) for _ in range(args.rounds)]
         finally:
             ctx.engine.close()
     _render(console, rounds, args, settings, ctx)
@@ -225,7 +234,8 @@ def _render(
 ) -> None:
     table = Table(
         title=f"one worker engine in process: {args.model} on {args.input}"
-        f"{', deduplication on' if args.dedup else ''}, "
+        f"{', deduplication on' if args.dedup else ''}"
+        f"{f', Grad-CAM maps at >= {args.explain:g}' if args.explain is not None else ''}, "
         f"{settings.worker_concurrency} messages in hand, chunks of {settings.chunk_size}, "
         f"{ctx.engine.decoders.processes} decode processes",
         title_justify="left",

@@ -93,6 +93,12 @@ def explain(model: LoadedModel, batch: Tensor, threshold: float, rows: int | Non
     return Explained(probabilities=as_label_dicts(model.card, probs[:rows]), saliency=maps)
 
 
+PNG_LEVEL = 1
+"""zlib level of the maps' PNGs: a 224x224 map takes 0.84 ms at 1 against 2.96 at Pillow's
+default 6, for 11.6 KiB instead of 9.0 (bilinear 7x7 maps, a one-off timing): a job that
+asks for maps writes several per image, and they were most of the worker's CPU per image."""
+
+
 def to_png(saliency: np.ndarray) -> bytes:
     """An 8-bit grayscale PNG of a [0, 1] map (white = most salient)."""
     import io
@@ -100,5 +106,6 @@ def to_png(saliency: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.round(np.clip(saliency, 0, 1) * 255).astype(np.uint8), mode="L").save(buf, "PNG")
+    image = Image.fromarray(np.round(np.clip(saliency, 0, 1) * 255).astype(np.uint8), mode="L")
+    image.save(buf, "PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()
