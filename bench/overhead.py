@@ -49,6 +49,7 @@ STAGES = (
     ("radq-decode-dispatcher", "decode dispatcher (pipes to the decode processes)"),
     ("radq-infer", "inference streams (batching, the model, results)"),
     ("radq-writer", "writer (SQL)"),
+    ("radq-maps", "Grad-CAM maps (PNG, blob store; --explain)"),
 )
 """Thread name prefixes of the engine's stages, in the order shown."""
 

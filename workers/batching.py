@@ -11,25 +11,25 @@ halves (and the model's batch size lowered) rather than failed.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import radq
 from db.status import InstanceStatus
 from db.work import ResultRow
-from radq.blobs import BlobStore
 from radq.logs import log_context
 from workers.chunk import Chunk
 from workers.device_prep import RawFrame, to_batch
-from workers.gradcam import explain, to_png
+from workers.gradcam import explain
 from workers.inference import activate, as_label_dicts, is_out_of_memory, precision_context
 from workers.metrics import WorkerMetrics
 from workers.models.loader import LoadedModel
+from workers.saliency import MapStore
 from workers.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Batcher:
         batch_size: int,
         deadline: float,
         writer: Writer,
-        blobs: BlobStore,
+        maps: MapStore,
         *,
         clock: Callable[[], float] = time.monotonic,
         metrics: WorkerMetrics | None = None,
@@ -84,7 +84,7 @@ class Batcher:
         self.metrics = metrics
         self.deadline = deadline
         self.writer = writer
-        self.blobs = blobs
+        self.maps = maps
         self.clock = clock
         self.queues: dict[_Key, list[_Frame]] = {}
         self.models: dict[_Key, LoadedModel] = {}
@@ -92,7 +92,10 @@ class Batcher:
         """Batch size per model, lowered after running out of device memory."""
         self.waiting_on: dict[int, set[str]] = {}
         self.frames_left: dict[tuple[str, int], int] = {}
-        self.best: dict[tuple[str, int], tuple[dict[str, float], dict[str, str]]] = {}
+        self.best: dict[tuple[str, int], tuple[dict[str, float], dict[str, np.ndarray]]] = {}
+        self.explained: set[int] = set()
+        """Instances whose job asks for maps and whose outcome is still to come: their
+        writes go through :attr:`maps`, in order behind the maps being stored."""
         self.times = StageTimes()
 
     @property
@@ -110,6 +113,8 @@ class Batcher:
         """Queue every frame of an instance for each of its models; run the batches that fill."""
         now = self.clock()
         self.waiting_on[instance_id] = set(inputs)
+        if explain_threshold is not None:
+            self.explained.add(instance_id)
         for name, frames in inputs.items():
             key = (name, explain_threshold)
             self.models[key] = models[name]
@@ -152,8 +157,8 @@ class Batcher:
 
     def _predict(
         self, model: LoadedModel, threshold: float | None, batch: list[_Frame]
-    ) -> tuple[list[dict[str, float]], list[dict[str, str]]]:
-        """Probabilities and, when the job asks for them, Grad-CAM PNGs stored as blobs."""
+    ) -> tuple[list[dict[str, float]], list[dict[str, np.ndarray]]]:
+        """Probabilities and, when the job asks for them, Grad-CAM maps per label."""
         card = model.card
         started = time.perf_counter()
         inputs = to_batch([f.frame for f in batch], card.input, card.preprocessing, model.device)
@@ -172,11 +177,7 @@ class Batcher:
             return labelled, [{} for _ in batch]
         explained = explain(model, inputs, threshold, rows)
         self._timed(card.name, len(batch), prepared - started, time.perf_counter() - prepared)
-        stored = [
-            {label: self.blobs.put(io.BytesIO(to_png(m)))[0] for label, m in maps.items()}
-            for maps in explained.saliency
-        ]
-        return explained.probabilities, stored
+        return explained.probabilities, explained.saliency
 
     def _pads(self, model: LoadedModel) -> bool:
         """Whether partial batches are padded with zeros to the batch size.
@@ -234,14 +235,14 @@ class Batcher:
             self.waiting_on.pop(i, None)
             if self.metrics is not None:
                 self.metrics.failed.labels(name).inc()
-            self.writer.outcome(frame.chunk, i, InstanceStatus.FAILED, reason)
+            self._outcome(frame.chunk, i, InstanceStatus.FAILED, reason)
 
     def _collect(
         self,
         model: LoadedModel,
         batch: list[_Frame],
         outputs: list[dict[str, float]],
-        saliency: list[dict[str, str]],
+        saliency: list[dict[str, np.ndarray]],
     ) -> None:
         card = model.card
         recipe = card.preprocessing_recipe  # JSON made from the card: once per batch, not per row
@@ -264,7 +265,7 @@ class Batcher:
             del self.frames_left[key], self.best[key]
             if self.metrics is not None:
                 self.metrics.processed.labels(card.name).inc()
-            self.writer.result(
+            self._result(
                 frame.chunk,
                 ResultRow(
                     instance_id=frame.instance_id,
@@ -275,12 +276,26 @@ class Batcher:
                     preprocessing=recipe,
                     precision=model.precision,
                     outputs=best,
-                    saliency=best_maps or None,
                 ),
+                best_maps,
             )
             waiting = self.waiting_on.get(frame.instance_id)
             if waiting is not None:
                 waiting.discard(card.name)
                 if not waiting:
                     del self.waiting_on[frame.instance_id]
-                    self.writer.outcome(frame.chunk, frame.instance_id, InstanceStatus.DONE)
+                    self._outcome(frame.chunk, frame.instance_id, InstanceStatus.DONE)
+
+    def _result(self, chunk: Chunk, row: ResultRow, maps: dict[str, np.ndarray]) -> None:
+        i = row.instance_id
+        if maps or i in self.explained:
+            self.maps.result(chunk, row, maps, ended=i not in self.explained)
+        else:
+            self.writer.result(chunk, row)
+
+    def _outcome(self, chunk: Chunk, instance_id: int, status: str, reason: str | None = None) -> None:
+        if instance_id in self.explained:
+            self.explained.discard(instance_id)
+            self.maps.outcome(chunk, instance_id, status, reason)
+        else:
+            self.writer.outcome(chunk, instance_id, status, reason)

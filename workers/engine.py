@@ -50,6 +50,7 @@ from workers.metrics import WorkerMetrics
 from workers.models.loader import LoadedModel, ModelRegistry
 from workers.prepare import ContentKey, Prepared, Source, StoredBlob, content_keys, inspect, load_group
 from workers.procpool import ProcessPool
+from workers.saliency import MapStore
 from workers.writer import Writer
 
 T = TypeVar("T")
@@ -63,6 +64,9 @@ IDLE_CHECK_S = 0.01
 """How often a stream holding a partial batch looks whether more instances can still come."""
 MAX_AUTO_STREAMS = 4
 """Inference streams a CPU worker runs by default, at most: each holds a batch's activations."""
+MAP_THREADS = 4
+"""Threads storing Grad-CAM maps at most (no more than the decode processes): PNG encoding
+releases the GIL, and a job explaining many labels makes several maps per image."""
 GROUP_MAX = 8
 """Most instances of one message sent to a decode process as one task. Every task costs the
 worker process a pickle, two pipe writes, a wake-up of its dispatcher, a Future and a hand-off
@@ -225,12 +229,13 @@ class Engine:
             ),
         )
         self.writer = Writer(sessions, metrics=self.metrics)
+        self.maps = MapStore(blobs, self.writer, threads=min(MAP_THREADS, processes))
         count = infer_streams(settings, device.type)
         batch = settings.batch_size
         self.streams = [
             _Stream(
                 "radq-infer" if count == 1 else f"radq-infer-{i + 1}",
-                Batcher(batch, settings.batch_deadline, self.writer, blobs, metrics=self.metrics),
+                Batcher(batch, settings.batch_deadline, self.writer, self.maps, metrics=self.metrics),
             )
             for i in range(count)
         ]
@@ -267,6 +272,7 @@ class Engine:
             self._ready.put(_STOP)  # each stream takes one and stops
         for thread in self._threads:
             thread.join()
+        self.maps.close()
         self.writer.close()
         self.decoders.shutdown()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from workers.device_prep import RawFrame, raw_frames
 from workers.inference import predict
 from workers.models import loader
 from workers.models.loader import LoadedModel, Runtime, load_model, prepare_for_runtime
+from workers.saliency import MapStore
 from workers.writer import Writer
 
 
@@ -81,7 +83,8 @@ def _batcher(
     tmp_path: Path, clock: Clock, batch_size: int = 4, deadline: float = 0.5
 ) -> tuple[Batcher, Recorder]:
     writer = Recorder()
-    return Batcher(batch_size, deadline, writer, FileBlobStore(tmp_path), clock=clock), writer
+    maps = MapStore(FileBlobStore(tmp_path), writer)
+    return Batcher(batch_size, deadline, writer, maps, clock=clock), writer
 
 
 def test_a_partial_batch_waits_for_company_until_its_deadline(tmp_path: Path, smoke: LoadedModel) -> None:
@@ -216,12 +219,14 @@ def test_a_padded_partial_batch_gives_each_instance_its_own_result(
     for pad in (False, True):
         clock = Clock()
         writer = Recorder()
-        batcher = Batcher(8, 0.5, writer, FileBlobStore(tmp_path), clock=clock, pad=pad)
+        maps = MapStore(FileBlobStore(tmp_path), writer)
+        batcher = Batcher(8, 0.5, writer, maps, clock=clock, pad=pad)
         for i, name in enumerate(names):
             frames = {"radq-smoke": _frames(smoke, name)}
             batcher.add(Chunk("job", {i}), i, frames, {"radq-smoke": model}, threshold)
         clock.now += 1
         batcher.run_due()
+        maps.close()  # the maps' writes are handed on by its thread
         outputs[pad] = {i: o for kind, i, o in writer.calls if kind == "result"}
         assert writer.outcomes() == {i: ("done", None) for i in range(3)}
         labels = set(smoke.card.labels) if threshold is not None else set()
@@ -252,3 +257,94 @@ def test_a_graph_that_traced_wrong_is_refused_and_the_model_runs_eagerly(
     assert prepared.runner is None and prepared.forward is prepared.module
     fine = prepare_for_runtime(smoke, Runtime(torch.device("cpu"), precision=precision))
     assert fine.runner is not None  # the same network without the branch traces
+
+
+class HeldStore(FileBlobStore):
+    """A blob store whose writes wait until the test lets them go, or fail when told to."""
+
+    def __init__(self, root: Path, failing: bool = False) -> None:
+        super().__init__(root)
+        self.release = threading.Event()
+        self.failing = failing
+
+    def put(self, stream: Any, *, max_bytes: int | None = None, what: str = "file") -> tuple[str, int]:
+        if not self.release.wait(timeout=30):
+            raise TimeoutError("the test never released the store")
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        return super().put(stream, max_bytes=max_bytes, what=what)
+
+
+def test_maps_are_stored_off_the_inference_thread_and_written_before_their_outcome(
+    tmp_path: Path, smoke: LoadedModel
+) -> None:
+    writer = Recorder()
+    store = HeldStore(tmp_path)
+    maps = MapStore(store, writer)
+    batcher = Batcher(2, 0.5, writer, maps, clock=Clock())
+    chunk = Chunk("job", {1, 2, 3})
+    batcher.add(chunk, 1, {"radq-smoke": _frames(smoke, "CT_small.dcm")}, {"radq-smoke": smoke}, 0.0)
+    batcher.add(chunk, 2, {"radq-smoke": _frames(smoke, "MR_small.dcm")}, {"radq-smoke": smoke}, 0.0)
+    # The batch ran and the stream is free while its maps wait for the store; a job that
+    # asks for no maps is not held behind them.
+    batcher.add(chunk, 3, {"radq-smoke": _frames(smoke, "CR2_6247.dcm")}, {"radq-smoke": smoke}, None)
+    batcher.drain()
+    assert writer.calls[0][:2] == ("result", 3) and writer.outcomes() == {3: ("done", None)}
+    store.release.set()
+    maps.close()
+    kinds = [(kind, i) for kind, i, _ in writer.calls]
+    assert kinds == [
+        ("result", 3),
+        ("outcome", 3),
+        ("result", 1),
+        ("outcome", 1),
+        ("result", 2),
+        ("outcome", 2),
+    ]
+    assert writer.saliency == {1: set(smoke.card.labels), 2: set(smoke.card.labels), 3: set()}
+
+
+def test_a_map_that_cannot_be_stored_fails_its_instance_with_the_reason(
+    tmp_path: Path, smoke: LoadedModel
+) -> None:
+    writer = Recorder()
+    store = HeldStore(tmp_path, failing=True)
+    store.release.set()
+    maps = MapStore(store, writer)
+    batcher = Batcher(2, 0.5, writer, maps, clock=Clock())
+    chunk = Chunk("job", {1, 2})
+    batcher.add(chunk, 1, {"radq-smoke": _frames(smoke, "CT_small.dcm")}, {"radq-smoke": smoke}, 0.0)
+    batcher.add(chunk, 2, {"radq-smoke": _frames(smoke, "MR_small.dcm")}, {"radq-smoke": smoke}, None)
+    batcher.drain()
+    maps.close()
+    outcomes = writer.outcomes()
+    assert outcomes[2] == ("done", None)  # in the same batch, without maps
+    status, reason = outcomes[1]
+    assert status == "failed" and reason is not None
+    assert (
+        reason.startswith(f"Grad-CAM maps could not be stored in {store.url}: ") and "No space left" in reason
+    )
+    assert [i for kind, i, _ in writer.calls if kind == "result"] == [2]  # no row without its maps
+
+
+def test_a_multi_frame_instance_stores_only_its_best_frames_maps(tmp_path: Path, smoke: LoadedModel) -> None:
+    """Card frame policy ``all``: the result keeps, per label, the map of the frame with the
+    highest score, so only those are encoded and stored, not one per frame and label."""
+    card = smoke.card
+    every_frame = card.model_copy(
+        update={"preprocessing": card.preprocessing.model_copy(update={"frame": "all"})}
+    )
+    model = LoadedModel(every_frame, smoke.module, smoke.device)
+    frames = _frames(model, "rtdose.dcm")
+    assert len(frames) == 15
+    writer = Recorder()
+    store = FileBlobStore(tmp_path / "blobs")
+    maps = MapStore(store, writer)
+    batcher = Batcher(4, 0.5, writer, maps, clock=Clock())
+    batcher.add(Chunk("job", {1}), 1, {"radq-smoke": frames}, {"radq-smoke": model}, 0.0)
+    batcher.drain()
+    maps.close()
+    assert writer.outcomes() == {1: ("done", None)}
+    assert writer.saliency[1] == set(card.labels)
+    stored = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
+    assert len(stored) <= len(card.labels)  # labels whose best frame is the same may share a map
