@@ -99,13 +99,18 @@ default 6, for 11.6 KiB instead of 9.0 (bilinear 7x7 maps, a one-off timing): a 
 asks for maps writes several per image, and they were most of the worker's CPU per image."""
 
 
+def to_8bit(saliency: np.ndarray) -> np.ndarray:
+    """A [0, 1] map as the 8-bit levels its PNG holds (white = most salient)."""
+    return np.round(np.clip(saliency, 0, 1) * 255).astype(np.uint8)
+
+
 def to_png(saliency: np.ndarray) -> bytes:
-    """An 8-bit grayscale PNG of a [0, 1] map (white = most salient)."""
+    """An 8-bit grayscale PNG of a [0, 1] map, or of one already made 8-bit by :func:`to_8bit`."""
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
-    image = Image.fromarray(np.round(np.clip(saliency, 0, 1) * 255).astype(np.uint8), mode="L")
-    image.save(buf, "PNG", compress_level=PNG_LEVEL)
+    levels = saliency if saliency.dtype == np.uint8 else to_8bit(saliency)
+    Image.fromarray(levels, mode="L").save(buf, "PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()

@@ -6,6 +6,8 @@ few threads store the maps (Pillow's zlib and the store's I/O release the GIL), 
 more hands each result row, and every write given after it for the same instance, to the
 writer in the order they were given: an instance's results still commit no later than its
 final status. A map that cannot be stored fails its instance with the reason instead.
+Maps wait as their 8-bit levels, at most :data:`MAX_MAPS_WAITING` of them: when the blob
+store is slower than the model, the stream waits rather than memory growing.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from db.status import InstanceStatus
 from db.work import ResultRow
 from radq.blobs import BlobStore
 from workers.chunk import Chunk
-from workers.gradcam import to_png
+from workers.gradcam import to_8bit, to_png
 from workers.writer import Writer
 
 log = logging.getLogger(__name__)
+
+MAX_MAPS_WAITING = 1024
+"""Maps given but not yet stored, at most (about 50 KB each at 224x224)."""
 
 
 @dataclass(frozen=True)
@@ -45,9 +50,14 @@ class _Entry:
 class MapStore:
     """Thread-safe; an instance's writes must all come from one thread (its stream)."""
 
-    def __init__(self, blobs: BlobStore, writer: Writer, *, threads: int = 2) -> None:
+    def __init__(
+        self, blobs: BlobStore, writer: Writer, *, threads: int = 2, max_waiting: int = MAX_MAPS_WAITING
+    ) -> None:
         self.blobs = blobs
         self.writer = writer
+        self.max_waiting = max_waiting
+        self._waiting = 0
+        self._room = threading.Condition()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="radq-maps")
         self._order: queue.Queue[_Entry | None] = queue.Queue()
         self._thread = threading.Thread(target=self._hand_on, name="radq-maps-order", daemon=True)
@@ -61,7 +71,11 @@ class MapStore:
         ``ended``: the instance's outcome was given already; maps that cannot be stored then
         cost this row only, else they fail the instance at its outcome.
         """
-        stored = self._pool.submit(self._store, dict(maps)) if maps else None
+        stored = None
+        if maps:
+            levels = {label: to_8bit(m) for label, m in maps.items()}
+            self._reserve(len(levels))
+            stored = self._pool.submit(self._store, levels)
         self._order.put(_Entry(chunk, row.instance_id, row=row, maps=stored, ended=ended))
 
     def outcome(self, chunk: Chunk, instance_id: int, status: str, reason: str | None = None) -> None:
@@ -74,29 +88,46 @@ class MapStore:
         self._thread.join()
         self._pool.shutdown()
 
+    def _reserve(self, count: int) -> None:
+        with self._room:  # one row's maps always get in, even alone over the bound
+            self._room.wait_for(lambda: self._waiting == 0 or self._waiting + count <= self.max_waiting)
+            self._waiting += count
+
     def _store(self, maps: dict[str, np.ndarray]) -> dict[str, str]:
-        return {label: self.blobs.put(io.BytesIO(to_png(m)))[0] for label, m in maps.items()}
+        try:
+            return {label: self.blobs.put(io.BytesIO(to_png(m)))[0] for label, m in maps.items()}
+        finally:
+            with self._room:
+                self._waiting -= len(maps)
+                self._room.notify_all()
 
     def _hand_on(self) -> None:
-        failed: dict[int, str] = {}  # instance id -> why its maps were not stored
+        failed: dict[int, str] = {}
         while (entry := self._order.get()) is not None:
-            i = entry.instance_id
-            if entry.outcome is not None:
-                status, reason = entry.outcome
-                if i in failed:
-                    status, reason = InstanceStatus.FAILED, failed.pop(i)
-                self.writer.outcome(entry.chunk, i, status, reason)
-                continue
-            assert entry.row is not None
+            try:
+                self._hand_on_one(entry, failed)
+            except Exception:  # never let the stage die: the reaper re-sends what is lost
+                log.exception("saliency stage error")
+
+    def _hand_on_one(self, entry: _Entry, failed: dict[int, str]) -> None:
+        """Write one entry; ``failed``: instance id to why its maps were not stored."""
+        i = entry.instance_id
+        if entry.outcome is not None:
+            status, reason = entry.outcome
             if i in failed:
-                continue
-            saliency = None
-            if entry.maps is not None:
-                try:
-                    saliency = entry.maps.result()
-                except Exception as exc:  # the store is down or full: this instance fails, not the stage
-                    log.warning("instance %d: Grad-CAM maps not stored: %s", i, exc)
-                    if not entry.ended:
-                        failed[i] = f"Grad-CAM maps could not be stored in {self.blobs.url}: {exc}"
-                    continue
-            self.writer.result(entry.chunk, replace(entry.row, saliency=saliency or None))
+                status, reason = InstanceStatus.FAILED, failed.pop(i)
+            self.writer.outcome(entry.chunk, i, status, reason)
+            return
+        assert entry.row is not None
+        if i in failed:
+            return
+        saliency = None
+        if entry.maps is not None:
+            try:
+                saliency = entry.maps.result()
+            except Exception as exc:  # the store is down or full: this instance fails, not the stage
+                log.warning("instance %d: Grad-CAM maps not stored: %s", i, exc)
+                if not entry.ended:
+                    failed[i] = f"Grad-CAM maps could not be stored in {self.blobs.url}: {exc}"
+                return
+        self.writer.result(entry.chunk, replace(entry.row, saliency=saliency or None))

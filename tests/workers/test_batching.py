@@ -6,10 +6,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from db.work import ResultRow
 from radq.blobs.file import FileBlobStore
 from radq.model_card import discover_cards
 from radq.settings import BUNDLED_MODEL_DIR
@@ -348,3 +350,25 @@ def test_a_multi_frame_instance_stores_only_its_best_frames_maps(tmp_path: Path,
     assert writer.saliency[1] == set(card.labels)
     stored = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
     assert len(stored) <= len(card.labels)  # labels whose best frame is the same may share a map
+
+
+def test_maps_waiting_for_a_slow_store_hold_the_stream_back_past_their_bound(tmp_path: Path) -> None:
+    writer = Recorder()
+    store = HeldStore(tmp_path)
+    maps = MapStore(store, writer, max_waiting=4)
+    chunk = Chunk("job", {1, 2})
+    level = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+
+    def row(i: int) -> ResultRow:
+        return ResultRow(i, "m", "1", "0" * 64, "0", "{}", "fp32", {"a": 0.5, "b": 0.5, "c": 0.5})
+
+    maps.result(chunk, row(1), {"a": level, "b": level, "c": level})  # 3 of 4 waiting
+    second = threading.Thread(target=maps.result, args=(chunk, row(2), {"a": level, "b": 1 - level}))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive()  # 3 + 2 > 4: the caller waits while the store is stuck
+    store.release.set()
+    second.join(timeout=30)
+    assert not second.is_alive()
+    maps.close()
+    assert writer.saliency == {1: {"a", "b", "c"}, 2: {"a", "b"}}
