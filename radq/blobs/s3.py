@@ -29,6 +29,10 @@ from radq.errors import BlobStoreUnavailable
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _EMPTY_RANGE = {"416", "InvalidRange"}
 """A ranged GET of an empty object: there is no first byte to send."""
+SMALL_OBJECT = 256 * 1024
+"""Objects up to this size (Grad-CAM maps, ~10 KB) go in one PUT whether the bucket has
+them or not, spooled in memory: a HEAD first, then s3transfer's machinery, cost the worker
+more than sending them again."""
 _RETRIES = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
 
 
@@ -93,13 +97,19 @@ class S3BlobStore:
         return modified
 
     def put(self, stream: IO[bytes], *, max_bytes: int | None = None, what: str = "file") -> tuple[str, int]:
-        """Spool ``stream`` to a temporary file while hashing it, then upload it unless present."""
+        """Spool ``stream`` (to a temporary file past :data:`SMALL_OBJECT`) while hashing
+        it, then upload it: a small one in one PUT, a larger one unless present."""
         self._spool_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=self._spool_dir, prefix=".upload-") as spool:
+        with tempfile.SpooledTemporaryFile(
+            SMALL_OBJECT, dir=str(self._spool_dir), prefix=".upload-"
+        ) as spool:
             sha, size = copy_hashing(stream, spool, max_bytes=max_bytes, what=what)
             key = self.key_for(sha)
             try:
-                if self._last_modified(sha) is None:
+                if size <= SMALL_OBJECT:  # present or not: a rewrite renews LastModified too
+                    spool.seek(0)
+                    self.client().put_object(Bucket=self.bucket, Key=key, Body=spool.read())
+                elif self._last_modified(sha) is None:
                     spool.seek(0)
                     self.client().upload_fileobj(spool, self.bucket, key)
                 else:
