@@ -280,7 +280,7 @@ def registrations_of(session: Session, job_ids: Sequence[str]) -> dict[str, Regi
 
 
 def _with_error(summary: Sequence[Any]) -> bool:
-    return bool(summary[6])
+    return bool(summary[_WITH_ERROR])
 
 
 def _registration(summary: Sequence[Any], errors: Sequence[Any]) -> Registration | None:
@@ -301,6 +301,10 @@ def _registration(summary: Sequence[Any], errors: Sequence[Any]) -> Registration
         started_at=started,
         finished_at=finished if ended == total else None,
     )
+
+
+_WITH_ERROR = 6
+"""Where :func:`_summary_columns` counts the sources with an error."""
 
 
 def _summary_columns() -> list[ColumnElement[Any]]:

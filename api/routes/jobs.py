@@ -91,7 +91,7 @@ def job_view(session: Session, job_id: str) -> JobOut:
 
 
 def jobs_view(session: Session, jobs: Sequence[Job]) -> list[JobOut]:
-    """Views of many jobs from three grouped queries, not three per job."""
+    """Views of many jobs from at most three grouped queries, not three per job."""
     ids = [job.id for job in jobs]
     tallies, registrations = job_tallies(session, ids), registrations_of(session, ids)
     return [_job_out(job, tallies[job.id], registrations.get(job.id)) for job in jobs]

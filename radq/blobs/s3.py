@@ -5,7 +5,8 @@ region come from the variables boto3 reads itself (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, or an
 instance role). Uploads are spooled to a local temporary file while they are hashed (an
 object's key is its hash, known only at the end), then uploaded unless the bucket has
-them already. boto3 clients do not survive a fork: each process makes its own, lazily.
+them already (up to :data:`SMALL_OBJECT`, held in memory and sent in one PUT either
+way). boto3 clients do not survive a fork: each process makes its own, lazily.
 """
 
 from __future__ import annotations
