@@ -1,9 +1,12 @@
-"""Synthetic DICOM: axial head CT slices and chest radiographs with real headers.
+"""Benchmark DICOM: axial head CT slices and chest radiographs with real headers, and a real
+ultrasound cine.
 
-Headers come from real sample files (``CT_small.dcm`` and ``CR2_6247.dcm`` from
-pydicom's test data); pixels are synthetic anatomy (skull, brain, ventricles; body
+CT and CR headers come from real sample files (``CT_small.dcm`` and ``CR2_6247.dcm`` from
+pydicom's test data); their pixels are synthetic anatomy (skull, brain, ventricles; body
 outline, lungs, ribs, mediastinum, spine) plus detector noise, so decoding, windowing
-and codecs do the work real images cause. :mod:`bench.inputs` writes corpora of them.
+and codecs do the work real images cause. The ultrasound cine is pydicom's
+``examples_ybr_color.dcm`` as recorded: 30 frames of JPEG baseline YBR_FULL_422 from a
+SonoSite scanner. :mod:`bench.inputs` writes corpora of them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import examples
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
@@ -110,3 +114,9 @@ def cr_dataset(pixels: np.ndarray, view: int) -> Dataset:
     ds.SeriesDescription = f"CHEST {ds.ViewPosition} (synthetic)"
     ds.set_pixel_data(pixels, "MONOCHROME1", 12, generate_instance_uid=False)
     return ds
+
+
+def us_cine_dataset() -> Dataset:
+    """A real ultrasound cine: 30 frames of 240x320 JPEG baseline YBR_FULL_422, its codestreams
+    as the scanner wrote them (pydicom's ``examples_ybr_color.dcm``)."""
+    return pydicom.dcmread(examples.get_path("ybr_color"))

@@ -1,7 +1,8 @@
 """The inputs of the benchmark matrix and their cached corpora.
 
-Each input kind (``ct``, ``cr``, ``cr-j2k``, ``cr-jls``) has a few distinct images
-(synthesis and, for the compressed kinds, encoding are the slow part), and a corpus
+Each input kind (``ct``, ``cr``, ``cr-j2k``, ``cr-jls``, ``us``) has a few distinct images
+(synthesis and, for the compressed kinds, encoding are the slow part; ``us`` has one, a
+real cine), and a corpus
 of as many files as a figure needs: copies of those images' encoded pixel data under
 new Study/Series/SOP Instance UIDs, so that each file is a separate instance. Both
 live in a cache folder keyed by kind, seed and format; file ``i`` is the same bytes
@@ -24,7 +25,9 @@ from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
+    UltrasoundMultiFrameImageStorage,
 )
 
 from bench import data
@@ -48,7 +51,7 @@ class InputKind:
     distinct: int
     """Distinct images the corpus cycles through."""
     per_study: int
-    """Files per study (CT: slices of one series; CR: views)."""
+    """Files per study (CT: slices of one series; CR: views; US: clips)."""
     image: str
 
     @property
@@ -61,6 +64,10 @@ _CT_IMAGE = f"{data.CT_SIZE}x{data.CT_SIZE} int16 head CT, MONOCHROME2, RescaleI
 _CR_IMAGE = (
     f"{data.CR_SHAPE[0]}x{data.CR_SHAPE[1]} 12-bit chest CR, MONOCHROME1, RescaleSlope 0.684, "
     "RescaleIntercept 200, WC/WW 1600/2800"
+)
+_US_IMAGE = (
+    "30-frame 240x320 ultrasound cine, JPEG baseline YBR_FULL_422 as a SonoSite scanner wrote it "
+    "(pydicom's examples_ybr_color.dcm)"
 )
 INPUTS: dict[str, InputKind] = {
     kind.name: kind
@@ -78,6 +85,10 @@ INPUTS: dict[str, InputKind] = {
                 ("cr-jls", JPEGLSLossless),
             )
         ),
+        InputKind(
+            "us", "US", "", "YBR_FULL_422", UltrasoundMultiFrameImageStorage, JPEGBaseline8Bit, 1, 4,
+            _US_IMAGE,
+        ),  # fmt: skip
     )
 }
 """Input kinds by name, in report order."""
@@ -94,6 +105,8 @@ def _base_pixels(kind: InputKind, index: int, seed: int) -> tuple[np.ndarray, in
 
 
 def _base_dataset(kind: InputKind, index: int, seed: int) -> Dataset:
+    if kind.family == "us":
+        return data.us_cine_dataset()
     pixels, position = _base_pixels(kind, index, seed)
     ds = data.head_ct_dataset(pixels) if kind.family == "ct" else data.cr_dataset(pixels, position)
     if kind.transfer_syntax != ExplicitVRLittleEndian:

@@ -40,8 +40,9 @@ OVERHEAD_PROBE = "overhead-probe"
 """The bench's own near-free model: the worker's per-image cost with the model taken out."""
 PROBE_SOURCE = "radq-smoke"
 PROBE_WIDTHS = [1, 1, 1, 1]
-DEFAULT_MODELS = ("headct-resnet18", DENSENET_CT, DENSENET_SOURCE)
-"""Models of the default run: a ResNet-style network and DenseNet-121 on CT, DenseNet-121 on CR."""
+DEFAULT_MODELS = ("headct-resnet18", DENSENET_CT, DENSENET_SOURCE, "us-abdomen-smallcnn")
+"""Models of the default run: a ResNet-style network and DenseNet-121 on CT, DenseNet-121 on CR,
+and the ultrasound model on a real JPEG cine (decode-bound: its network is small)."""
 
 
 def _derive_densenet_ct(source: Path, target: Path) -> None:

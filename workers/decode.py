@@ -61,6 +61,9 @@ from workers.header import (
 
 log = logging.getLogger(__name__)
 
+YCBCR = frozenset({"YBR_FULL", "YBR_FULL_422"})
+"""Photometric interpretations decoded as stored YCbCr (:func:`workers.frames.iter_frames`);
+a decoded image calls both YBR_FULL."""
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 """Elements that hold an image; a dataset with none of them has nothing to infer on."""
 
@@ -79,7 +82,8 @@ class DecodedImage:
     except for ``max``, whose single row is the maximum of them all. ``transforms``
     holds each row's rescale and window (a single item applies to every row).
     ``voi_lut``/``modality_lut`` reference the dataset only when it carries the
-    corresponding LUT sequence.
+    corresponding LUT sequence. Colour is as stored: RGB, or YCbCr where
+    :attr:`ycbcr` (preprocessing converts it).
     """
 
     meta: InstanceMeta
@@ -96,6 +100,11 @@ class DecodedImage:
     def transform(self, row: int) -> FrameTransform:
         """The rescale and window of row ``row`` of ``pixels``."""
         return self.transforms[row if len(self.transforms) > 1 else 0]
+
+    @property
+    def ycbcr(self) -> bool:
+        """Colour samples Y, Cb, Cr (YBR_FULL, or YBR_FULL_422 decoded to full resolution)."""
+        return self.pixels.ndim == 4 and self.photometric == "YBR_FULL"
 
 
 def unsupported_syntax_reason(uid: str) -> str:
@@ -317,6 +326,8 @@ def _decode(
         arr, photometric = apply_color_lut(arr, ds), "RGB"
         bits_stored = 8 * arr.dtype.itemsize
         add_note(notes, "PALETTE COLOR expanded to RGB with the file's palette")
+    elif arr.ndim == 4 and photometric in YCBCR:
+        photometric = "YBR_FULL"  # chroma at full resolution once decoded
     elif arr.ndim == 4 and photometric != "RGB":
         add_note(notes, f"{photometric} colour used as is: no conversion to RGB available")
     if not arr.dtype.isnative:  # big endian files; torch only takes native order

@@ -32,9 +32,11 @@ from radq.model_card import InputSpec, Preprocessing
 from workers.decode import DecodedImage
 from workers.preprocess import (
     LUMA,
+    YCBCR_TO_RGB,
     Voi,
     check_channels,
     check_rescaled_range,
+    chroma_zero,
     colour_scale,
     normalisation,
     resolve_windows,
@@ -96,6 +98,9 @@ class RawFrame:
     """``pixels`` are (H, W, 3) colour samples, divided by ``scale``."""
     scale: float = 1.0
     """``2**bits_stored - 1`` for integer colour samples."""
+    chroma: float | None = None
+    """Colour samples are Y, Cb and Cr, Cb and Cr zero at this value once divided by
+    ``scale``; for a 1-channel model only Y travels, (H, W, 1)."""
     windowed: bool = False
     """``pixels`` are the reference's windowed planes: the device only resizes them."""
     ready: bool = False
@@ -131,7 +136,9 @@ def _rescaled_extremes(pixels: np.ndarray, slope: float, intercept: float) -> tu
 
 
 def _fallback(image: DecodedImage, spec: InputSpec, recipe: Preprocessing, row: int) -> RawFrame:
-    planes = to_channels(windowed(image, recipe, row), spec.channels, image.pixels.ndim == 4)
+    planes = to_channels(
+        windowed(image, recipe, row), spec.channels, image.pixels.ndim == 4, chroma_zero(image)
+    )
     return RawFrame(np.ascontiguousarray(planes, dtype=np.float32), windowed=True)
 
 
@@ -141,7 +148,10 @@ def _raw_frame(image: DecodedImage, spec: InputSpec, recipe: Preprocessing, row:
         shipped = _shippable(pixels) if pixels.shape[-1] == 3 and pixels.dtype.kind in "iu" else None
         if shipped is None:
             return _fallback(image, spec, recipe, row)
-        return RawFrame(shipped, colour=True, scale=colour_scale(image))
+        chroma = chroma_zero(image)
+        if chroma is not None and spec.channels == 1:  # Y is the luminance: a third of the bytes
+            shipped = np.ascontiguousarray(shipped[..., :1])
+        return RawFrame(shipped, colour=True, scale=colour_scale(image), chroma=chroma)
     transform = image.transform(row)
     windows = resolve_windows(image, recipe, transform)
     shipped = _shippable(pixels)
@@ -193,7 +203,9 @@ def _ops(frame: RawFrame) -> tuple[_Op, ...]:
 
 def _group_key(frame: RawFrame) -> tuple[str, tuple[_Op, ...], tuple[int, ...], str]:
     """Frames stacked together: same kind, shape and dtype, and the same op for each plane."""
-    kind = "planes" if frame.windowed else "colour" if frame.colour else "grayscale"
+    kind = "planes" if frame.windowed else "grayscale" if not frame.colour else "colour"
+    if frame.chroma is not None:
+        kind = "ycbcr"
     return kind, _ops(frame) if kind == "grayscale" else (), frame.pixels.shape, frame.pixels.dtype.str
 
 
@@ -344,11 +356,18 @@ def _grayscale(frames: list[RawFrame], ops: tuple[_Op, ...], device: torch.devic
 
 
 def _colour(frames: list[RawFrame], channels: int, device: torch.device) -> torch.Tensor:
-    """(b, 3, H, W) samples scaled to [0, 1], or their luminance for a 1-channel model."""
+    """(b, 3, H, W) RGB scaled to [0, 1], or its luminance for a 1-channel model (Y of YCbCr)."""
     import torch
 
     x = _upload([f.pixels for f in frames], device).permute(0, 3, 1, 2)
     x.div_(torch.tensor([f.scale for f in frames], dtype=torch.float32).to(device).view(-1, 1, 1, 1))
+    if frames[0].chroma is not None:  # a group is all YCbCr or all RGB
+        if channels == 1:
+            return x[:, :1]
+        zeros = torch.tensor([f.chroma for f in frames], dtype=torch.float32).to(device).view(-1, 1, 1)
+        shifted = torch.cat([x[:, :1], x[:, 1:] - zeros.unsqueeze(1)], dim=1)
+        rgb = torch.einsum("ck,bkhw->bchw", torch.from_numpy(YCBCR_TO_RGB).to(device), shifted)
+        return rgb.clamp_(0.0, 1.0)
     if channels == 1:
         return (x * torch.from_numpy(LUMA).to(device).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
     return x
@@ -387,7 +406,7 @@ def _planes(
     """One chunk of a group as (b, 1 or ``channels``, H, W) in [0, 1], before resizing."""
     if kind == "planes":
         planes = _upload([f.pixels for f in frames], device)
-    elif kind == "colour":
+    elif kind in ("colour", "ycbcr"):
         planes = _colour(frames, channels, device)
     else:
         planes = _grayscale(frames, ops, device)

@@ -35,7 +35,10 @@ from pydicom.pixels.decoders.base import Decoder
 
 from radq.errors import UndecodablePixels
 from radq.model_card import FramePolicy
+from workers.codecs import asks_rgb, prefer_fast_plugins
 from workers.header import add_note, describe_malformed, open_source, short_error
+
+prefer_fast_plugins()  # process-wide, before any frame is decoded: every decode in radq comes here
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -206,14 +209,17 @@ def iter_frames(
         frames: the number of frames the header declares.
 
     Yields:
-        Each frame as (rows, columns[, samples]) with pydicom's decoding options
-        (YCbCr converted to RGB), and its pixel properties.
+        Each frame as (rows, columns[, samples]) and its pixel properties. YBR_FULL and
+        YBR_FULL_422 samples stay YCbCr (full resolution; the properties say which):
+        preprocessing converts them, or takes Y alone for a one-channel model.
     """
     every = len(indices) == frames and (isinstance(indices, range) or list(indices) == list(range(frames)))
     with _pixel_source(ds, keyword, decoder) as (src, opts):
         # With no indices, encapsulated frames are decoded in one sequential pass
         # (JPEG may yield more frames than declared: those are left out).
-        decoded = decoder.iter_array(src, indices=None if every else indices, **opts)
+        decoded = decoder.iter_array(
+            src, indices=None if every else indices, as_rgb=asks_rgb(decoder), **opts
+        )
         yield from itertools.islice(decoded, len(indices))
 
 

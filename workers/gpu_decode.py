@@ -36,10 +36,11 @@ from pydicom.pixels.decoders import (
 from pydicom.pixels.decoders.base import Decoder, DecodeRunner
 
 from radq.errors import ConfigurationError
+from workers.codecs import GPU_PLUGIN
 
 log = logging.getLogger(__name__)
 
-LABEL = "nvimgcodec"
+LABEL = GPU_PLUGIN
 """The plugin's name in pydicom's decoders (``decoder.available_plugins``)."""
 PLUGIN_MODULE = "nvidia.nvimgcodec.tools.dicom.pydicom_plugin"
 DECODERS: tuple[Decoder, ...] = (

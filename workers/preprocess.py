@@ -25,6 +25,14 @@ from workers.header import describe_malformed, printable, short_error
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 """ITU-R BT.601 weights for RGB to grayscale."""
+YCBCR_TO_RGB = np.array(
+    [[1.0, 0.0, 1.402],
+     [1.0, -0.114 * 1.772 / 0.587, -0.299 * 1.402 / 0.587],
+     [1.0, 1.772, 0.0]],
+    dtype=np.float32,
+)  # fmt: skip
+"""R, G, B from Y, Cb and Cr less their zero: YBR_FULL's inverse (PS3.3 C.7.6.3.1.2), as
+pydicom's ``convert_color_space`` uses it; whose Y is the luminance LUMA gives."""
 
 
 def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -210,6 +218,26 @@ def colour_scale(image: DecodedImage) -> float:
     return 1.0 if image.pixels.dtype.kind == "f" else float(2**bits - 1)
 
 
+def chroma_zero(image: DecodedImage) -> float | None:
+    """Where Cb and Cr are zero once divided by :func:`colour_scale` (128 / 255 for 8 bits);
+    None unless ``image`` holds YCbCr."""
+    if not image.ycbcr:
+        return None
+    bits = image.bits_stored or 8 * image.pixels.dtype.itemsize
+    return float(2 ** (bits - 1)) / colour_scale(image)
+
+
+def ycbcr_to_rgb(planes: np.ndarray, zero: float) -> np.ndarray:
+    """(3, H, W) Y, Cb, Cr in [0, 1] to R, G, B clipped to [0, 1], in float32.
+
+    pydicom's conversion also rounds to the stored integers; this one does not (at most
+    half a level apart).
+    """
+    shifted = planes - np.array([0.0, zero, zero], dtype=np.float32)[:, None, None]
+    rgb = np.tensordot(YCBCR_TO_RGB, shifted, axes=1).astype(np.float32, copy=False)
+    return np.clip(rgb, 0.0, 1.0, out=rgb)
+
+
 def _colour(image: DecodedImage, row: int) -> np.ndarray:
     out = np.moveaxis(image.pixels[row], -1, 0).astype(np.float32)  # (3, H, W)
     out /= np.float32(colour_scale(image))
@@ -223,8 +251,8 @@ def windowed(image: DecodedImage, recipe: Preprocessing, row: int = 0) -> np.nda
     channel each), else its window for the modality, else the file's VOI LUT (scaled
     by the table's extremes), else the file's first window with its VOI LUT Function
     (scaled to the window's output range), else min-max over the frame; MONOCHROME1
-    is then inverted. Colour: each sample divided by ``2**bits_stored - 1``; windows
-    do not apply.
+    is then inverted. Colour: each sample divided by ``2**bits_stored - 1``, RGB or
+    YCbCr as stored (:func:`to_channels` converts); windows do not apply.
 
     Args:
         image: frames from :func:`workers.decode.decode`.
@@ -275,8 +303,14 @@ def check_channels(planes: int, channels: int) -> None:
         )
 
 
-def to_channels(planes: np.ndarray, channels: int, colour: bool) -> np.ndarray:
-    """Colour to luminance for a 1-channel model; other mismatches are the card's fault."""
+def to_channels(planes: np.ndarray, channels: int, colour: bool, chroma: float | None = None) -> np.ndarray:
+    """Colour to luminance for a 1-channel model; other mismatches are the card's fault.
+
+    ``chroma``: the planes are Y, Cb and Cr, with this zero (:func:`chroma_zero`): Y is
+    the luminance, and a 3-channel model gets RGB.
+    """
+    if colour and chroma is not None:
+        return planes[:1] if channels == 1 else ycbcr_to_rgb(planes, chroma)
     if colour and channels == 1:
         return np.tensordot(LUMA, planes, axes=1)[np.newaxis].astype(np.float32, copy=False)
     check_channels(planes.shape[0], channels)
@@ -287,9 +321,9 @@ def preprocess(image: DecodedImage, spec: InputSpec, recipe: Preprocessing) -> n
     """Turn decoded frames into float32 model inputs, one per row of ``image.pixels``.
 
     Each row goes through :func:`windowed`, colour to luminance for a 1-channel
-    model, bilinear resize with antialiasing (``torch.nn.functional.interpolate``,
-    ``align_corners=False``), replication of one channel into three for a 3-channel
-    model, then ``(x - mean) / std`` per channel.
+    model (YCbCr to RGB for a 3-channel one), bilinear resize with antialiasing
+    (``torch.nn.functional.interpolate``, ``align_corners=False``), replication of one
+    channel into three for a 3-channel model, then ``(x - mean) / std`` per channel.
 
     Args:
         image: frames from :func:`workers.decode.decode`.
@@ -313,7 +347,9 @@ def preprocess(image: DecodedImage, spec: InputSpec, recipe: Preprocessing) -> n
     scale = torch.from_numpy(std)[:, None, None]
     out = np.empty((image.pixels.shape[0], spec.channels, spec.height, spec.width), np.float32)
     for row in range(out.shape[0]):
-        planes = to_channels(windowed(image, recipe, row), spec.channels, image.pixels.ndim == 4)
+        planes = to_channels(
+            windowed(image, recipe, row), spec.channels, image.pixels.ndim == 4, chroma_zero(image)
+        )
         tensor = torch.from_numpy(np.ascontiguousarray(planes))[None]  # (1, C, H, W)
         if tuple(tensor.shape[-2:]) != (spec.height, spec.width):
             tensor = torch.nn.functional.interpolate(

@@ -88,7 +88,9 @@ def _expected(name: str) -> tuple[tuple[int, ...], np.dtype, str]:
     rows, cols = int(row["rows"]), int(row["cols"])
     colour = not row["photometric"].startswith("MONOCHROME")
     decoded_dtype = np.dtype(row["pydicom_3_with_pylibjpeg_libjpeg_openjpeg"].split()[-1])
-    photometric = "RGB" if colour else row["photometric"]
+    photometric = row["photometric"] if not colour else "RGB"
+    if photometric == "RGB" and row["photometric"].startswith("YBR_FULL"):
+        photometric = "YBR_FULL"  # YCbCr stays as stored, at full resolution
     shape = (rows, cols, 3) if colour else (rows, cols)
     return shape, decoded_dtype.newbyteorder("="), photometric
 

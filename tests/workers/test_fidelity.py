@@ -5,8 +5,8 @@ pydicom's test data present on this machine, and a few files made here for what 
 lack (VOI LUT Sequence, Modality LUT Sequence, SIGMOID and LINEAR_EXACT windows, float
 pixel data) is checked twice:
 
-- radq's decoded frame equals pydicom's ``pixel_array`` of the same frame index,
-  exactly, both with the pixel data read with the header and left in the file
+- radq's decoded frame equals pydicom's ``pixel_array`` of the same frame index (YCbCr
+  as stored, ``as_rgb=False``), exactly, both with the pixel data read with the header and left in the file
   (``defer_size``) and decoded from there;
 - radq's :func:`workers.preprocess.windowed` (modality LUT, VOI, MONOCHROME1, before
   resizing) equals pydicom's ``apply_modality_lut`` then ``apply_voi_lut(prefer_lut=True)``,
@@ -45,7 +45,7 @@ import workers.header
 from radq.errors import InstanceError
 from radq.model_card import Preprocessing
 from workers.decode import read_instance
-from workers.preprocess import windowed
+from workers.preprocess import chroma_zero, to_channels, windowed
 
 SAMPLES = Path(radq.__file__).resolve().parent / "samples"
 MAX_PIXELS = 1 << 28
@@ -180,7 +180,7 @@ def _read_reference(path: Path) -> tuple[Dataset, int, np.ndarray] | str:
         return f"no pixel data ({UID(ds.get('SOPClassUID', '')).name or 'unknown SOP class'})"
     try:
         index = int(ds.get("NumberOfFrames") or 1) // 2
-        frame = pixel_array(ds, index=index)
+        frame = pixel_array(ds, index=index, as_rgb=False)  # YCbCr as stored, as radq decodes it
     except Exception as exc:
         message = " ".join(str(exc).split())
         return f"pydicom cannot decode it: {type(exc).__name__}: {message}"[:240]
@@ -245,6 +245,33 @@ def test_windowed_equals_pydicom_modality_and_voi(case: Path | str, synthetic_di
     assert out.min() >= 0.0 and out.max() <= 1.0
 
 
+def _photometric(path: Path) -> str:
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True).get("PhotometricInterpretation", ""))
+    except Exception:
+        return ""
+
+
+YCBCR_CASES = [
+    c for c in CASES if isinstance(c.values[0], Path) and _photometric(c.values[0]).startswith("YBR_FULL")
+]
+
+
+@pytest.mark.parametrize("case", YCBCR_CASES)
+def test_ycbcr_becomes_pydicoms_rgb_or_its_luminance(case: Path) -> None:
+    """YCbCr stays as stored through decoding; preprocessing then gives a 3-channel model
+    pydicom's RGB (which rounds to integers, so within half a level) and a 1-channel one Y."""
+    ds, index, stored = _reference_or_skip(case)
+    image = read_instance(case, max_pixels=MAX_PIXELS)
+    assert image.ycbcr and image.photometric == "YBR_FULL"
+    planes = windowed(image, NO_CARD_WINDOW)
+    rgb = to_channels(planes, 3, True, chroma_zero(image))
+    expected = np.moveaxis(pixel_array(ds, index=index), -1, 0) / 255.0  # as_rgb: pydicom converts
+    np.testing.assert_allclose(rgb, expected, rtol=0, atol=0.5 / 255 + 1e-6)
+    luminance = to_channels(planes, 1, True, chroma_zero(image))
+    np.testing.assert_array_equal(luminance[0], stored[..., 0] / np.float32(255))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_files_pydicom_cannot_decode_are_refused_with_a_reason(case: Path | str, synthetic_dir: Path) -> None:
     path = _path(case, synthetic_dir)
@@ -268,7 +295,7 @@ def test_frame_policies_equal_pydicom_frames(
     case: Path, defer: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ds, _, _ = _reference_or_skip(case)
-    every = pixel_array(ds)
+    every = pixel_array(ds, as_rgb=False)
     if defer:
         monkeypatch.setattr(workers.header, "DEFER_SIZE", 64)
     first = read_instance(case, max_pixels=MAX_PIXELS, frame="first")

@@ -1,0 +1,43 @@
+"""Which codec decodes first, and whether YCbCr is asked for as stored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom import examples
+from pydicom.pixels import pixel_array
+from pydicom.pixels.decoders import JPEGBaseline8BitDecoder
+
+import workers.frames  # noqa: F401  (its import puts the fast plugins first, as in every decode)
+from workers import gpu_decode
+from workers.codecs import asks_rgb, put_before
+from workers.decode import read_instance
+
+
+def test_pillow_decodes_jpeg_baseline_before_pylibjpeg() -> None:
+    plugins = list(JPEGBaseline8BitDecoder.available_plugins)
+    assert plugins.index("pillow") < plugins.index("pylibjpeg")
+
+
+def test_a_plugin_put_first_on_purpose_stays_first() -> None:
+    gpu_decode.install(0)
+    try:
+        put_before(JPEGBaseline8BitDecoder, "pillow", "pylibjpeg")
+        first = list(JPEGBaseline8BitDecoder.available_plugins)[:3]
+        assert first == [gpu_decode.LABEL, "pillow", "pylibjpeg"]
+        # nvImageCodec's plugin converts JPEG to RGB however asked: ask it for RGB
+        assert asks_rgb(JPEGBaseline8BitDecoder)
+    finally:
+        gpu_decode.uninstall()
+    assert not asks_rgb(JPEGBaseline8BitDecoder)
+
+
+def test_an_ultrasound_cine_decodes_as_stored_ycbcr_close_to_pylibjpeg() -> None:
+    """A real 30-frame YBR_FULL_422 JPEG cine: Pillow's frames, as stored, within the IDCT's
+    rounding of pylibjpeg's (libjpeg 9)."""
+    path = Path(examples.get_path("ybr_color"))
+    image = read_instance(path, max_pixels=1 << 28, frame="all")
+    assert image.ycbcr and image.pixels.shape == (30, 240, 320, 3)
+    other = pixel_array(path, decoding_plugin="pylibjpeg", as_rgb=False)
+    assert np.abs(image.pixels.astype(np.int16) - other).max() <= 3
