@@ -1,25 +1,36 @@
 """Which of pydicom's installed CPU plugins decodes a syntax first.
 
 pydicom tries a decoder's plugins in the order they were added and falls back to the
-next one for any frame a plugin cannot decode. For JPEG baseline it adds pylibjpeg
-(libjpeg 9) before Pillow (libjpeg-turbo, SIMD). On a 240x320 YBR_FULL_422 ultrasound
-frame (pydicom's ``examples_ybr_color.dcm``, one core) pylibjpeg took 1.20 ms and
-Pillow 0.34 ms, so Pillow goes first. Both are conforming decoders of the same lossy
-codestream; their outputs differ by the IDCT's rounding (at most 3 grey levels on that
-file). Not JPEG extended: Pillow refuses 12-bit samples, and every refused frame would
-cost a logged exception before the fallback.
+next one for any frame a plugin cannot decode. It adds pylibjpeg (libjpeg 9) first,
+which is the slowest codec of those radq installs where another one exists (one core):
+
+- JPEG baseline: Pillow (libjpeg-turbo, SIMD) decodes a 240x320 YBR_FULL_422 ultrasound
+  frame (pydicom's ``examples_ybr_color.dcm``) in 0.34 ms, pylibjpeg in 1.20. Both are
+  conforming decoders of a lossy codestream; their outputs differ by the IDCT's rounding
+  (at most 3 grey levels on that file). Not JPEG extended: Pillow refuses 12-bit samples,
+  and every refused frame would cost a logged exception before the fallback.
+- JPEG-LS: pyjpegls (CharLS) decodes the bench's 2500x2048 12-bit lossless CR in 125 ms,
+  pylibjpeg in 490; the same integers (JPEG-LS decoding is exact, near-lossless too).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydicom.pixels.decoders import JPEGBaseline8BitDecoder
+from pydicom.pixels.decoders import (
+    JPEGBaseline8BitDecoder,
+    JPEGLSLosslessDecoder,
+    JPEGLSNearLosslessDecoder,
+)
 from pydicom.pixels.decoders.base import Decoder
 
 GPU_PLUGIN = "nvimgcodec"
 """The label :mod:`workers.gpu_decode` gives nvImageCodec's plugin."""
-PREFERRED: tuple[tuple[Decoder, str, str], ...] = ((JPEGBaseline8BitDecoder, "pillow", "pylibjpeg"),)
+PREFERRED: tuple[tuple[Decoder, str, str], ...] = (
+    (JPEGBaseline8BitDecoder, "pillow", "pylibjpeg"),
+    (JPEGLSLosslessDecoder, "pyjpegls", "pylibjpeg"),
+    (JPEGLSNearLosslessDecoder, "pyjpegls", "pylibjpeg"),
+)
 """(decoder, plugin, the plugin it goes before) where both are installed."""
 
 
