@@ -18,7 +18,8 @@ import numpy as np
 import pydicom
 from pydicom import examples
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID, JPEGLosslessSV1, generate_uid
 
 SAMPLES = Path(__file__).resolve().parent.parent / "radq" / "samples" / "real"
 CT_TEMPLATE = SAMPLES / "CT_small.dcm"
@@ -120,3 +121,14 @@ def us_cine_dataset() -> Dataset:
     """A real ultrasound cine: 30 frames of 240x320 JPEG baseline YBR_FULL_422, its codestreams
     as the scanner wrote them (pydicom's ``examples_ybr_color.dcm``)."""
     return pydicom.dcmread(examples.get_path("ybr_color"))
+
+
+def compress_jpeg_lossless(ds: Dataset, pixels: np.ndarray) -> None:
+    """Re-encode ``ds`` (unsigned ``pixels``, its BitsStored) as JPEG lossless SV1, by libjpeg-turbo
+    through imagecodecs: the lossless syntax PACS archives use most for CR and DX."""
+    import imagecodecs
+
+    stream = imagecodecs.jpeg8_encode(pixels, lossless=True, predictor=1, bitspersample=int(ds.BitsStored))
+    ds.PixelData = encapsulate([bytes(stream)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1

@@ -1,6 +1,6 @@
 """The inputs of the benchmark matrix and their cached corpora.
 
-Each input kind (``ct``, ``cr``, ``cr-j2k``, ``cr-jls``, ``us``) has a few distinct images
+Each input kind (``ct``, ``cr``, ``cr-j2k``, ``cr-jls``, ``cr-ljpeg``, ``us``) has a few distinct images
 (synthesis and, for the compressed kinds, encoding are the slow part; ``us`` has one, a
 real cine), and a corpus
 of as many files as a figure needs: copies of those images' encoded pixel data under
@@ -26,6 +26,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     UltrasoundMultiFrameImageStorage,
 )
@@ -83,6 +84,7 @@ INPUTS: dict[str, InputKind] = {
                 ("cr", ExplicitVRLittleEndian),
                 ("cr-j2k", JPEG2000Lossless),
                 ("cr-jls", JPEGLSLossless),
+                ("cr-ljpeg", JPEGLosslessSV1),
             )
         ),
         InputKind(
@@ -109,7 +111,9 @@ def _base_dataset(kind: InputKind, index: int, seed: int) -> Dataset:
         return data.us_cine_dataset()
     pixels, position = _base_pixels(kind, index, seed)
     ds = data.head_ct_dataset(pixels) if kind.family == "ct" else data.cr_dataset(pixels, position)
-    if kind.transfer_syntax != ExplicitVRLittleEndian:
+    if kind.transfer_syntax == JPEGLosslessSV1:  # pydicom has no JPEG lossless encoder
+        data.compress_jpeg_lossless(ds, pixels)
+    elif kind.transfer_syntax != ExplicitVRLittleEndian:
         ds.compress(kind.transfer_syntax)  # pylibjpeg-openjpeg (J2K) or pyjpegls (JPEG-LS) encodes
     return ds
 

@@ -9,13 +9,20 @@ import numpy as np
 import pytest
 from pydicom import dcmread, examples
 from pydicom.data.data_manager import DATA_ROOT
+from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
-from pydicom.pixels.decoders import JPEGBaseline8BitDecoder, JPEGLSLosslessDecoder, JPEGLSNearLosslessDecoder
-from pydicom.uid import JPEGLSTransferSyntaxes
+from pydicom.pixels.decoders import (
+    JPEGBaseline8BitDecoder,
+    JPEGLosslessDecoder,
+    JPEGLosslessSV1Decoder,
+    JPEGLSLosslessDecoder,
+    JPEGLSNearLosslessDecoder,
+)
+from pydicom.uid import JPEGLossless, JPEGLosslessSV1, JPEGLSTransferSyntaxes
 
 import workers.frames  # noqa: F401  (its import puts the fast plugins first, as in every decode)
 from workers import gpu_decode
-from workers.codecs import asks_rgb, put_before
+from workers.codecs import TURBO_PLUGIN, asks_rgb, put_before
 from workers.decode import read_instance
 
 SAMPLES = Path(__file__).resolve().parents[2] / "radq" / "samples" / "real"
@@ -74,3 +81,53 @@ def test_an_ultrasound_cine_decodes_as_stored_ycbcr_close_to_pylibjpeg() -> None
     assert image.ycbcr and image.pixels.shape == (30, 240, 320, 3)
     other = pixel_array(path, decoding_plugin="pylibjpeg", as_rgb=False)
     assert np.abs(image.pixels.astype(np.int16) - other).max() <= 3
+
+
+def _jpeg_lossless(tmp: Path, name: str, predictor: int, bits: int) -> tuple[Path, np.ndarray]:
+    """A real sample's pixels re-encoded as JPEG lossless by libjpeg-turbo: process 14 with
+    ``predictor`` (SV1 when 1), ``bits`` bits; the pixels as pydicom read them before."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    ds = dcmread(SAMPLES / name)
+    pixels = ds.pixel_array
+    if bits < 16:  # fit the samples to ``bits`` unsigned bits
+        pixels = (pixels.astype(np.int64) - int(pixels.min())).clip(0, 2**bits - 1).astype(np.uint16)
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
+    coded = pixels.view(np.uint16) if pixels.dtype == np.int16 else pixels  # signed: the bit pattern
+    stream = imagecodecs.jpeg8_encode(coded, lossless=True, predictor=predictor, bitspersample=bits)
+    ds.PixelData = encapsulate([bytes(stream)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1 if predictor == 1 else JPEGLossless
+    path = tmp / f"{name}-p{predictor}-{bits}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, pixels
+
+
+@pytest.mark.parametrize(
+    ("name", "predictor", "bits"),
+    [("CT_small.dcm", 1, 16), ("CT_small.dcm", 7, 16), ("CR2_6247.dcm", 1, 12), ("MR_small.dcm", 4, 12)],
+)
+def test_jpeg_lossless_decodes_first_with_libjpeg_turbo_to_the_exact_pixels(
+    tmp_path: Path, name: str, predictor: int, bits: int
+) -> None:
+    """Signed CT, 12-bit CR and MR, both process 14 syntaxes: libjpeg-turbo (first in line)
+    and pylibjpeg both give back the pixels encoded, and so does radq's decode."""
+    path, pixels = _jpeg_lossless(tmp_path, name, predictor, bits)
+    syntax = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    decoder = JPEGLosslessSV1Decoder if syntax == JPEGLosslessSV1 else JPEGLosslessDecoder
+    assert next(iter(decoder._available)) == TURBO_PLUGIN
+    turbo = pixel_array(path, decoding_plugin=TURBO_PLUGIN)
+    libjpeg = pixel_array(path, decoding_plugin="pylibjpeg")
+    assert turbo.dtype == libjpeg.dtype and np.array_equal(turbo, libjpeg)
+    assert np.array_equal(read_instance(path, max_pixels=1 << 28).pixels[0], pixels)
+
+
+def test_lossy_extended_and_lossless_colour_match_pylibjpeg() -> None:
+    """The real 12-bit JPEG extended sample within the IDCT's rounding; lossless RGB exactly."""
+    pytest.importorskip("imagecodecs")
+    extended = SAMPLES / "JPGExtended.dcm"
+    turbo = pixel_array(extended, decoding_plugin=TURBO_PLUGIN).astype(np.int32)
+    assert np.abs(turbo - pixel_array(extended, decoding_plugin="pylibjpeg")).max() <= 1
+    colour = SAMPLES / "SC_rgb_jpeg_gdcm.dcm"
+    assert np.array_equal(
+        pixel_array(colour, decoding_plugin=TURBO_PLUGIN), pixel_array(colour, decoding_plugin="pylibjpeg")
+    )
