@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import struct
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
@@ -329,13 +330,35 @@ def test_float_pixel_data_decodes(tmp_path: Path, dtype: str) -> None:
     np.testing.assert_array_equal(image.pixels[0], values)
 
 
-def test_codec_failure_names_each_plugins_error() -> None:
+def _without_scan(frame: bytes) -> bytes:
+    """A JPEG-LS codestream up to its frame header, then a scan header no codec accepts."""
+    at = 2
+    while frame[at + 1] != 0xF7:  # SOF55
+        at += 2 + struct.unpack(">H", frame[at + 2 : at + 4])[0]
+    at += 2 + struct.unpack(">H", frame[at + 2 : at + 4])[0]
+    return frame[:at] + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + bytes(range(256)) * 4 + b"\xff\xd9"
+
+
+def test_codec_failure_names_each_plugins_error(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(SAMPLES / "real" / "JPEGLSNearLossless_16.dcm")
+    ds.PixelData = encapsulate([_without_scan(next(generate_frames(ds.PixelData, number_of_frames=1)))])
+    path = tmp_path / "bad_scan.dcm"
+    ds.save_as(path)
+    with pytest.raises(UndecodablePixels) as info:
+        read_instance(path, max_pixels=MAX_PIXELS)
+    reason = info.value.reason
+    assert reason.startswith("could not decode pixel data (JPEG-LS Lossy (Near-Lossless) Image Compression)")
+    assert "pyjpegls: Decoding error" in reason and "pylibjpeg: libjpeg error" in reason
+    assert "\n" not in reason
+
+
+def test_libjpeg_turbo_decodes_the_extended_file_libjpeg_9_refuses() -> None:
+    """pydicom's JPEG-lossy.dcm: libjpeg 9 stops at a misplaced marker; libjpeg-turbo decodes it
+    to the very pixels of the same scan in radq's JPGExtended.dcm."""
     path = get_testdata_file("JPEG-lossy.dcm", download=False)
     if path is None:
         pytest.skip("JPEG-lossy.dcm not bundled with this pydicom")
-    with pytest.raises(UndecodablePixels) as info:
-        read_instance(Path(path), max_pixels=MAX_PIXELS)
-    assert info.value.reason.startswith(
-        "could not decode pixel data (JPEG Extended (Process 2 and 4)): pylibjpeg: libjpeg error"
-    )
-    assert "\n" not in info.value.reason
+    pytest.importorskip("imagecodecs")
+    image = read_instance(Path(path), max_pixels=MAX_PIXELS)
+    same = read_instance(SAMPLES / "real" / "JPGExtended.dcm", max_pixels=MAX_PIXELS)
+    assert np.array_equal(image.pixels, same.pixels)
