@@ -1,4 +1,4 @@
-"""Which of pydicom's installed CPU plugins decodes a syntax first.
+"""Which of pydicom's installed CPU plugins decodes a syntax first, and a plugin of radq's.
 
 pydicom tries a decoder's plugins in the order they were added and falls back to the
 next one for any frame a plugin cannot decode. It adds pylibjpeg (libjpeg 9) first,
@@ -88,7 +88,7 @@ def is_available(uid: str) -> bool:
     return bool(imagecodecs.JPEG8.available)
 
 
-def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
+def decode_frame(src: bytes, runner: DecodeRunner) -> bytes | bytearray:
     """One JPEG lossless or extended frame, decoded by libjpeg-turbo, as the bytes pylibjpeg
     returns: the samples as coded, colour by pixel.
 
@@ -98,10 +98,12 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
     if runner.transfer_syntax == JPEGExtended12Bit and runner.samples_per_pixel != 1:
         from pydicom.pixels.decoders import pylibjpeg
 
-        return bytes(pylibjpeg._decode_frame(src, runner))
+        frame: bytearray = pylibjpeg._decode_frame(src, runner)
+        return frame
     import imagecodecs
 
-    return bytes(imagecodecs.jpeg8_decode(src).tobytes())
+    decoded: bytes = imagecodecs.jpeg8_decode(src).tobytes()
+    return decoded
 
 
 def asks_rgb(decoder: Decoder) -> bool:
