@@ -1,9 +1,9 @@
 """The inputs of the benchmark matrix and their cached corpora.
 
-Each input kind (``ct``, ``cr``, ``cr-j2k``, ``cr-jls``, ``cr-ljpeg``, ``us``) has a few distinct images
-(synthesis and, for the compressed kinds, encoding are the slow part; ``us`` has one, a
-real cine), and a corpus
-of as many files as a figure needs: copies of those images' encoded pixel data under
+Each input kind (``ct``, ``cr``, ``cr-j2k``, ``cr-jls``, ``cr-ljpeg``, ``us``) has a few
+distinct images (synthesis and, for the compressed kinds, encoding are the slow part; ``us``
+has one, a real cine), and a corpus of as many files as a figure needs: copies of those
+images' encoded pixel data under
 new Study/Series/SOP Instance UIDs, so that each file is a separate instance. Both
 live in a cache folder keyed by kind, seed and format; file ``i`` is the same bytes
 for the same seed, so a re-run reuses what is there and only writes what is missing.

@@ -203,9 +203,12 @@ def _ops(frame: RawFrame) -> tuple[_Op, ...]:
 
 def _group_key(frame: RawFrame) -> tuple[str, tuple[_Op, ...], tuple[int, ...], str]:
     """Frames stacked together: same kind, shape and dtype, and the same op for each plane."""
-    kind = "planes" if frame.windowed else "grayscale" if not frame.colour else "colour"
-    if frame.chroma is not None:
-        kind = "ycbcr"
+    if frame.windowed:
+        kind = "planes"
+    elif frame.colour:
+        kind = "colour" if frame.chroma is None else "ycbcr"
+    else:
+        kind = "grayscale"
     return kind, _ops(frame) if kind == "grayscale" else (), frame.pixels.shape, frame.pixels.dtype.str
 
 
