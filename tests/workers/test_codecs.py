@@ -12,13 +12,14 @@ from pydicom.data.data_manager import DATA_ROOT
 from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 from pydicom.pixels.decoders import (
+    JPEG2000LosslessDecoder,
     JPEGBaseline8BitDecoder,
     JPEGLosslessDecoder,
     JPEGLosslessSV1Decoder,
     JPEGLSLosslessDecoder,
     JPEGLSNearLosslessDecoder,
 )
-from pydicom.uid import JPEGLossless, JPEGLosslessSV1, JPEGLSTransferSyntaxes
+from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLossless, JPEGLosslessSV1, JPEGLSTransferSyntaxes
 
 import workers.frames  # noqa: F401  (its import puts the fast plugins first, as in every decode)
 from workers import gpu_decode
@@ -37,9 +38,9 @@ def _syntax(path: Path) -> str:
             return ""
 
 
-def _jpeg_ls_files() -> list[Path]:
+def _files_of(syntaxes: list[UID]) -> list[Path]:
     found = [*SAMPLES.glob("*.dcm"), *Path(DATA_ROOT, "test_files").glob("*.dcm")]
-    return sorted((p for p in found if _syntax(p) in JPEGLSTransferSyntaxes), key=str)
+    return sorted((p for p in found if _syntax(p) in syntaxes), key=str)
 
 
 def test_pillow_decodes_jpeg_baseline_before_pylibjpeg() -> None:
@@ -52,7 +53,7 @@ def test_charls_decodes_jpeg_ls_before_pylibjpeg() -> None:
         assert list(decoder.available_plugins)[0] == "pyjpegls"
 
 
-@pytest.mark.parametrize("path", _jpeg_ls_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", _files_of(JPEGLSTransferSyntaxes), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_charls_gives_pylibjpegs_integers(path: Path) -> None:
     """JPEG-LS (near-lossless too) decodes to exact integers: either codec, the same pixels."""
     charls = pixel_array(path, decoding_plugin="pyjpegls")
@@ -131,3 +132,19 @@ def test_lossy_extended_and_lossless_colour_match_pylibjpeg() -> None:
     assert np.array_equal(
         pixel_array(colour, decoding_plugin=TURBO_PLUGIN), pixel_array(colour, decoding_plugin="pylibjpeg")
     )
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in _files_of(JPEG2000TransferSyntaxes) if p.name != "JPEG2000-embedded-sequence-delimiter.dcm"],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_jpeg_2000_decodes_first_through_imagecodecs_to_pylibjpegs_pixels(path: Path) -> None:
+    """Signed, unsigned, a signedness mismatch, YBR_RCT and RGB, lossless and lossy: the
+    same pixels and photometric handling as pylibjpeg-openjpeg, as stored and as RGB."""
+    pytest.importorskip("imagecodecs")
+    assert next(iter(JPEG2000LosslessDecoder._available)) == TURBO_PLUGIN
+    for as_rgb in (True, False):
+        ours = pixel_array(path, decoding_plugin=TURBO_PLUGIN, as_rgb=as_rgb)
+        theirs = pixel_array(path, decoding_plugin="pylibjpeg", as_rgb=as_rgb)
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
