@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 LIBRARIES = (
-    "torch", "pydicom", "numpy", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pyjpegls",
-    "celery", "sqlalchemy", "fastapi", "redis", "psycopg",
+    "torch", "pydicom", "numpy", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pyjpegls", "imagecodecs",
+    "pillow", "celery", "sqlalchemy", "fastapi", "redis", "psycopg",
 )  # fmt: skip
 """Packages whose versions a report lists."""
 
