@@ -13,7 +13,7 @@ import pickle
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -54,6 +54,20 @@ EXACT = 1e-5
 MEAN_TOLERANCE = 0.015
 """Mean difference with decimation over a frame: the worst, a 2500x2048 CR of fine
 line pairs, measured 0.0123."""
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Both sides on one torch thread, as a CPU worker's decode processes run them. With
+    two, torch's CPU resize once in about 50 runs returned the half of the rows that the
+    calling thread computes 3e-5 off (seen after a Grad-CAM test in the same process; on
+    one thread, 0 in 90 runs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _card(name: str) -> tuple[InputSpec, Preprocessing]:
