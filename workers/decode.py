@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom.uid as uids
@@ -36,6 +37,7 @@ from radq.errors import (
     UnsupportedTransferSyntax,
 )
 from radq.model_card import FramePolicy
+from workers.codecs import asks_rgb
 from workers.frames import (
     FrameTransform,
     check_codestreams,
@@ -76,7 +78,8 @@ class DecodedImage:
     """Decoded frames of one instance plus what preprocessing needs to make model inputs.
 
     ``pixels`` is always 4-D or 3-D with a leading frame axis: (F, H, W) for grayscale
-    or (F, H, W, 3) for colour, in native byte order, one row per model input. F is 1
+    or (F, H, W, 3) for colour ((F, H, W, 1): the Y of YCbCr alone), in native byte
+    order, one row per model input. F is 1
     for the ``middle``, ``first`` and ``max`` policies and at most ``max_frames`` for
     ``all``. ``frame_indices`` are the file's frames that were read: one per row,
     except for ``max``, whose single row is the maximum of them all. ``transforms``
@@ -302,9 +305,34 @@ def check_image(ds: Dataset, meta: InstanceMeta) -> None:
         _checked(ds, meta)
 
 
+def _luminance_alone(ds: Dataset, ts: UID, decoder: Decoder, samples: int) -> bool:
+    """Whether Y alone can be decoded: JPEG baseline YCbCr, on the CPU codecs (nvImageCodec
+    gives RGB), where Pillow is installed."""
+    return (
+        ts == uids.JPEGBaseline8Bit
+        and samples == 3
+        and ds.get("PhotometricInterpretation") in YCBCR
+        and "pillow" in decoder.available_plugins
+        and not asks_rgb(decoder)
+    )
+
+
+def _read(
+    ds: Dataset, keyword: str, decoder: Decoder, indices: Sequence[int], geometry: tuple[int, ...],
+    maximum: bool, luminance: bool,
+) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    """:func:`read_frames`, Y alone where asked and possible, else every component."""
+    if luminance:
+        try:
+            return read_frames(ds, keyword, decoder, indices, geometry, maximum=maximum, luminance=True)
+        except Exception:  # a frame libjpeg-turbo refuses: pydicom's plugins each try it
+            log.debug("decoding Y alone failed; decoding every component", exc_info=True)
+    return read_frames(ds, keyword, decoder, indices, geometry, maximum=maximum)
+
+
 def _decode(
     ds: Dataset, meta: InstanceMeta, notes: list[str], max_pixels: int, policy: FramePolicy,
-    max_frames: int,
+    max_frames: int, luminance: bool,
 ) -> DecodedImage:  # fmt: skip
     keyword, ts, decoder, (rows, cols, frames, samples, bits) = _checked(ds, meta)
     indices = select_frames(policy, frames, max_frames)
@@ -318,7 +346,9 @@ def _decode(
     if not decoder.is_native:  # before any codec allocates what a codestream declares
         check_codestreams(ds, keyword, ts, indices, (rows, cols, frames, samples, bits))
     maximum = policy == "max"
-    arr, props = read_frames(ds, keyword, decoder, indices, (rows, cols, frames, samples), maximum=maximum)
+    luminance = luminance and _luminance_alone(ds, ts, decoder, samples)
+    geometry = (rows, cols, frames, samples)
+    arr, props = _read(ds, keyword, decoder, indices, geometry, maximum, luminance)
     photometric = str(props.get("photometric_interpretation") or meta.photometric or "")
     bits_stored = int(props.get("bits_stored") or bits)
     if photometric == "PALETTE COLOR":
@@ -359,6 +389,7 @@ def decode(
     max_pixels: int,
     frame: FramePolicy = "middle",
     max_frames: int = MAX_FRAMES,
+    luminance: bool = False,
 ) -> DecodedImage:
     """Decode the frames a frame policy asks for from a dataset read by :func:`read_header`.
 
@@ -375,6 +406,8 @@ def decode(
             maximum of every frame's stored values; ``all`` every frame.
         max_frames: the most frames ``all`` decodes; beyond that they are sampled
             evenly, first and last included, and a note says so.
+        luminance: only luminance is wanted (every model it is for takes one channel):
+            JPEG baseline YCbCr then decodes Y alone, (F, H, W, 1), half the codec's work.
 
     Returns:
         The decoded frames, always with a leading frame axis, and what preprocessing
@@ -393,7 +426,7 @@ def decode(
     if max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, not {max_frames}")
     with pydicom_notes(notes), _pixel_errors(meta):
-        return _decode(ds, meta, notes, max_pixels, frame, max_frames)
+        return _decode(ds, meta, notes, max_pixels, frame, max_frames, luminance)
 
 
 def read_instance(

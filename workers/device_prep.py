@@ -145,10 +145,11 @@ def _fallback(image: DecodedImage, spec: InputSpec, recipe: Preprocessing, row: 
 def _raw_frame(image: DecodedImage, spec: InputSpec, recipe: Preprocessing, row: int) -> RawFrame:
     pixels = image.pixels[row]
     if image.pixels.ndim == 4:
-        shipped = _shippable(pixels) if pixels.shape[-1] == 3 and pixels.dtype.kind in "iu" else None
+        chroma = chroma_zero(image)
+        samples = (3,) if chroma is None else (1, 3)  # YCbCr may hold Y alone
+        shipped = _shippable(pixels) if pixels.shape[-1] in samples and pixels.dtype.kind in "iu" else None
         if shipped is None:
             return _fallback(image, spec, recipe, row)
-        chroma = chroma_zero(image)
         if chroma is not None and spec.channels == 1:  # Y is the luminance: a third of the bytes
             shipped = np.ascontiguousarray(shipped[..., :1])
         return RawFrame(shipped, colour=True, scale=colour_scale(image), chroma=chroma)
@@ -365,7 +366,7 @@ def _colour(frames: list[RawFrame], channels: int, device: torch.device) -> torc
     x = _upload([f.pixels for f in frames], device).permute(0, 3, 1, 2)
     x.div_(torch.tensor([f.scale for f in frames], dtype=torch.float32).to(device).view(-1, 1, 1, 1))
     if frames[0].chroma is not None:  # a group is all YCbCr or all RGB
-        if channels == 1:
+        if channels == 1 or x.shape[1] == 1:  # Y, the luminance (grey for a 3-channel model)
             return x[:, :1]
         zeros = torch.tensor([f.chroma for f in frames], dtype=torch.float32).to(device).view(-1, 1, 1)
         shifted = torch.cat([x[:, :1], x[:, 1:] - zeros.unsqueeze(1)], dim=1)

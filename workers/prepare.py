@@ -348,7 +348,11 @@ def _load_into(
     for card in applicable:
         policy = card.preprocessing.frame
         if policy not in images:
-            images[policy] = decode(ds, meta, notes, max_pixels=max_pixels, frame=policy)
+            cards = [c for c in applicable if c.preprocessing.frame == policy]
+            luminance = all(c.input.channels == 1 for c in cards)  # Y of YCbCr is enough
+            images[policy] = decode(
+                ds, meta, notes, max_pixels=max_pixels, frame=policy, luminance=luminance
+            )
         recipe = card.preprocessing_recipe
         if recipe not in by_recipe:
             frames = raw_frames(images[policy], card.input, card.preprocessing)

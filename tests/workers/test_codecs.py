@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread, examples
 from pydicom.data.data_manager import DATA_ROOT
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import pixel_array
 from pydicom.pixels.decoders import (
     JPEG2000LosslessDecoder,
@@ -23,9 +23,16 @@ from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLossless, JPEGLosslessSV1, JPEGLSTransferSyntaxes
 
 import workers.frames  # noqa: F401  (its import puts the fast plugins first, as in every decode)
+import workers.header
+from db.status import StorageKind
+from db.work import Claimed
+from radq.model_card import cards_in
+from radq.settings import BUNDLED_MODEL_DIR
 from workers import gpu_decode
 from workers.codecs import TURBO_PLUGIN, asks_rgb, put_before
-from workers.decode import read_instance
+from workers.decode import decode, read_instance
+from workers.header import read_header
+from workers.prepare import load
 
 SAMPLES = Path(__file__).resolve().parents[2] / "radq" / "samples" / "real"
 
@@ -153,3 +160,47 @@ def test_jpeg_2000_decodes_first_through_imagecodecs_to_pylibjpegs_pixels(path: 
         ours = pixel_array(path, decoding_plugin=TURBO_PLUGIN, as_rgb=as_rgb)
         theirs = pixel_array(path, decoding_plugin="pylibjpeg", as_rgb=as_rgb)
         assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("defer", [False, True], ids=["in_memory", "deferred"])
+@pytest.mark.parametrize("frame", ["first", "middle", "max", "all"])
+def test_y_alone_is_the_y_of_every_component(
+    frame: str, defer: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For models that take luminance only, a YCbCr JPEG cine decodes Y alone: exactly the Y
+    plane that decoding every component gives, for every frame policy."""
+    if defer:
+        monkeypatch.setattr(workers.header, "DEFER_SIZE", 64)
+    path = Path(examples.get_path("ybr_color"))
+    full = read_instance(path, max_pixels=1 << 28, frame=frame)  # type: ignore[arg-type]
+    ds, meta, notes = read_header(path)
+    alone = decode(ds, meta, notes, max_pixels=1 << 28, frame=frame, luminance=True)  # type: ignore[arg-type]
+    assert alone.ycbcr and alone.pixels.shape == (*full.pixels.shape[:3], 1)
+    assert np.array_equal(alone.pixels[..., 0], full.pixels[..., 0])
+    assert alone.frame_indices == full.frame_indices
+
+
+def test_a_frame_libjpeg_turbo_refuses_alone_is_decoded_with_every_component(tmp_path: Path) -> None:
+    """A cut-short codestream: Pillow refuses it, so the instance is decoded through pydicom's
+    plugins (libjpeg 9 decodes what is there), as without the Y-alone path."""
+    ds = dcmread(examples.get_path("ybr_color"))
+    frames = list(generate_frames(ds.PixelData, number_of_frames=30))
+    frames[3] = frames[3][: len(frames[3]) // 2]  # no EOI: Pillow says truncated
+    ds.PixelData = encapsulate(frames)
+    path = tmp_path / "cut.dcm"
+    ds.save_as(path)
+    full = read_instance(path, max_pixels=1 << 28, frame="all")
+    ds, meta, notes = read_header(path)
+    alone = decode(ds, meta, notes, max_pixels=1 << 28, frame="all", luminance=True)
+    assert alone.pixels.shape[-1] == 3 and np.array_equal(alone.pixels, full.pixels)
+
+
+def test_a_one_channel_card_ships_y_alone() -> None:
+    """The ultrasound model (1 channel) gets Y from its decode process, (H, W, 1)."""
+    path = Path(examples.get_path("ybr_color"))
+    card = cards_in(BUNDLED_MODEL_DIR)["us-abdomen-smallcnn"]
+    claimed = Claimed(1, "job", path.name, StorageKind.PATH, str(path), 0)
+    prepared = load(claimed, path, bytes(32), [card], 1 << 28)
+    assert not prepared.status
+    (frame,) = prepared.inputs[card.name]
+    assert frame.chroma is not None and frame.pixels.shape == (240, 320, 1)
