@@ -79,14 +79,13 @@ class DecodedImage:
 
     ``pixels`` is always 4-D or 3-D with a leading frame axis: (F, H, W) for grayscale
     or (F, H, W, 3) for colour ((F, H, W, 1): the Y of YCbCr alone), in native byte
-    order, one row per model input. F is 1
-    for the ``middle``, ``first`` and ``max`` policies and at most ``max_frames`` for
-    ``all``. ``frame_indices`` are the file's frames that were read: one per row,
-    except for ``max``, whose single row is the maximum of them all. ``transforms``
-    holds each row's rescale and window (a single item applies to every row).
-    ``voi_lut``/``modality_lut`` reference the dataset only when it carries the
-    corresponding LUT sequence. Colour is as stored: RGB, or YCbCr where
-    :attr:`ycbcr` (preprocessing converts it).
+    order, one row per model input. F is 1 for the ``middle``, ``first`` and ``max``
+    policies and at most ``max_frames`` for ``all``. ``frame_indices`` are the file's
+    frames that were read: one per row, except for ``max``, whose single row is the
+    maximum of them all. ``transforms`` holds each row's rescale and window (a single
+    item applies to every row). ``voi_lut``/``modality_lut`` reference the dataset only
+    when it carries the corresponding LUT sequence. Colour is as stored: RGB, or YCbCr
+    where :attr:`ycbcr` (preprocessing converts it).
     """
 
     meta: InstanceMeta
