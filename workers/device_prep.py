@@ -366,7 +366,7 @@ def _colour(frames: list[RawFrame], channels: int, device: torch.device) -> torc
     x = _upload([f.pixels for f in frames], device).permute(0, 3, 1, 2)
     x.div_(torch.tensor([f.scale for f in frames], dtype=torch.float32).to(device).view(-1, 1, 1, 1))
     if frames[0].chroma is not None:  # a group is all YCbCr or all RGB
-        if channels == 1 or x.shape[1] == 1:  # Y, the luminance (grey for a 3-channel model)
+        if channels == 1:  # Y, the luminance
             return x[:, :1]
         zeros = torch.tensor([f.chroma for f in frames], dtype=torch.float32).to(device).view(-1, 1, 1)
         shifted = torch.cat([x[:, :1], x[:, 1:] - zeros.unsqueeze(1)], dim=1)

@@ -309,8 +309,8 @@ def to_channels(planes: np.ndarray, channels: int, colour: bool, chroma: float |
     ``chroma``: the planes are Y, Cb and Cr, with this zero (:func:`chroma_zero`): Y is
     the luminance, and a 3-channel model gets RGB.
     """
-    if colour and chroma is not None:  # Y alone: the luminance (grey for a 3-channel model)
-        return planes[:1] if channels == 1 or planes.shape[0] == 1 else ycbcr_to_rgb(planes, chroma)
+    if colour and chroma is not None:
+        return planes[:1] if channels == 1 else ycbcr_to_rgb(planes, chroma)
     if colour and channels == 1:
         return np.tensordot(LUMA, planes, axes=1)[np.newaxis].astype(np.float32, copy=False)
     check_channels(planes.shape[0], channels)
