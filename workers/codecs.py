@@ -39,9 +39,9 @@ from pydicom.uid import JPEG2000TransferSyntaxes, JPEGExtended12Bit
 
 GPU_PLUGIN = "nvimgcodec"
 """The label :mod:`workers.gpu_decode` gives nvImageCodec's plugin."""
-TURBO_PLUGIN = "imagecodecs"
+IMAGECODECS_PLUGIN = "imagecodecs"
 """This module's plugin: libjpeg-turbo 3 and OpenJPEG through imagecodecs."""
-TURBO_DECODERS: tuple[Decoder, ...] = (
+IMAGECODECS_DECODERS: tuple[Decoder, ...] = (
     JPEGLosslessDecoder, JPEGLosslessSV1Decoder, JPEGExtended12BitDecoder, JPEG2000LosslessDecoder,
     JPEG2000Decoder,
 )  # fmt: skip
@@ -49,7 +49,7 @@ PREFERRED: tuple[tuple[Decoder, str, str], ...] = (
     (JPEGBaseline8BitDecoder, "pillow", "pylibjpeg"),
     (JPEGLSLosslessDecoder, "pyjpegls", "pylibjpeg"),
     (JPEGLSNearLosslessDecoder, "pyjpegls", "pylibjpeg"),
-    *((decoder, TURBO_PLUGIN, "pylibjpeg") for decoder in TURBO_DECODERS),
+    *((decoder, IMAGECODECS_PLUGIN, "pylibjpeg") for decoder in IMAGECODECS_DECODERS),
 )
 """(decoder, plugin, the plugin it goes before) where both are installed."""
 
@@ -72,21 +72,21 @@ def put_before(decoder: Decoder, plugin: str, other: str) -> None:
 def prefer_fast_plugins() -> None:
     """Add this module's plugin where imagecodecs is installed, and apply :data:`PREFERRED`,
     in this process (idempotent)."""
-    for decoder in TURBO_DECODERS:
-        if TURBO_PLUGIN not in decoder.available_plugins and is_available(decoder.UID):
-            decoder.add_plugin(TURBO_PLUGIN, (__name__, "decode_frame"))
+    for decoder in IMAGECODECS_DECODERS:
+        if IMAGECODECS_PLUGIN not in decoder.available_plugins and is_available(decoder.UID):
+            decoder.add_plugin(IMAGECODECS_PLUGIN, (__name__, "decode_frame"))
     for decoder, plugin, other in PREFERRED:
         put_before(decoder, plugin, other)
 
 
 # pydicom's plugin interface (is_available, DECODER_DEPENDENCIES, the decode function).
 
-DECODER_DEPENDENCIES = {decoder.UID: ("imagecodecs",) for decoder in TURBO_DECODERS}
+DECODER_DEPENDENCIES = {decoder.UID: ("imagecodecs",) for decoder in IMAGECODECS_DECODERS}
 
 
 def is_available(uid: str) -> bool:
     """Whether :func:`decode_frame` serves ``uid``: imagecodecs is installed, with its codec."""
-    if not any(uid == decoder.UID for decoder in TURBO_DECODERS):
+    if not any(uid == decoder.UID for decoder in IMAGECODECS_DECODERS):
         return False
     if importlib.util.find_spec("imagecodecs") is None:
         return False

@@ -29,7 +29,7 @@ from db.work import Claimed
 from radq.model_card import cards_in
 from radq.settings import BUNDLED_MODEL_DIR
 from workers import gpu_decode
-from workers.codecs import TURBO_PLUGIN, asks_rgb, put_before
+from workers.codecs import IMAGECODECS_PLUGIN, asks_rgb, put_before
 from workers.decode import decode, read_instance
 from workers.header import read_header
 from workers.prepare import load
@@ -127,8 +127,8 @@ def test_jpeg_lossless_decodes_first_with_libjpeg_turbo_to_the_exact_pixels(
     path, pixels = _jpeg_lossless(tmp_path, name, predictor, bits)
     syntax = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
     decoder = JPEGLosslessSV1Decoder if syntax == JPEGLosslessSV1 else JPEGLosslessDecoder
-    assert _order(decoder)[0] == TURBO_PLUGIN
-    turbo = pixel_array(path, decoding_plugin=TURBO_PLUGIN)
+    assert _order(decoder)[0] == IMAGECODECS_PLUGIN
+    turbo = pixel_array(path, decoding_plugin=IMAGECODECS_PLUGIN)
     libjpeg = pixel_array(path, decoding_plugin="pylibjpeg")
     assert turbo.dtype == libjpeg.dtype and np.array_equal(turbo, libjpeg)
     assert np.array_equal(read_instance(path, max_pixels=1 << 28).pixels[0], pixels)
@@ -138,11 +138,11 @@ def test_lossy_extended_and_lossless_colour_match_pylibjpeg() -> None:
     """The real 12-bit JPEG extended sample within the IDCT's rounding; lossless RGB exactly."""
     pytest.importorskip("imagecodecs")
     extended = SAMPLES / "JPGExtended.dcm"
-    turbo = pixel_array(extended, decoding_plugin=TURBO_PLUGIN).astype(np.int32)
+    turbo = pixel_array(extended, decoding_plugin=IMAGECODECS_PLUGIN).astype(np.int32)
     assert np.abs(turbo - pixel_array(extended, decoding_plugin="pylibjpeg")).max() <= 1
     colour = SAMPLES / "SC_rgb_jpeg_gdcm.dcm"
     assert np.array_equal(
-        pixel_array(colour, decoding_plugin=TURBO_PLUGIN), pixel_array(colour, decoding_plugin="pylibjpeg")
+        pixel_array(colour, decoding_plugin=IMAGECODECS_PLUGIN), pixel_array(colour, decoding_plugin="pylibjpeg")
     )
 
 
@@ -155,9 +155,9 @@ def test_jpeg_2000_decodes_first_through_imagecodecs_to_pylibjpegs_pixels(path: 
     """Signed, unsigned, a signedness mismatch, YBR_RCT and RGB, lossless and lossy: the
     same pixels and photometric handling as pylibjpeg-openjpeg, as stored and as RGB."""
     pytest.importorskip("imagecodecs")
-    assert _order(JPEG2000LosslessDecoder)[0] == TURBO_PLUGIN
+    assert _order(JPEG2000LosslessDecoder)[0] == IMAGECODECS_PLUGIN
     for as_rgb in (True, False):
-        ours = pixel_array(path, decoding_plugin=TURBO_PLUGIN, as_rgb=as_rgb)
+        ours = pixel_array(path, decoding_plugin=IMAGECODECS_PLUGIN, as_rgb=as_rgb)
         theirs = pixel_array(path, decoding_plugin="pylibjpeg", as_rgb=as_rgb)
         assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
 
