@@ -141,9 +141,8 @@ def test_lossy_extended_and_lossless_colour_match_pylibjpeg() -> None:
     turbo = pixel_array(extended, decoding_plugin=IMAGECODECS_PLUGIN).astype(np.int32)
     assert np.abs(turbo - pixel_array(extended, decoding_plugin="pylibjpeg")).max() <= 1
     colour = SAMPLES / "SC_rgb_jpeg_gdcm.dcm"
-    assert np.array_equal(
-        pixel_array(colour, decoding_plugin=IMAGECODECS_PLUGIN), pixel_array(colour, decoding_plugin="pylibjpeg")
-    )
+    ours = pixel_array(colour, decoding_plugin=IMAGECODECS_PLUGIN)
+    assert np.array_equal(ours, pixel_array(colour, decoding_plugin="pylibjpeg"))
 
 
 @pytest.mark.parametrize(
