@@ -10,8 +10,9 @@ The database is the source of truth; every round compares it with what is happen
 - uploaded files that every job using them is done with are deleted from the blob store
   once ``RADQ_BLOB_RETENTION_DAYS`` have passed (:mod:`api.retention`);
 - every ``RADQ_RECONCILE_SECONDS``, instances the database says are queued but that no
-  message in Redis carries (Redis restarted without its data, a flushed queue) are
-  published again.
+  message in Redis carries (Redis restarted without its data, a flushed queue), or only
+  a message delivered more than a lease ago and never claimed (its worker died between
+  taking the message and claiming it), are published again.
 
 Every step claims its rows with a conditional UPDATE, so any number of API processes
 can run the loop side by side.
@@ -85,7 +86,10 @@ def reconcile(state: AppState, *, grace_seconds: float = RECONCILE_GRACE_SECONDS
     # Every queue these jobs use (model.<name>, gpu, RADQ_QUEUE...), not only RADQ_QUEUE.
     queues = {q or settings.queue for _, q in routes.values()}
     try:
-        carried = instance_ids_in_broker(settings.broker_url, queues)
+        # A delivery older than a lease whose instances are still queued lost its worker
+        # before the claim (killed right after taking the message): send them again now
+        # rather than after kombu's visibility timeout (an hour by default).
+        carried = instance_ids_in_broker(settings.broker_url, queues, delivered_within=settings.lease_seconds)
     except (redis.RedisError, OSError) as exc:
         names = ", ".join(sorted(queues))
         raise BrokerUnavailable(f"cannot read the queues {names} from the broker: {exc}") from None
@@ -97,7 +101,7 @@ def reconcile(state: AppState, *, grace_seconds: float = RECONCILE_GRACE_SECONDS
     by_job: dict[str, list[int]] = {}
     for instance_id in moved:
         by_job.setdefault(queued[instance_id], []).append(instance_id)
-    _publish(state, by_job, "were queued in no message; publishing them again")
+    _publish(state, by_job, "were queued in no live message; publishing them again")
     return len(moved)
 
 

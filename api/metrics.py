@@ -23,7 +23,7 @@ from api.state import AppState
 from db.models import Instance, Job, Result
 from db.status import InstanceStatus, JobStatus
 from radq.heartbeat import live_workers
-from radq.queue import KOMBU_PRIORITY_STEPS, redis_queue_keys
+from radq.queue import KOMBU_PRIORITY_STEPS, UNACKED, redis_queue_keys
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class BrokerCollector(Collector):
                     pipe.llen(key)
             lengths = pipe.execute()
             routed: Tally[str] = Tally()
-            for raw in self._client.hvals("unacked"):
+            for raw in self._client.hvals(UNACKED):
                 try:
                     routed[str(json.loads(raw)[2])] += 1
                 except (ValueError, IndexError, TypeError):

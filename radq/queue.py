@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Celery
@@ -21,24 +22,44 @@ KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 """kombu's Redis transport keeps one list per step; message priorities round down to one."""
 
 
+UNACKED = "unacked"
+"""kombu's Redis hash of delivered, unacknowledged messages: delivery tag -> [message, exchange, queue]."""
+UNACKED_INDEX = "unacked_index"
+"""kombu's sorted set of the same delivery tags, scored by when each was delivered."""
+
+
 def redis_queue_keys(queue: str) -> list[str]:
     """The Redis lists holding one queue's messages, highest priority (0) first."""
     return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in KOMBU_PRIORITY_STEPS]
 
 
-def instance_ids_in_broker(broker_url: str, queues: Collection[str]) -> set[int]:
+def instance_ids_in_broker(
+    broker_url: str, queues: Collection[str], *, delivered_within: float | None = None
+) -> set[int]:
     """Every instance id a chunk message carries in ``queues``, waiting or delivered but unacked.
 
-    Reads kombu's Redis layout: one list per priority step and the ``unacked`` hash of
-    messages handed to a worker and not yet acknowledged. A message in the instant between
-    the two is missed; re-publishing its instances is harmless (claims are conditional).
+    Reads kombu's Redis layout: one list per priority step, the ``unacked`` hash of
+    messages handed to a worker and not yet acknowledged, and ``unacked_index``, when each
+    was handed over (the delivering host's clock). A message in the instant between the
+    two is missed; re-publishing its instances is harmless (claims are conditional).
+
+    ``delivered_within``: count a delivered message only if it was handed over less than
+    this many seconds ago. A worker claims what it is handed at once, so instances still
+    ``queued`` under an older delivery were most likely handed to a worker that died
+    before its claim; kombu would deliver them again only after the visibility timeout.
     """
     client = redis.Redis.from_url(broker_url)
     messages: list[dict[str, Any]] = []
     for key in (key for queue in queues for key in redis_queue_keys(queue)):
         for start in range(0, int(client.llen(key)), 1000):
             messages.extend(json.loads(raw) for raw in client.lrange(key, start, start + 999))
-    for raw in client.hvals("unacked"):
+    delivered = cast(list[tuple[bytes, float]], client.zrange(UNACKED_INDEX, 0, -1, withscores=True))
+    delivered_at = dict(delivered)
+    oldest = None if delivered_within is None else time.time() - delivered_within
+    unacked = cast(dict[bytes, bytes], client.hgetall(UNACKED))
+    for tag, raw in unacked.items():
+        if oldest is not None and delivered_at.get(tag, time.time()) < oldest:
+            continue
         message, _exchange, routing_key = json.loads(raw)
         if routing_key in queues:
             messages.append(message)

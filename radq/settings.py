@@ -232,7 +232,8 @@ class Settings(BaseSettings):
         300.0,
         gt=0,
         description="How often the API re-publishes instances the database says are queued but that no "
-        "message in the broker carries (after Redis lost its data).",
+        "message in the broker carries (after Redis lost its data), or only one a worker took more than "
+        "RADQ_LEASE_SECONDS ago and never claimed (the worker died).",
     )
     registration_lease_seconds: int = Field(
         120,

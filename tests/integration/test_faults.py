@@ -7,6 +7,7 @@ result row per done instance and model version, the cause recorded for the rest.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import glob
 import json
@@ -33,7 +34,7 @@ from db.session import make_engine
 from db.status import Scope
 from db.tokens import issue_token
 from radq.client import Client
-from radq.queue import KOMBU_PRIORITY_STEPS, redis_queue_keys
+from radq.queue import KOMBU_PRIORITY_STEPS, UNACKED, UNACKED_INDEX, redis_queue_keys
 from radq.routing import model_queue
 from radq.services import ensure_redis, free_port, spawn, stop, wait_for_http
 from radq.settings import Settings
@@ -72,7 +73,7 @@ class Processes:
 
 
 @contextlib.contextmanager
-def processes(settings: Settings) -> Iterator[Processes]:
+def processes(settings: Settings, *, worker: bool = True) -> Iterator[Processes]:
     env = settings.to_env()
     port = free_port()
     api = spawn(["api", "--port", str(port)], env=env, log_file=settings.home / "api.log")
@@ -80,13 +81,15 @@ def processes(settings: Settings) -> Iterator[Processes]:
     name = f"faults-{uuid.uuid4().hex[:8]}"
     token = issue_token(settings.resolved_database_url, name=name, scope=Scope.ADMIN)
     running = Processes(settings, url, api, api, Client(url, timeout=60, token=token), token)
-    running.start_worker()
+    if worker:
+        running.start_worker()
     try:
         wait_for_http(f"{url}/healthz", api)
         yield running
     finally:
         running.client.close()
-        stop(running.worker)
+        if running.worker is not api:
+            stop(running.worker)
         stop(api)
 
 
@@ -138,12 +141,18 @@ def test_worker_killed_mid_job_loses_and_doubles_nothing(
     with processes(settings) as running:
         job_id = submit_paths(running, [root])
 
-        def mid_chunk() -> bool:
+        def stopped_mid_chunk() -> bool:
+            # Frozen while the counts are read, so the kill lands mid-chunk: a worker let run
+            # may finish the chunk and take the next message between the read and the kill.
+            os.killpg(running.worker.pid, signal.SIGSTOP)
             counts = running.client.job(job_id)["counts"]
-            return bool(counts["done"] >= 32 and counts["processing"] > 0)
+            if counts["done"] >= 32 and counts["processing"] > 0:
+                return True
+            os.killpg(running.worker.pid, signal.SIGCONT)
+            return False
 
-        wait_for(mid_chunk, 120, "a chunk in progress after the first results")
-        os.killpg(running.worker.pid, signal.SIGKILL)  # main process and its pool child, no warning
+        wait_for(stopped_mid_chunk, 120, "a chunk in progress after the first results")
+        os.killpg(running.worker.pid, signal.SIGKILL)  # main process and its decode processes, no warning
         running.worker.wait(10)
         running.start_worker()
         job = wait_done(running.client, job_id, timeout=300)
@@ -153,6 +162,48 @@ def test_worker_killed_mid_job_loses_and_doubles_nothing(
     assert state["results"] == state["done"] == state["instances"] == total
     assert state["duplicates"] == 0
     assert state["lost_leases"] > 0  # the killed worker's chunk came back through the reaper
+
+
+def take_and_die(broker_url: str, queue: str) -> int:
+    """What a worker killed between taking a message and claiming its instances leaves behind.
+
+    kombu moves a message from its queue into ``unacked`` (and its delivery time into
+    ``unacked_index``) as it hands it to the worker; with the worker gone nothing claims
+    its instances, acknowledges it or gives it back. Returns the instance ids it carried.
+    """
+    client = redis.Redis.from_url(broker_url)
+    raw = next(filter(None, (client.rpop(key) for key in redis_queue_keys(queue))), None)
+    assert raw is not None, f"no message waiting in {queue}"
+    message = json.loads(raw)
+    tag = message["properties"]["delivery_tag"]
+    client.zadd(UNACKED_INDEX, {tag: time.time()})
+    client.hset(UNACKED, tag, json.dumps([message, "", queue]))
+    args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    return len(args[1])
+
+
+def test_message_taken_by_a_worker_that_died_before_claiming_is_sent_again(
+    tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    settings = make_settings(tmp_path, database_url, redis_url, **FAST)
+    folder = settings.allowed_roots[0] / "orphaned"
+    folder.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm", "CR2_6247.dcm"):
+        shutil.copy(SAMPLES / "real" / name, folder / name)
+    queue = model_queue(settings, "radq-smoke")
+    with processes(settings, worker=False) as running:
+        job_id = submit_paths(running, [folder])
+        wait_for(lambda: running.client.job(job_id)["counts"]["queued"] == 3, 60, "the chunk to be queued")
+        assert take_and_die(redis_url, queue) == 3
+        running.start_worker()
+        # Without the check of delivery times the chunk would wait for kombu's visibility
+        # timeout (an hour); the reconcile round sends it again once the delivery is a
+        # lease old and its instances have been queued for the grace period.
+        job = wait_done(running.client, job_id, timeout=120)
+    assert job["counts"]["done"] == 3
+    state = sql_state(database_url, job_id)
+    assert state["results"] == state["done"] == 3 and state["duplicates"] == 0
+    assert state["lost_leases"] == 0  # never claimed, so nothing came back through the reaper
 
 
 def test_redis_restarted_without_its_data_mid_job(tmp_path: Path, database_url: str) -> None:
@@ -303,7 +354,7 @@ def redeliver_unacked(broker_url: str, queue: str) -> int:
     """
     client = redis.Redis.from_url(broker_url)
     moved = 0
-    for raw in client.hvals("unacked"):
+    for raw in client.hvals(UNACKED):
         message, _exchange, routing_key = json.loads(raw)
         if routing_key != queue:
             continue
