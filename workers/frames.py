@@ -33,7 +33,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import as_pixel_options
 from pydicom.pixels.decoders.base import Decoder
 
-from radq.errors import UndecodablePixels
+from radq.errors import TruncatedPixelData, UndecodablePixels
 from radq.model_card import FramePolicy
 from workers.codecs import asks_rgb, prefer_fast_plugins
 from workers.header import add_note, describe_malformed, open_source, short_error
@@ -47,6 +47,8 @@ FLOAT32_SAFE = float(np.finfo(np.float32).max) / 4
 takes: twice it still fits float32, so windowing and min-max cannot overflow."""
 _JPEG_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # SOF0-15 (not DHT, JPG, DAC); JPEG-LS SOF55
 _JPEG_STANDALONE = {*range(0xD0, 0xD8), 0x01}  # RSTn, TEM: markers without a length
+_JPEG_SOS = 0xDA
+_J2K_SOD = 0x93
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 _RLE_MAX_EXPANSION = 64  # a 2-byte replicate run decodes to at most 128 bytes (PS3.5 G.3.1)
 
@@ -347,32 +349,47 @@ def _u16(data: bytes, pos: int) -> int:
     return int.from_bytes(data[pos : pos + 2], "big")
 
 
-def _jpeg_geometry(frame: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) from a JPEG or JPEG-LS start-of-frame segment."""
+@dataclass(frozen=True)
+class _Codestream:
+    """What a codestream's main header declares, and where its coded data begins."""
+
+    rows: int
+    columns: int
+    components: int
+    data_at: int | None  # the first start-of-scan (JPEG) or start-of-data (JPEG 2000); None: none
+
+
+def _jpeg_header(frame: bytes) -> _Codestream | None:
+    """The start-of-frame segment of a JPEG or JPEG-LS codestream and its first scan."""
     if frame[:2] != b"\xff\xd8":
         return None
-    pos = 2
+    pos, sof = 2, None
     while pos + 4 <= len(frame):
         if frame[pos] != 0xFF:
-            return None
+            break
         marker = frame[pos + 1]
         if marker == 0xFF or marker in _JPEG_STANDALONE:  # fill byte, or no length follows
             pos += 1 if marker == 0xFF else 2
             continue
-        if marker in _JPEG_SOF:
+        if marker == _JPEG_SOS:
+            break
+        if marker in _JPEG_SOF and sof is None:
             if pos + 10 > len(frame):
                 return None
-            rows, cols = _u16(frame, pos + 5), _u16(frame, pos + 7)
-            return rows, cols, frame[pos + 9]
+            sof = pos
         length = _u16(frame, pos + 2)
         if length < 2:
-            return None
+            break
         pos += 2 + length
-    return None
+    if sof is None:
+        return None
+    # Decoders skip stray bytes between segments, so look on for the marker past any.
+    scan = frame.find(b"\xff\xda", pos)
+    return _Codestream(_u16(frame, sof + 5), _u16(frame, sof + 7), frame[sof + 9], None if scan < 0 else scan)
 
 
-def _j2k_geometry(frame: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) from a JPEG 2000 SIZ segment, in or out of a JP2 file."""
+def _j2k_header(frame: bytes) -> _Codestream | None:
+    """The SIZ segment of a JPEG 2000 codestream, in or out of a JP2 file, and its first tile's data."""
     pos = 0
     if frame.startswith(_JP2_SIGNATURE):  # not what DICOM asks for, but pydicom reads it
         while True:
@@ -390,7 +407,12 @@ def _j2k_geometry(frame: bytes) -> tuple[int, int, int] | None:
     if frame[pos : pos + 4] != b"\xff\x4f\xff\x51" or pos + 42 > len(frame):
         return None
     xsiz, ysiz, xosiz, yosiz = (int.from_bytes(frame[pos + i : pos + i + 4], "big") for i in range(8, 24, 4))
-    return ysiz - yosiz, xsiz - xosiz, _u16(frame, pos + 40)
+    components = _u16(frame, pos + 40)
+    at = pos + 2  # marker segments (SIZ, COD, QCD, ..., SOT and the tile-part's own) up to SOD
+    while at + 4 <= len(frame) and frame[at] == 0xFF and frame[at + 1] != _J2K_SOD:
+        at += 2 + _u16(frame, at + 2)
+    data = frame.find(b"\xff\x93", at)
+    return _Codestream(ysiz - yosiz, xsiz - xosiz, components, None if data < 0 else data)
 
 
 def _check_codestream(frame: bytes, index: int, ts: uids.UID, geometry: tuple[int, ...]) -> None:
@@ -404,9 +426,10 @@ def _check_codestream(frame: bytes, index: int, ts: uids.UID, geometry: tuple[in
             )
         return
     if ts in uids.JPEG2000TransferSyntaxes:
-        found, kind = _j2k_geometry(frame), "JPEG 2000"
+        found, kind, data, end = _j2k_header(frame), "JPEG 2000", "start-of-data", "end-of-codestream"
     elif ts in uids.JPEGTransferSyntaxes or ts in uids.JPEGLSTransferSyntaxes:
-        found, kind = _jpeg_geometry(frame), "JPEG"
+        kind = "JPEG-LS" if ts in uids.JPEGLSTransferSyntaxes else "JPEG"
+        found, data, end = _jpeg_header(frame), "start-of-scan", "end-of-image"
     else:
         return  # no decoder in pydicom 3.0 beyond these
     if found is None:
@@ -414,11 +437,25 @@ def _check_codestream(frame: bytes, index: int, ts: uids.UID, geometry: tuple[in
             f"could not decode pixel data ({ts.name}): frame {index} is not a {kind} codestream "
             "(no start-of-image and frame header where they belong)"
         )
-    if found[0] * found[1] * found[2] != rows * cols * samples:
+    if found.rows * found.columns * found.components != rows * cols * samples:
         raise UndecodablePixels(
             f"could not decode pixel data ({ts.name}): frame {index}'s {kind} codestream is "
-            f"{found[0]} rows x {found[1]} columns x {found[2]} component(s), the header says "
-            f"{rows} x {cols} x {samples}: refused before decoding"
+            f"{found.rows} rows x {found.columns} columns x {found.components} component(s), the header "
+            f"says {rows} x {cols} x {samples}: refused before decoding"
+        )
+    # Decoders fill what a codestream lacks with zeros, often without an error: a frame cut
+    # short would reach the models part blank. The end marker cannot occur inside coded
+    # data (byte stuffing), and searching backwards finds it among the last bytes.
+    if found.data_at is None:
+        raise UndecodablePixels(
+            f"could not decode pixel data ({ts.name}): frame {index}'s {kind} codestream holds no image "
+            f"data (its headers end without a {data} marker)"
+        )
+    if frame.rfind(b"\xff\xd9", found.data_at) < 0:
+        raise TruncatedPixelData(
+            f"truncated pixel data: frame {index}'s {kind} codestream ({ts.name}) stops after "
+            f"{len(frame)} bytes without its {end} marker (cut short or damaged; decoded, part "
+            "of the image would be blank)"
         )
 
 
@@ -440,7 +477,9 @@ def check_codestreams(
 
     Raises:
         UndecodablePixels: a frame is missing, is not a codestream of its transfer
-            syntax, or declares another size than the header.
+            syntax, declares another size than the header, or holds no coded data.
+        TruncatedPixelData: a JPEG, JPEG-LS or JPEG 2000 codestream stops before its end
+            marker.
     """
     rows, cols, frames, samples, bits = geometry
     for index, frame in _encoded_frames(ds, keyword, indices, frames):

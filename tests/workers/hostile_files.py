@@ -12,6 +12,7 @@ import gzip
 import io
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -131,6 +133,21 @@ def set_elements(path: Path, **elements: object) -> bytes:
             ds[value.tag] = value
         else:
             setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def cut_codestream(path: Path, keep: Callable[[bytes], int]) -> bytes:
+    """The file with its first frame's codestream cut to its first ``keep(codestream)`` bytes.
+
+    Re-encapsulated, so the DICOM items around it stay whole: what a faulty encoder or a
+    damaged archive leaves, which a file cut short does not show.
+    """
+    ds = pydicom.dcmread(path)
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
+    frames[0] = frames[0][: keep(frames[0])]
+    ds.PixelData = encapsulate(frames)
     buffer = io.BytesIO()
     ds.save_as(buffer)
     return buffer.getvalue()

@@ -180,11 +180,12 @@ def test_y_alone_is_the_y_of_every_component(
 
 
 def test_a_frame_libjpeg_turbo_refuses_alone_is_decoded_with_every_component(tmp_path: Path) -> None:
-    """A cut-short codestream: Pillow refuses it, so the instance is decoded through pydicom's
-    plugins (libjpeg 9 decodes what is there), as without the Y-alone path."""
+    """A TEM marker (T.81 B.1.1.3, no length) after the start of image: Pillow's marker parser
+    refuses it, so the instance is decoded through pydicom's plugins (libjpeg 9 skips it), as
+    without the Y-alone path."""
     ds = dcmread(examples.get_path("ybr_color"))
     frames = list(generate_frames(ds.PixelData, number_of_frames=30))
-    frames[3] = frames[3][: len(frames[3]) // 2]  # no EOI: Pillow says truncated
+    frames[3] = frames[3][:2] + b"\xff\x01" + frames[3][2:]  # Pillow: "cannot identify image file"
     ds.PixelData = encapsulate(frames)
     path = tmp_path / "cut.dcm"
     ds.save_as(path)

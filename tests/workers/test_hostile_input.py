@@ -358,6 +358,33 @@ CASES: dict[str, tuple[Callable[[], bytes], type[InstanceError], str]] = {
         UndecodablePixels,
         "JPEG 2000 codestream is 60000 rows x 60000 columns x 1 component(s)",
     ),
+    "JPEG codestream cut short": (  # libjpeg 9 and libjpeg-turbo decode the rest as blank
+        lambda: hostile.cut_codestream(_path("JPGExtended.dcm"), lambda f: len(f) * 3 // 5),
+        TruncatedPixelData,
+        "truncated pixel data: frame 0's JPEG codestream (JPEG Extended (Process 2 and 4)) stops after 4098 "
+        "bytes without its end-of-image marker",
+    ),
+    "JPEG-LS codestream cut short": (  # CharLS gives back what it decoded, with a warning
+        lambda: hostile.cut_codestream(_path("JPEGLSNearLossless_16.dcm"), lambda f: len(f) * 3 // 5),
+        TruncatedPixelData,
+        "frame 0's JPEG-LS codestream (JPEG-LS Lossy (Near-Lossless) Image Compression) stops after 90 bytes",
+    ),
+    "JPEG 2000 codestream cut short": (
+        lambda: hostile.cut_codestream(_path("examples_jpeg2k.dcm"), lambda f: len(f) * 3 // 5),
+        TruncatedPixelData,
+        "JPEG 2000 codestream (JPEG 2000 Image Compression (Lossless Only)) stops after 91376 bytes without "
+        "its end-of-codestream marker",
+    ),
+    "JPEG lossless codestream with no scan": (  # decoded as a blank image, before the check
+        lambda: hostile.cut_codestream(_path("SC_rgb_jpeg_gdcm.dcm"), lambda f: f.find(b"\xff\xda")),
+        UndecodablePixels,
+        "frame 0's JPEG codestream holds no image data (its headers end without a start-of-scan marker)",
+    ),
+    "JPEG 2000 codestream with no data": (
+        lambda: hostile.cut_codestream(_path("JPEG2000.dcm"), lambda f: f.find(b"\xff\x93")),
+        UndecodablePixels,
+        "frame 0's JPEG 2000 codestream holds no image data (its headers end without a start-of-data marker)",
+    ),
     "9000 x 9000 from 664 bytes of RLE": (
         lambda: hostile.set_elements(_path("SC_rgb_rle.dcm"), Rows=9000, Columns=9000),
         UndecodablePixels,
