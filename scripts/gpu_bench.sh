@@ -42,7 +42,7 @@ if [[ $RADQ_DEVICE == cuda* ]]; then
 fi
 export RADQ_BROKER_URL=${RADQ_BROKER_URL:-redis://127.0.0.1:$REDIS_PORT/0}
 export PYTHONUNBUFFERED=1
-INPUTS=${INPUTS:-ct,cr,cr-j2k}  # cr-jls needs pyjpegls (+ pylibjpeg-libjpeg) in $WHEELS
+INPUTS=${INPUTS:-ct,cr,cr-j2k,cr-ljpeg}  # cr-jls needs pyjpegls (+ pylibjpeg-libjpeg) in $WHEELS
 if [[ $QUICK == 1 ]]; then
     MODELS=${MODELS:-radq-smoke}
     SECONDS_PER_FIGURE=${SECONDS_PER_FIGURE:-3}
@@ -84,7 +84,7 @@ PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore "$PIP_PY" -m pip ins
     { tee -a "$ENV_TXT" <"$WORK/pip.log"; say "pip install failed"; exit 3; }
 export PYTHONPATH="$ROOT:$SITE"
 say "checking imports"
-"$PY" -c 'import radq.cli, api.app, workers.app, bench.__main__, celery.bin.celery, kombu.transport.redis, uvicorn, pydicom, pylibjpeg, openjpeg' 2>&1 |
+"$PY" -c 'import radq.cli, api.app, workers.app, bench.__main__, celery.bin.celery, kombu.transport.redis, uvicorn, pydicom, pylibjpeg, openjpeg, imagecodecs._jpeg8, imagecodecs._jpeg2k' 2>&1 |
     tee -a "$ENV_TXT" || { say "an import failed: a wheel is missing from $WHEELS"; exit 3; }
 
 # 1b. Optional: tests that need this host's GPU (PYTEST: pytest arguments), output in $OUT/pytest.log.
@@ -139,7 +139,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.bac
       "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
-for name in ("numpy", "pydicom", "pylibjpeg-openjpeg", "celery", "kombu", "redis", "sqlalchemy",
+for name in ("numpy", "pydicom", "pylibjpeg-openjpeg", "imagecodecs", "pillow", "celery", "kombu", "redis", "sqlalchemy",
              "fastapi", "starlette", "uvicorn", "pydantic", "typer", "click", "rich", "httpx", "anyio"):
     try:
         print(f"{name} {version(name)}")
@@ -179,7 +179,7 @@ linker=$!
 pids+=("$linker")
 
 # Optional: where the worker's Python threads spend their time while the first pipeline job runs
-# (py-spy, carried as a wheel in $WHEELS): $OUT/worker-profile.txt, collapsed stacks.
+# (py-spy, carried as a wheel in $WHEELS by `PROFILE=1 bash scripts/gpu_carry.sh`): $OUT/worker-profile.txt.
 if [[ -x $SITE/bin/py-spy ]]; then
     (
         until grep -q "pipeline," "$OUT/bench.log" 2>/dev/null; do sleep 0.5; done

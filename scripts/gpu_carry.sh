@@ -3,11 +3,12 @@
 # torch, no network, no Redis), from this machine (x86-64, Debian, pip reaching PyPI):
 #
 #   .whl/    cp312 / pure wheels of radq's runtime dependencies that host lacks, pinned to the
-#            versions the tests pass with here, plus py-spy for a profile of the worker
+#            versions the tests pass with here; imagecodecs slimmed to the two codecs radq's
+#            plugin uses; py-spy for a profile of the worker with PROFILE=1
 #   .redis/  Debian's redis-server with the libraries a stock Ubuntu may lack, and a wrapper
 #
-# Both are git-ignored through .git/info/exclude. About 22 MiB: with the tracked files the
-# device tool's 64 MiB limit leaves little else. Usage: bash scripts/gpu_carry.sh
+# Both are git-ignored through .git/info/exclude. About 21 MiB: with the tracked files (40 MiB)
+# the device tool's 64 MiB limit leaves about 3. Usage: bash scripts/gpu_carry.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,7 +22,7 @@ WHEELS=(
     alembic==1.20.1 amqp==5.4.2 annotated_types==0.7.0 billiard==4.3.2 celery==5.7.0 click==8.4.0
     click_didyoumean==0.3.1 click_plugins==1.1.1.2 click_repl==0.4.1 fastapi==0.165.0
     httptools==0.9.0 kombu==5.7.0 mako==1.4.3 opentelemetry_api==1.45.2 prompt_toolkit==3.0.52
-    py_spy==0.4.3 pydantic==2.13.4 pydantic_core==2.46.4 pydantic_settings==2.14.1 pydicom==3.0.2
+    pydantic==2.13.4 pydantic_core==2.46.4 pydantic_settings==2.14.1 pydicom==3.0.2
     pylibjpeg==2.1.0 pylibjpeg_openjpeg==2.6.0 pylibjpeg_rle==2.2.0 python_dotenv==1.2.2
     python_multipart==0.0.34 redis==8.2.0 sqlalchemy==2.1.9 starlette==1.10.0 typer==0.29.2
     typing_extensions==4.16.0 typing_inspection==0.4.2 tzdata==2026.6 tzlocal==5.4.5
@@ -35,6 +36,24 @@ done
 mkdir -p .whl
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl "${WHEELS[@]}"
+
+if [[ ${PROFILE:-0} == 1 ]]; then
+    python3 -m pip download --quiet --no-deps --only-binary=:all: -d .whl py_spy==0.4.3
+fi
+
+# imagecodecs (workers/codecs.py: libjpeg-turbo 3 for JPEG lossless and extended, OpenJPEG for
+# JPEG 2000) is 26 MB with its 70 codecs; the package, its JPEG 8 and JPEG 2000 extensions
+# and their libraries are 2.6 MB. The rest of it fails to import, which radq never asks for.
+tmp=$(mktemp -d)
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" -d "$tmp" imagecodecs==2026.3.6
+wheel=$(ls "$tmp"/imagecodecs-*.whl)
+mkdir "$tmp/x" && (cd "$tmp/x" && unzip -q "$wheel" &&
+    find imagecodecs -name '_*.so' ! -name '_shared*' ! -name '_imcd.*' ! -name '_jpeg8.*' ! -name '_jpeg2k.*' -delete &&
+    find imagecodecs.libs -type f ! -name 'libjpeg-*' ! -name 'libopenjp2-*' ! -name 'liblcms2-*' -delete &&
+    rm -rf imagecodecs/licenses imagecodecs/*.pyi && rm -f "$wheel" && zip -q -r -9 "$wheel" .)
+rm -f .whl/imagecodecs-*.whl && mv "$wheel" .whl/
+rm -rf "$tmp"
 
 # GPU_DECODE=1: nvImageCodec for RADQ_GPU_DECODE too, slimmed to fit the device tool's 64 MiB:
 # the cp312 binding and the nvJPEG / nvJPEG2000 extensions only (6 of its 25 MB), plus the
