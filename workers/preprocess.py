@@ -45,6 +45,10 @@ def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+_EXP_LIMIT = np.float32(88.0)
+"""Largest exponent the sigmoid window passes to float32 exp (which overflows past 88.72)."""
+
+
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
     """The file's window with its VOI LUT Function, output scaled to [0, 1] (float32)."""
     if function == "LINEAR_EXACT":  # PS3.3 C.11.2.1.3.2
@@ -55,6 +59,8 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     if function == "SIGMOID":  # PS3.3 C.11.2.1.3.1
         out = values - np.float32(center)
         out *= np.float32(-4.0 / width)
+        # exp overflows float32 past 88.7 (a narrow window); the sigmoid is 0 there anyway.
+        np.clip(out, -_EXP_LIMIT, _EXP_LIMIT, out=out)
         np.exp(out, out=out)
         out += np.float32(1.0)
         return np.reciprocal(out, out=out)

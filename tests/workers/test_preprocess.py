@@ -101,6 +101,16 @@ def test_file_voi_lut_functions(function: str, reference: object) -> None:
     np.testing.assert_allclose(out[0], (reference(stored.astype(float)) - 0.5) / 0.25, atol=1e-5)  # type: ignore[operator]
 
 
+def test_a_one_wide_sigmoid_window_saturates_without_overflow() -> None:
+    """Width 1: exp's argument reaches 4 x 1200 far from the centre, past float32's range;
+    the values saturate at 0 and 1, with no overflow warning (the suite makes it an error)."""
+    stored = np.arange(0, 2400, 100, dtype=np.uint16).reshape(4, 6)
+    image = _image(stored, modality="MR", window=(1200.0, 1.0), window_function="SIGMOID")
+    out = _one(image, _same_size(image), PLAIN)
+    expected = np.where(stored > 1200, 1.0, np.where(stored < 1200, 0.0, 0.5))
+    np.testing.assert_allclose(out[0], (expected - 0.5) / 0.25, atol=1e-5)
+
+
 def test_file_voi_lut_sequence_is_applied() -> None:
     item = Dataset()
     item.LUTDescriptor = [4, 10, 8]  # 4 entries, first maps input 10, 8 bits
