@@ -279,6 +279,7 @@ def _checked(ds: Dataset, meta: InstanceMeta) -> tuple[str, UID, Decoder, tuple[
     bits = _int(ds, "BitsAllocated")
     if bits != 1 and bits % 8:
         raise UndecodablePixels(f"invalid image header: BitsAllocated is {bits}")
+    _int(ds, "BitsStored", bits)  # pydicom compares it with BitsAllocated: a list raises TypeError
     decoder = _decoder_for(ts)
     if decoder.is_native:  # truncation first: a file missing bytes is broken at any limit
         _check_size(ds, keyword, ts, (rows, cols, frames, samples, bits))

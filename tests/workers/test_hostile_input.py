@@ -405,6 +405,11 @@ CASES: dict[str, tuple[Callable[[], bytes], type[InstanceError], str]] = {
         MalformedDicom,
         "the file ends at byte 39206, inside element (0008,0018), which declares 65534 bytes",
     ),
+    "BitsStored of 128 values": (  # a 4-byte overwrite of its length, found by the fuzz test
+        lambda: hostile.overwrite(_named("CT5N_2062.dcm").data, 2428, (0x10000).to_bytes(4, "big")),
+        UndecodablePixels,
+        "invalid image header: BitsStored is [16, 40, 258",
+    ),
     "Rows of an unknown VR": (
         lambda: _unknown_vr_rows(),
         UndecodablePixels,
