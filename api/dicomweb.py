@@ -1,39 +1,30 @@
 """STOW-RS (DICOM PS3.18 §10.5): reading a multipart/related body and answering for each part.
 
-The body is parsed as it arrives by python-multipart's streaming ``MultipartParser``
-(the parser Starlette itself uses for forms): each part's bytes go straight to its
-own file in a temporary directory beside the blob store, so memory holds one chunk
-of the request, never a whole part, and a 2 GB study costs disk, not RAM. The parts
-are checked (PS3.10 header, UIDs, study) only once the closing boundary has been
-seen, so a body cut short stores nothing.
+The body is spooled as it arrives (:mod:`api.multipart`: each part straight to its own
+file beside the blob store, so a 2 GB study costs disk, not RAM). The parts are checked
+(PS3.10 header, UIDs, study) only once the closing boundary has been seen, so a body cut
+short stores nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from enum import IntEnum
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 
 from api.ingest import Ingest
+from api.multipart import DICOM, MalformedMultipart, Part
 from radq.errors import LimitExceeded, SubmissionError
-
-if TYPE_CHECKING:
-    from python_multipart.multipart import MultipartCallbacks
 
 log = logging.getLogger(__name__)
 
-DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
 _DEFER_SIZE = 1024 * 1024
@@ -44,10 +35,6 @@ _MAX_WARNINGS = 50
 
 class UnsupportedMediaType(SubmissionError):
     """Raised when a STOW-RS request is not ``multipart/related; type="application/dicom"``."""
-
-
-class MalformedMultipart(SubmissionError):
-    """Raised when a STOW-RS body cannot be split into parts (bad syntax, cut short)."""
 
 
 class NothingStored(SubmissionError):
@@ -63,16 +50,6 @@ class FailureReason(IntEnum):
     """Data set does not match SOP class: a required UID is missing, or the study differs."""
     CANNOT_UNDERSTAND = 0xC000
     """Cannot understand: not a PS3.10 DICOM file, or a part that is not application/dicom."""
-
-
-@dataclass
-class Part:
-    """One body part, spooled to ``path``; ``path`` is None for a part refused by its headers."""
-
-    number: int
-    content_type: str
-    path: Path | None
-    size: int = 0
 
 
 @dataclass
@@ -136,142 +113,6 @@ def accepts_dicom_json(accept: str | None) -> bool:
         return True
     ok = {"*/*", "application/*", DICOM_JSON, "application/json"}
     return any(item.split(";")[0].strip().lower() in ok for item in accept.split(","))
-
-
-class PartSpool:
-    """Splits a multipart/related body into part files as it is fed, within the limits.
-
-    Args:
-        boundary: the boundary from the request's Content-Type.
-        parent: directory for the temporary spool (the blob store's spool: the file
-            store's own directory, so the
-            parts land on the disk that will keep them).
-        max_bytes: body size limit (``RADQ_MAX_UPLOAD_BYTES``).
-        max_parts: part count limit (``RADQ_MAX_ARCHIVE_MEMBERS``).
-
-    Raises:
-        MalformedMultipart: the boundary is unusable (over 70 characters).
-    """
-
-    def __init__(self, boundary: bytes, parent: Path, *, max_bytes: int, max_parts: int) -> None:
-        self.boundary = boundary.decode("latin-1")
-        self.max_bytes = max_bytes
-        self.max_parts = max_parts
-        self.received = 0
-        self.parts: list[Part] = []
-        self.complete = False
-        self._begun = False
-        parent.mkdir(parents=True, exist_ok=True)
-        self.directory = Path(tempfile.mkdtemp(prefix=".stow-", dir=parent))
-        self._headers: dict[str, str] = {}
-        self._field = bytearray()
-        self._value = bytearray()
-        self._part: Part | None = None
-        self._out: IO[bytes] | None = None
-        callbacks: MultipartCallbacks = {
-            "on_part_begin": self._part_begin,
-            "on_header_field": lambda data, start, end: self._field.extend(data[start:end]),
-            "on_header_value": lambda data, start, end: self._value.extend(data[start:end]),
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-            "on_part_end": self._part_end,
-            "on_end": self._end,
-        }
-        try:
-            self._parser = MultipartParser(boundary, callbacks)
-        except FormParserError as exc:
-            self.cleanup()
-            raise MalformedMultipart(f"unusable multipart boundary: {exc}") from None
-
-    def _part_begin(self) -> None:
-        self._begun = True
-        if len(self.parts) + 1 > self.max_parts:
-            raise LimitExceeded(
-                f"the request has more than {self.max_parts} parts (RADQ_MAX_ARCHIVE_MEMBERS)"
-            )
-        self._headers = {}
-
-    def _header_end(self) -> None:
-        name = self._field.decode("latin-1").strip().lower()
-        self._headers[name] = self._value.decode("latin-1").strip()
-        self._field.clear()
-        self._value.clear()
-
-    def _headers_finished(self) -> None:
-        number = len(self.parts) + 1
-        # A part without its own Content-Type takes the request's type parameter (RFC 2387).
-        media = self._headers.get("content-type", DICOM).split(";")[0].strip().lower() or DICOM
-        path = None
-        if media == DICOM:
-            path = self.directory / f"{number:06d}.dcm"
-            self._out = path.open("wb")
-        self._part = Part(number, media, path)
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._part is None or self._out is None:
-            return  # a refused part: its bytes are counted against the limit, not kept
-        self._out.write(data[start:end])
-        self._part.size += end - start
-
-    def _part_end(self) -> None:
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-        if self._part is not None:
-            self.parts.append(self._part)
-            self._part = None
-
-    def _end(self) -> None:
-        self.complete = True
-
-    def feed(self, chunk: bytes) -> None:
-        """Parse the next bytes of the body.
-
-        Raises:
-            LimitExceeded: the body passes ``max_bytes`` or has more than ``max_parts`` parts.
-            MalformedMultipart: the bytes are not multipart/related with this boundary.
-        """
-        self.received += len(chunk)
-        if self.received > self.max_bytes:
-            raise LimitExceeded(
-                f"request body is over the limit of {self.max_bytes} bytes (RADQ_MAX_UPLOAD_BYTES)"
-            )
-        try:
-            self._parser.write(chunk)
-        except FormParserError as exc:
-            if not self._begun:
-                raise MalformedMultipart(
-                    f"malformed multipart/related body: it does not begin with --{self.boundary}, "
-                    "the boundary named in the Content-Type"
-                ) from None
-            raise MalformedMultipart(
-                f"malformed multipart/related body after {len(self.parts)} complete part(s): {exc}"
-            ) from None
-
-    def finish(self) -> list[Part]:
-        """The parts, once the whole body has been fed.
-
-        Raises:
-            MalformedMultipart: the closing boundary never came (a body cut short), or
-                the body holds no parts.
-        """
-        if not self.complete:
-            raise MalformedMultipart(
-                f"the multipart/related body ends after {len(self.parts)} complete part(s) without its "
-                f"closing boundary --{self.boundary}--: the upload was cut short or the boundary is "
-                "wrong; nothing was stored"
-            )
-        if not self.parts:
-            raise MalformedMultipart("the multipart/related body has no parts: send one DICOM file per part")
-        return self.parts
-
-    def cleanup(self) -> None:
-        """Close any open part file and delete the spool."""
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _uid(ds: Dataset, keyword: str) -> str:

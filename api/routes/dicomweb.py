@@ -18,8 +18,6 @@ from api.dicomweb import (
     Instance,
     NothingStored,
     Outcome,
-    Part,
-    PartSpool,
     UnsupportedMediaType,
     accepts_dicom_json,
     boundary_of,
@@ -29,6 +27,7 @@ from api.dicomweb import (
     warning_headers,
 )
 from api.ingest import Ingest
+from api.multipart import Part, PartSpool, spool_body
 from api.schemas import ErrorOut
 from api.state import AppState
 from api.submit import resolve_models, submit
@@ -36,9 +35,6 @@ from db.audit import AuditAction
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
-
-_FEED_BYTES = 1024 * 1024
-"""Body bytes gathered before each hand-off to the parser thread."""
 
 ModelsQuery = Annotated[
     list[str] | None,
@@ -106,15 +102,7 @@ async def _stow(
         max_parts=settings.max_archive_members,
     )
     try:
-        pending = bytearray()
-        async for chunk in request.stream():
-            pending += chunk
-            if len(pending) >= _FEED_BYTES:
-                await run_in_threadpool(spool.feed, bytes(pending))
-                pending.clear()
-        if pending:
-            await run_in_threadpool(spool.feed, bytes(pending))
-        parts = spool.finish()
+        parts = await spool_body(request, spool)
         outcome, job_id = await run_in_threadpool(_check_and_submit, state, parts, study, names)
     finally:
         await run_in_threadpool(spool.cleanup)

@@ -11,11 +11,11 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, BeforeValidator, ValidationError
 from sqlalchemy.orm import Session
-from starlette.datastructures import FormData, UploadFile
 
 from api.audit import audit, submitted
-from api.deps import ReadDep, RegistrarDep, SessionDep, StateDep, SubmitDep
+from api.deps import Caller, ReadDep, RegistrarDep, SessionDep, StateDep, SubmitDep
 from api.ingest import Ingest
+from api.multipart import FormSpool, form_boundary, spool_body
 from api.retention import retention_reason
 from api.schemas import (
     Counts,
@@ -144,17 +144,52 @@ def _progress(counts: Counts, created: datetime, finished_at: datetime | None) -
     return Progress(finished=finished, rate_per_s=rate and round(rate, 3), eta_seconds=eta and round(eta, 1))
 
 
-def _form_options(form: FormData) -> SubmitOptions:
+async def _accept_form(request: Request, state: AppState, caller: Caller) -> JobOut:
+    """A multipart/form-data upload: its files spooled to disk as they arrive, one at a
+    time (:mod:`api.multipart`), then stored and recorded as one job."""
+    settings = state.settings
+    spool = FormSpool(
+        form_boundary(request.headers.get("content-type", "")), state.blobs.spool_dir,
+        max_bytes=settings.max_upload_bytes, max_parts=settings.max_archive_members,
+    )  # fmt: skip
+    try:
+        await spool_body(request, spool)
+        uploads = spool.files
+        if not uploads:
+            raise HTTPException(400, "multipart submission has no files: send them as 'files' parts")
+        opts = _form_options(spool.fields)
+
+        def collect(ingest: Ingest) -> None:
+            for upload in uploads:
+                assert upload.path is not None  # files are always spooled
+                with upload.path.open("rb") as stream:
+                    ingest.add_upload(upload.filename or "upload", stream)
+
+        def accept_upload() -> JobOut:
+            job_id = submit(
+                state, collect, opts.models, opts.job_options(dedup_by_default=settings.dedup),
+                priority=opts.priority or Priority.NORMAL, webhook_url=opts.webhook_url,
+                recorded=submitted(caller, f"upload: {len(uploads)} part(s)"),
+            )  # fmt: skip
+            return _view(state, job_id)
+
+        return await run_in_threadpool(accept_upload)
+    finally:
+        await run_in_threadpool(spool.cleanup)
+
+
+def _form_options(fields: Sequence[tuple[str, str]]) -> SubmitOptions:
     """Submission options from multipart fields (``models`` may repeat or be comma-separated)."""
     keys = ("explain_threshold", "priority", "webhook_url", "force")
-    repeated = [k for k in keys if len(form.getlist(k)) > 1]
+    values = {key: [value for name, value in fields if name == key] for key in (*keys, "models")}
+    repeated = [k for k in keys if len(values[k]) > 1]
     if repeated:  # which one was meant is unknown: taking the first would hide the mistake
         raise HTTPException(
-            400, f"invalid request: {repeated[0]}: give it once, not {len(form.getlist(repeated[0]))} times"
+            400, f"invalid request: {repeated[0]}: give it once, not {len(values[repeated[0]])} times"
         )
-    fields = {k: form.get(k) for k in keys if form.get(k)}
-    models = [m.strip() for v in form.getlist("models") if isinstance(v, str) for m in v.split(",")]
-    return _validated(SubmitOptions, {"models": models, **fields})
+    given = {k: values[k][0] for k in keys if values[k] and values[k][0]}
+    models = [m.strip() for v in values["models"] for m in v.split(",")]
+    return _validated(SubmitOptions, {"models": models, **given})
 
 
 def _validated(model: type[Options], data: object) -> Options:
@@ -189,26 +224,7 @@ async def create_job(
     """
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        limit = state.settings.max_archive_members
-        async with request.form(max_files=limit, max_fields=limit) as form:
-            uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            if not uploads:
-                raise HTTPException(400, "multipart submission has no files: send them as 'files' parts")
-            opts = _form_options(form)
-
-            def collect(ingest: Ingest) -> None:
-                for upload in uploads:
-                    ingest.add_upload(upload.filename or "upload", upload.file)
-
-            def accept_upload() -> JobOut:
-                job_id = submit(
-                    state, collect, opts.models, opts.job_options(dedup_by_default=state.settings.dedup),
-                    priority=opts.priority or Priority.NORMAL, webhook_url=opts.webhook_url,
-                    recorded=submitted(caller, f"upload: {len(uploads)} part(s)"),
-                )  # fmt: skip
-                return _view(state, job_id)
-
-            view = await run_in_threadpool(accept_upload)
+        view = await _accept_form(request, state, caller)
     elif content_type.startswith("application/json"):
         body = _validated(PathsRequest, await request.body())
 

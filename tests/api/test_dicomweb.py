@@ -21,15 +21,13 @@ from sqlalchemy import func, select
 from api.dicomweb import (
     FailureReason,
     Instance,
-    MalformedMultipart,
     Outcome,
-    Part,
-    PartSpool,
     UnsupportedMediaType,
     boundary_of,
     store_instances,
 )
 from api.ingest import Ingest
+from api.multipart import MalformedMultipart, Part, PartSpool
 from db.migrate import upgrade
 from db.models import Instance as InstanceRow
 from db.models import Job, Result
