@@ -76,8 +76,7 @@ class PartSpool:
         parent: directory for the temporary spool (the blob store's spool: the file
             store's own directory, so the parts land on the disk that will keep them).
         max_bytes: body size limit (``RADQ_MAX_UPLOAD_BYTES``).
-        max_parts: part count limit (``RADQ_MAX_ARCHIVE_MEMBERS``; for a form, of its files,
-            a 400 rather than a 413, as Starlette's form parser answered).
+        max_parts: part count limit (``RADQ_MAX_ARCHIVE_MEMBERS``).
 
     Raises:
         MalformedMultipart: the boundary is unusable (over 70 characters).
@@ -221,7 +220,11 @@ class PartSpool:
 
 class FormSpool(PartSpool):
     """Splits a ``multipart/form-data`` body as it is fed: a part with a filename is a file,
-    spooled; any other is a field, its value (at most :data:`MAX_FIELD_BYTES`) in memory."""
+    spooled; any other is a field, its value (at most :data:`MAX_FIELD_BYTES`) in memory.
+
+    ``max_parts`` counts the files; more is a 400 (:class:`SubmissionError`), as Starlette's
+    form parser answered, rather than a 413. At most :data:`MAX_FIELDS` fields.
+    """
 
     kind = "multipart/form-data"
     no_parts_hint = "send files as 'files' parts"
