@@ -164,12 +164,13 @@ def test_worker_killed_mid_job_loses_and_doubles_nothing(
     assert state["lost_leases"] > 0  # the killed worker's chunk came back through the reaper
 
 
-def take_and_die(broker_url: str, queue: str) -> int:
+def take_and_die(broker_url: str, queue: str) -> tuple[str, int]:
     """What a worker killed between taking a message and claiming its instances leaves behind.
 
     kombu moves a message from its queue into ``unacked`` (and its delivery time into
     ``unacked_index``) as it hands it to the worker; with the worker gone nothing claims
-    its instances, acknowledges it or gives it back. Returns the instance ids it carried.
+    its instances, acknowledges it or gives it back. Returns its delivery tag and how many
+    instances it carried.
     """
     client = redis.Redis.from_url(broker_url)
     raw = next(filter(None, (client.rpop(key) for key in redis_queue_keys(queue))), None)
@@ -179,7 +180,7 @@ def take_and_die(broker_url: str, queue: str) -> int:
     client.zadd(UNACKED_INDEX, {tag: time.time()})
     client.hset(UNACKED, tag, json.dumps([message, "", queue]))
     args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-    return len(args[1])
+    return tag, len(args[1])
 
 
 def test_message_taken_by_a_worker_that_died_before_claiming_is_sent_again(
@@ -194,12 +195,18 @@ def test_message_taken_by_a_worker_that_died_before_claiming_is_sent_again(
     with processes(settings, worker=False) as running:
         job_id = submit_paths(running, [folder])
         wait_for(lambda: running.client.job(job_id)["counts"]["queued"] == 3, 60, "the chunk to be queued")
-        assert take_and_die(redis_url, queue) == 3
+        tag, carried = take_and_die(redis_url, queue)
+        assert carried == 3
         running.start_worker()
-        # Without the check of delivery times the chunk would wait for kombu's visibility
-        # timeout (an hour); the reconcile round sends it again once the delivery is a
-        # lease old and its instances have been queued for the grace period.
-        job = wait_done(running.client, job_id, timeout=120)
+        try:
+            # Without the check of delivery times the chunk would wait for kombu's visibility
+            # timeout (an hour); the reconcile round sends it again once the delivery is a
+            # lease old and its instances have been queued for the grace period.
+            job = wait_done(running.client, job_id, timeout=120)
+        finally:  # the tests share a Redis: leave no orphan for another test's reconcile
+            client = redis.Redis.from_url(redis_url)
+            client.hdel(UNACKED, tag)
+            client.zrem(UNACKED_INDEX, tag)
     assert job["counts"]["done"] == 3
     state = sql_state(database_url, job_id)
     assert state["results"] == state["done"] == 3 and state["duplicates"] == 0
