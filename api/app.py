@@ -21,6 +21,7 @@ import radq
 from api.deps import default_scope
 from api.maintenance import Maintenance
 from api.metrics import Metrics
+from api.multipart import remove_stale_spools
 from api.registration import Registrar
 from api.routes import audit, dicomweb, health, jobs, studies
 from api.schemas import ErrorOut
@@ -145,6 +146,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        removed = await run_in_threadpool(remove_stale_spools, state.blobs.spool_dir)
+        if removed:
+            log.warning("removed %d request spool(s) left by an API process that died mid-upload", removed)
         maintenance.start()
         yield
         await run_in_threadpool(maintenance.stop)

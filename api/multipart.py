@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -271,6 +272,33 @@ class FormSpool(PartSpool):
     @property
     def fields(self) -> list[tuple[str, str]]:
         return [(p.name, _decoded(p.value)) for p in self.parts if p.filename is None]
+
+
+STALE_SPOOL_S = 24 * 3600.0
+"""Age after which a request's spool directory is taken for one its API process left behind."""
+
+
+def remove_stale_spools(parent: Path, *, older_than_s: float = STALE_SPOOL_S) -> int:
+    """Delete spool directories that an API process killed mid-request left in ``parent``.
+
+    Every request removes its own spool as it ends; only a process that died mid-request
+    leaves one. Directories younger than ``older_than_s`` may belong to a live request of
+    another API process sharing the directory, and stay. Returns how many were removed.
+    """
+    cutoff = time.time() - older_than_s
+    removed = 0
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith((PartSpool.prefix, FormSpool.prefix))]
+    except FileNotFoundError:
+        return 0
+    for path in candidates:
+        try:
+            if path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        except FileNotFoundError:  # another API process removed it first
+            continue
+    return removed
 
 
 def form_boundary(content_type: str) -> bytes:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from api.multipart import MAX_FIELD_BYTES, FormSpool, MalformedMultipart, form_boundary
+from api.multipart import (
+    MAX_FIELD_BYTES,
+    FormSpool,
+    MalformedMultipart,
+    PartSpool,
+    form_boundary,
+    remove_stale_spools,
+)
 from radq.errors import LimitExceeded, SubmissionError
 from tests.conftest import SAMPLES
 
@@ -93,3 +102,22 @@ def test_a_utf8_file_name_is_kept(tmp_path: Path) -> None:
     spool.finish()
     assert [f.filename for f in spool.files] == ["Thorax_Röntgen.dcm"]
     spool.cleanup()
+
+
+def test_spools_a_dead_api_process_left_are_removed_once_old(tmp_path: Path) -> None:
+    """A request removes its spool as it ends; one killed mid-upload leaves it behind."""
+    old_form, old_stow, live = (
+        _spool(tmp_path, b"b"),
+        PartSpool(b"b", tmp_path, max_bytes=10, max_parts=1),
+        _spool(tmp_path, b"b"),
+    )
+    (old_form.directory / "000001").write_bytes(MR)
+    day_ago = time.time() - 25 * 3600
+    for spool in (old_form, old_stow):
+        os.utime(spool.directory, (day_ago, day_ago))
+    blob = tmp_path / "ab"  # the blob store's own directories are never touched
+    blob.mkdir()
+    os.utime(blob, (day_ago, day_ago))
+    assert remove_stale_spools(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ab", live.directory.name])
+    live.cleanup()
