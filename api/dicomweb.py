@@ -199,10 +199,10 @@ def store_instances(ingest: Ingest, instances: list[Instance], outcome: Outcome)
         LimitExceeded: the parts pass ``RADQ_MAX_UPLOAD_BYTES`` together.
     """
     for inst in instances:
-        assert inst.part.path is not None  # accepted parts always have a spool file
+        part = inst.part
+        assert part.path is not None  # accepted parts always have a spool file
         try:
-            with inst.part.path.open("rb") as stream:
-                ingest.add_upload(f"stow-rs/{inst.sop_instance_uid}.dcm", stream)
+            ingest.add_spooled(f"stow-rs/{inst.sop_instance_uid}.dcm", part.path, part.sha256, part.size)
         except LimitExceeded:
             raise
         except OSError as exc:

@@ -12,6 +12,7 @@ import tarfile
 import zipfile
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import IO, cast
 
 from db.jobs import NewInstance
@@ -84,6 +85,22 @@ class Ingest:
         )
         self.stored_bytes += size
         self.files.append(NewInstance(file_name, StorageKind.BLOB, sha, size))
+
+    def add_spooled(self, name: str, path: Path, sha256: str, size: int) -> None:
+        """A file already spooled to disk and hashed: an archive is expanded, anything else
+        moved into the blob store (:meth:`BlobStore.adopt`) rather than copied."""
+        if is_archive_name(name):
+            with path.open("rb") as stream:
+                self.add_archive(name, stream)
+            return
+        if size > self.max_bytes - self.stored_bytes:
+            raise LimitExceeded(
+                f"{name} (submission total) is larger than the limit of "
+                f"{self.max_bytes - self.stored_bytes} bytes (RADQ_MAX_UPLOAD_BYTES)"
+            )
+        self.blobs.adopt(path, sha256)
+        self.stored_bytes += size
+        self.files.append(NewInstance(name, StorageKind.BLOB, sha256, size))
 
     def add_upload(self, name: str, stream: IO[bytes]) -> None:
         """An uploaded file: an archive is expanded, anything else stored as one instance."""

@@ -14,18 +14,20 @@ filename are files, the others small fields kept in memory).
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from api.ingest import is_archive_name
 from radq.errors import LimitExceeded, SubmissionError
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ class Part:
     name: str = ""  # form-data: the field name
     filename: str | None = None  # form-data: the file name; None for a field
     value: bytes = b""  # form-data: a field's value
+    sha256: str = ""  # of a spooled part, computed as it was written
 
 
 def _decoded(raw: bytes) -> str:
@@ -102,6 +105,7 @@ class PartSpool:
         self._value = bytearray()
         self._part: Part | None = None
         self._out: IO[bytes] | None = None
+        self._digest: Any = None  # hashlib's sha256 object while a hashed part arrives
         callbacks: MultipartCallbacks = {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda data, start, end: self._field.extend(data[start:end]),
@@ -128,10 +132,12 @@ class PartSpool:
         self._field.clear()
         self._value.clear()
 
-    def _spool(self, part: Part) -> Part:
-        """``part``, with a file of its own to receive its bytes."""
+    def _spool(self, part: Part, *, hashed: bool = True) -> Part:
+        """``part``, with a file of its own to receive its bytes; ``hashed``: its SHA-256
+        computed as they arrive (for the blob store to take the file as is)."""
         part.path = self.directory / f"{part.number:06d}"
         self._out = part.path.open("wb")
+        self._digest = hashlib.sha256() if hashed else None
         return part
 
     def _open(self, number: int, headers: dict[str, str]) -> Part:
@@ -151,7 +157,10 @@ class PartSpool:
         if self._part is None:
             return
         if self._out is not None:
-            self._out.write(memoryview(data)[start:end])
+            view = memoryview(data)[start:end]
+            self._out.write(view)
+            if self._digest is not None:
+                self._digest.update(view)
         else:
             self._unspooled(self._part, data[start:end])
         self._part.size += end - start
@@ -163,6 +172,8 @@ class PartSpool:
         if self._out is not None:
             self._out.close()
             self._out = None
+            if self._part is not None and self._digest is not None:
+                self._part.sha256 = self._digest.hexdigest()
         if self._part is not None:
             self.parts.append(self._part)
             self._part = None
@@ -263,7 +274,7 @@ class FormSpool(PartSpool):
                 f"the request has more than {self.max_parts} files (RADQ_MAX_ARCHIVE_MEMBERS)"
             )
         part.filename = _decoded(options[b"filename"])
-        return self._spool(part)
+        return self._spool(part, hashed=not is_archive_name(part.filename))  # archives are expanded
 
     @property
     def files(self) -> list[Part]:

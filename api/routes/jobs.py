@@ -162,8 +162,7 @@ async def _accept_form(request: Request, state: AppState, caller: Caller) -> Job
         def collect(ingest: Ingest) -> None:
             for upload in uploads:
                 assert upload.path is not None  # files are always spooled
-                with upload.path.open("rb") as stream:
-                    ingest.add_upload(upload.filename or "upload", stream)
+                ingest.add_spooled(upload.filename or "upload", upload.path, upload.sha256, upload.size)
 
         def accept_upload() -> JobOut:
             job_id = submit(

@@ -86,6 +86,16 @@ class BlobStore(Protocol):
         """
         ...
 
+    def adopt(self, path: Path, sha256: str) -> None:
+        """Store the file at ``path``, whose SHA-256 the caller computed as it wrote it (a
+        spooled upload part); the file is gone afterwards. A file store moves it into place
+        instead of copying it.
+
+        Raises:
+            BlobStoreUnavailable: the store cannot be reached.
+        """
+        ...
+
     def local_file(self, sha256: str) -> Path | None:
         """The file on this host that holds the blob, if the store keeps blobs as local files.
 

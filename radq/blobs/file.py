@@ -47,6 +47,11 @@ class FileBlobStore:
             Path(tmp_name).unlink(missing_ok=True)
             raise
 
+    def adopt(self, path: Path, sha256: str) -> None:
+        final = self.path_for(sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, final)  # the spool is in the store's own directory: a rename, fresh mtime
+
     def local_file(self, sha256: str) -> Path | None:
         return self.path_for(sha256)
 

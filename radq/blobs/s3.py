@@ -126,6 +126,11 @@ class S3BlobStore:
                 raise self._unavailable(f"storing {what}", exc) from None
         return sha, size
 
+    def adopt(self, path: Path, sha256: str) -> None:
+        with path.open("rb") as stream:
+            self.put(stream, what=path.name)  # uploaded unless present, by its own hash
+        path.unlink(missing_ok=True)
+
     def local_file(self, sha256: str) -> Path | None:
         return None
 

@@ -6,6 +6,7 @@ bad parts are built by hand, byte for byte, and sent with httpx.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -301,6 +302,7 @@ def test_a_part_that_cannot_be_written_fails_with_a700(tmp_path: Path) -> None:
     ingest = Ingest(FileBlobStore(not_a_dir), max_bytes=10**6, max_members=10)
     outcome = Outcome()
     part = Part(1, "application/dicom", spool_file, spool_file.stat().st_size)
+    part.sha256 = hashlib.sha256(spool_file.read_bytes()).hexdigest()  # as the spool computes it
     store_instances(ingest, [Instance(part, "1.2.840.10008.5.1.4.1.1.2", "1.2.3", CT5N_STUDY)], outcome)
     (failure,) = outcome.failed
     assert failure.code == FailureReason.OUT_OF_RESOURCES == 0xA700 and failure.sop_instance_uid == "1.2.3"

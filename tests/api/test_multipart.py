@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def test_files_land_in_files_of_their_own_and_fields_in_memory(tmp_path: Path) -
         spool.finish()
         assert [(f.name, f.filename) for f in spool.files] == [("files", name) for name, _ in files]
         assert [f.path.read_bytes() for f in spool.files if f.path] == [CT, MR, b""]
+        assert [f.sha256 for f in spool.files] == [hashlib.sha256(b).hexdigest() for _, b in files]
         assert sorted(spool.fields) == [("models", "x,y"), ("priority", "bulk")]
     finally:
         spool.cleanup()

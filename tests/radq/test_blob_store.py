@@ -174,3 +174,27 @@ def test_blob_url_selects_the_store(tmp_path: Path) -> None:
     for bad in ("s3:///nobucket", "http://example.org/x", "file://relative/dir"):
         with pytest.raises(ValidationError, match="blob_url"):
             Settings(home=tmp_path, blob_url=bad)
+
+
+def test_a_spooled_file_is_moved_into_a_file_store_not_copied(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path / "blobs")
+    data = (SAMPLES / "real" / "CT_small.dcm").read_bytes()
+    spooled = store.spool_dir / ".upload-x" / "000001"
+    spooled.parent.mkdir(parents=True)
+    spooled.write_bytes(data)
+    inode = spooled.stat().st_ino
+    sha = hashlib.sha256(data).hexdigest()
+    store.adopt(spooled, sha)
+    assert not spooled.exists()
+    assert store.path_for(sha).read_bytes() == data and store.path_for(sha).stat().st_ino == inode
+
+
+def test_a_spooled_file_is_uploaded_to_s3(s3_store: BlobStore) -> None:
+    data = (SAMPLES / "real" / "MR_small.dcm").read_bytes()
+    spooled = s3_store.spool_dir / "000001"
+    spooled.parent.mkdir(parents=True, exist_ok=True)
+    spooled.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    s3_store.adopt(spooled, sha)
+    assert not spooled.exists()
+    assert s3_store.read(sha) == data
