@@ -10,21 +10,28 @@ from __future__ import annotations
 import io
 import tarfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Protocol, cast
 
 from db.jobs import NewInstance
 from db.status import StorageKind
-from radq.blobs import BlobStore
+from radq.blobs import BlobStore, over_limit
 from radq.errors import LimitExceeded, SubmissionError
 
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+ARCHIVE_SUFFIXES = (".zip", *TAR_SUFFIXES)
 
 
 def is_archive_name(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def is_tar_name(name: str) -> bool:
+    return name.lower().endswith(TAR_SUFFIXES)
 
 
 def _skipped_member(name: str) -> bool:
@@ -42,6 +49,12 @@ _ZIP_ENCRYPTED = 0x1
 _READ_CHUNK = 1024 * 1024
 
 
+class Readable(Protocol):
+    """All an archive is read through when it streams (a file, or a pipe from the upload)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class _CountingReader(io.BufferedIOBase):
     """A read-only view of a stream that counts the bytes read through it.
 
@@ -49,7 +62,7 @@ class _CountingReader(io.BufferedIOBase):
     the reading (the tar compression-ratio check).
     """
 
-    def __init__(self, raw: IO[bytes], on_read: Callable[[int], None] | None = None) -> None:
+    def __init__(self, raw: Readable, on_read: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self.raw = raw
         self.count = 0
@@ -66,6 +79,80 @@ class _CountingReader(io.BufferedIOBase):
         return data
 
 
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """The limits an archive is expanded within (``RADQ_MAX_ARCHIVE_MEMBERS``,
+    ``RADQ_MAX_COMPRESSION_RATIO``)."""
+
+    max_members: int
+    max_ratio: float = 200.0
+
+    def check_members(self, name: str, count: int) -> None:
+        if count > self.max_members:
+            raise LimitExceeded(f"{name} has more than {self.max_members} members (RADQ_MAX_ARCHIVE_MEMBERS)")
+
+    def check_ratio(self, what: str, expanded: int, compressed: int) -> None:
+        """Refuse ``expanded`` bytes from ``compressed`` past ``max_ratio`` (zip bombs)."""
+        if expanded < RATIO_FLOOR:
+            return
+        ratio = expanded / max(compressed, 1)
+        if ratio > self.max_ratio:
+            raise LimitExceeded(
+                f"{what} expands {ratio:.1f}:1 ({expanded} bytes from {compressed} compressed), "
+                f"over the limit of {self.max_ratio:g}:1 (RADQ_MAX_COMPRESSION_RATIO)"
+            )
+
+
+@contextmanager
+def readable_archive(name: str) -> Iterator[None]:
+    """Turn the errors of reading archive ``name`` into a :class:`SubmissionError` that names it."""
+    try:
+        yield
+    # NotImplementedError: a zip compression method Python cannot decode.
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, NotImplementedError) as exc:
+        kind = "zip" if name.lower().endswith(".zip") else "tar"
+        raise SubmissionError(f"{name}: not a readable {kind} archive ({exc})") from None
+
+
+def tar_members(name: str, stream: Readable, limits: ArchiveLimits) -> Iterator[tuple[str, IO[bytes]]]:
+    """The regular members of the tar(.gz) ``stream``, in order, each as ``(name, reader)``
+    to be read before the next is asked for; read with :func:`readable_archive` around it.
+
+    Raises:
+        LimitExceeded: more than ``max_members`` members, or the stream expands past
+            ``max_ratio`` (checked as each read returns, so a bomb stops within one read).
+    """
+    count = 0
+    compressed = _CountingReader(stream)
+    expanded = 0  # headers and member data read out of the decompressed tar stream
+
+    def expand(where: str, size: int) -> None:
+        nonlocal expanded
+        expanded += size
+        limits.check_ratio(f"{name} (the tar stream, at member {where})", expanded, compressed.count)
+
+    # Streaming mode ("r|*") reads members in order without seeking or listing first,
+    # and reads the upload in small blocks, so compressed.count follows the
+    # decompression closely. A plain tar reads about as many bytes as it yields.
+    with tarfile.open(fileobj=compressed, mode="r|*") as archive:
+        for info in archive:
+            expand(info.name, tarfile.BLOCKSIZE)  # its header
+            if not info.isfile():
+                continue  # directories, links and devices carry no image
+            member = archive.extractfile(info)
+            if member is None:
+                continue
+            guarded = _CountingReader(member, on_read=partial(expand, info.name))
+            if _skipped_member(info.name):
+                # Skipping would decompress it anyway: read it through the check unstored.
+                while guarded.read(_READ_CHUNK):
+                    pass
+                continue
+            count += 1
+            limits.check_members(name, count)
+            yield f"{name}!{info.name}", cast(IO[bytes], guarded)  # read-only; readers only call read()
+
+
 class Ingest:
     """Collects the files of one submission, enforcing the configured limits."""
 
@@ -74,8 +161,7 @@ class Ingest:
     ) -> None:
         self.blobs = blobs
         self.max_bytes = max_bytes
-        self.max_members = max_members
-        self.max_ratio = max_ratio
+        self.limits = ArchiveLimits(max_members, max_ratio)
         self.files: list[NewInstance] = []
         self.stored_bytes = 0
 
@@ -86,18 +172,16 @@ class Ingest:
         self.stored_bytes += size
         self.files.append(NewInstance(file_name, StorageKind.BLOB, sha, size))
 
-    def add_spooled(self, name: str, path: Path, sha256: str, size: int) -> None:
-        """A file already spooled to disk and hashed: an archive is expanded, anything else
-        moved into the blob store (:meth:`BlobStore.adopt`) rather than copied."""
-        if is_archive_name(name):
+    def add_spooled(self, name: str, path: Path, sha256: str, size: int, *, expand: bool = True) -> None:
+        """A file already spooled to disk and hashed: moved into the blob store
+        (:meth:`BlobStore.adopt`) rather than copied; an archive (by its name, unless
+        ``expand`` is False: a member of one) is expanded instead."""
+        if expand and is_archive_name(name):
             with path.open("rb") as stream:
                 self.add_archive(name, stream)
             return
         if size > self.max_bytes - self.stored_bytes:
-            raise LimitExceeded(
-                f"{name} (submission total) is larger than the limit of "
-                f"{self.max_bytes - self.stored_bytes} bytes (RADQ_MAX_UPLOAD_BYTES)"
-            )
+            raise over_limit(f"{name} (submission total)", self.max_bytes - self.stored_bytes)
         self.blobs.adopt(path, sha256)
         self.stored_bytes += size
         self.files.append(NewInstance(name, StorageKind.BLOB, sha256, size))
@@ -121,37 +205,19 @@ class Ingest:
                 past ``RADQ_MAX_UPLOAD_BYTES``, or expands more than
                 ``RADQ_MAX_COMPRESSION_RATIO`` times its compressed size.
         """
-        try:
+        with readable_archive(name):
             if name.lower().endswith(".zip"):
                 self._add_zip(name, stream)
             else:
-                self._add_tar(name, stream)
-        # NotImplementedError: a zip compression method Python cannot decode.
-        except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, NotImplementedError) as exc:
-            kind = "zip" if name.lower().endswith(".zip") else "tar"
-            raise SubmissionError(f"{name}: not a readable {kind} archive ({exc})") from None
-
-    def _check_members(self, name: str, count: int) -> None:
-        if count > self.max_members:
-            raise LimitExceeded(f"{name} has more than {self.max_members} members (RADQ_MAX_ARCHIVE_MEMBERS)")
-
-    def _check_ratio(self, what: str, expanded: int, compressed: int) -> None:
-        """Refuse ``expanded`` bytes from ``compressed`` past ``max_ratio`` (zip bombs)."""
-        if expanded < RATIO_FLOOR:
-            return
-        ratio = expanded / max(compressed, 1)
-        if ratio > self.max_ratio:
-            raise LimitExceeded(
-                f"{what} expands {ratio:.1f}:1 ({expanded} bytes from {compressed} compressed), "
-                f"over the limit of {self.max_ratio:g}:1 (RADQ_MAX_COMPRESSION_RATIO)"
-            )
+                for member_name, member in tar_members(name, stream, self.limits):
+                    self._store(member, member_name)
 
     def _add_zip(self, name: str, stream: IO[bytes]) -> None:
         archive_size = stream.seek(0, io.SEEK_END)  # ZipFile seeks anyway: it starts at the end
         stream.seek(0)
         with zipfile.ZipFile(stream) as archive:
             members = [i for i in archive.infolist() if not i.is_dir() and not _skipped_member(i.filename)]
-            self._check_members(name, len(members))
+            self.limits.check_members(name, len(members))
             declared = sum(i.file_size for i in members)
             if declared > self.max_bytes - self.stored_bytes:
                 raise LimitExceeded(
@@ -164,12 +230,12 @@ class Ingest:
                         f"{name}: member {info.filename} is encrypted; radq cannot read "
                         "password-protected archives"
                     )
-                self._check_ratio(f"{name}: member {info.filename}", info.file_size, info.compress_size)
+                self.limits.check_ratio(f"{name}: member {info.filename}", info.file_size, info.compress_size)
             # Members can share compressed bytes (overlapping entries) or overstate them, so
             # the large members together must also keep to the ratio against the whole
             # archive. Honest archives always do: their compressed sizes add up to less.
             large = sum(i.file_size for i in members if i.file_size >= RATIO_FLOOR)
-            self._check_ratio(f"{name} (its members together)", large, archive_size)
+            self.limits.check_ratio(f"{name} (its members together)", large, archive_size)
             # The declared sizes checked above bound what is read, even when they lie:
             # CPython's ZipExtFile (Lib/zipfile.py, _read2 and _read1) reads at most
             # compress_size bytes of the archive and cuts its output at file_size, and
@@ -178,36 +244,3 @@ class Ingest:
             for info in members:
                 with archive.open(info) as member:
                     self._store(member, f"{name}!{info.filename}")
-
-    def _add_tar(self, name: str, stream: IO[bytes]) -> None:
-        count = 0
-        compressed = _CountingReader(stream)
-        expanded = 0  # headers and member data read out of the decompressed tar stream
-
-        def expand(where: str, size: int) -> None:
-            nonlocal expanded
-            expanded += size
-            self._check_ratio(f"{name} (the tar stream, at member {where})", expanded, compressed.count)
-
-        # Streaming mode ("r|*") reads members in order without seeking or listing first,
-        # and reads the upload in small blocks, so compressed.count follows the
-        # decompression closely. A plain tar reads about as many bytes as it yields.
-        with tarfile.open(fileobj=compressed, mode="r|*") as archive:
-            for info in archive:
-                expand(info.name, tarfile.BLOCKSIZE)  # its header
-                if not info.isfile():
-                    continue  # directories, links and devices carry no image
-                member = archive.extractfile(info)
-                if member is None:
-                    continue
-                # Checked as it streams, so a bomb stops within one read, not after expanding.
-                guarded = _CountingReader(member, on_read=partial(expand, info.name))
-                if _skipped_member(info.name):
-                    # Skipping would decompress it anyway: read it through the check unstored.
-                    while guarded.read(_READ_CHUNK):
-                        pass
-                    continue
-                count += 1
-                self._check_members(name, count)
-                # The guard is read-only and put() only calls read().
-                self._store(cast(IO[bytes], guarded), f"{name}!{info.name}")

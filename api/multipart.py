@@ -27,7 +27,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from api.ingest import is_archive_name
+from api.ingest import ArchiveLimits, is_archive_name, is_tar_name
+from api.tar_stream import Member, TarExpansion
 from radq.errors import LimitExceeded, SubmissionError
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class Part:
     filename: str | None = None  # form-data: the file name; None for a field
     value: bytes = b""  # form-data: a field's value
     sha256: str = ""  # of a spooled part, computed as it was written
+    members: list[Member] | None = None  # a tar expanded as it arrived: its members, spooled
 
 
 def _decoded(raw: bytes) -> str:
@@ -233,6 +235,9 @@ class PartSpool:
 class FormSpool(PartSpool):
     """Splits a ``multipart/form-data`` body as it is fed: a part with a filename is a file,
     spooled; any other is a field, its value (at most :data:`MAX_FIELD_BYTES`) in memory.
+    A tar(.gz) file is expanded as it arrives (:class:`api.tar_stream.TarExpansion`): its
+    members are spooled instead of the archive, within ``max_parts`` members and
+    ``max_ratio``. A zip is spooled whole (its directory is at its end).
 
     ``max_parts`` counts the files; more is a 400 (:class:`SubmissionError`), as Starlette's
     form parser answered, rather than a 413. At most :data:`MAX_FIELDS` fields.
@@ -243,8 +248,19 @@ class FormSpool(PartSpool):
     prefix = ".upload-"
     _files = 0
     _fields = 0
+    _stored = 0  # bytes in the spool's files so far: the expansions' budget
+    _expansion: TarExpansion | None = None
+
+    def __init__(
+        self, boundary: bytes, parent: Path, *, max_bytes: int, max_parts: int, max_ratio: float = 200.0
+    ) -> None:
+        super().__init__(boundary, parent, max_bytes=max_bytes, max_parts=max_parts)
+        self.limits = ArchiveLimits(max_parts, max_ratio)
 
     def _unspooled(self, part: Part, data: bytes) -> None:
+        if self._expansion is not None:
+            self._expansion.write(data)
+            return
         if len(part.value) + len(data) > MAX_FIELD_BYTES:
             raise LimitExceeded(
                 f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes; send files as parts "
@@ -274,7 +290,27 @@ class FormSpool(PartSpool):
                 f"the request has more than {self.max_parts} files (RADQ_MAX_ARCHIVE_MEMBERS)"
             )
         part.filename = _decoded(options[b"filename"])
-        return self._spool(part, hashed=not is_archive_name(part.filename))  # archives are expanded
+        if is_tar_name(part.filename):
+            budget = self.max_bytes - self._stored
+            into = self.directory / f"{number:06d}"
+            self._expansion = TarExpansion(part.filename, into, self.limits, max_bytes=budget)
+            return part
+        return self._spool(part, hashed=not is_archive_name(part.filename))  # a zip is expanded later
+
+    def _part_end(self) -> None:
+        if self._expansion is not None and self._part is not None:
+            expansion, self._expansion = self._expansion, None
+            self._part.members = expansion.close()
+            self._stored += expansion.stored
+        elif self._part is not None and self._part.filename is not None:
+            self._stored += self._part.size
+        super()._part_end()
+
+    def cleanup(self) -> None:
+        if self._expansion is not None:
+            self._expansion.abort()
+            self._expansion = None
+        super().cleanup()
 
     @property
     def files(self) -> list[Part]:

@@ -145,12 +145,13 @@ def _progress(counts: Counts, created: datetime, finished_at: datetime | None) -
 
 
 async def _accept_form(request: Request, state: AppState, caller: Caller) -> JobOut:
-    """A multipart/form-data upload: its files spooled to disk as they arrive, one at a
-    time (:mod:`api.multipart`), then stored and recorded as one job."""
+    """A multipart/form-data upload: its files (a tar's members) spooled to disk as they
+    arrive, one at a time (:mod:`api.multipart`), then stored and recorded as one job."""
     settings = state.settings
     spool = FormSpool(
         form_boundary(request.headers.get("content-type", "")), state.blobs.spool_dir,
         max_bytes=settings.max_upload_bytes, max_parts=settings.max_archive_members,
+        max_ratio=settings.max_compression_ratio,
     )  # fmt: skip
     try:
         await spool_body(request, spool)
@@ -161,8 +162,10 @@ async def _accept_form(request: Request, state: AppState, caller: Caller) -> Job
 
         def collect(ingest: Ingest) -> None:
             for upload in uploads:
-                assert upload.path is not None  # files are always spooled
-                ingest.add_spooled(upload.filename or "upload", upload.path, upload.sha256, upload.size)
+                for member in upload.members or ():
+                    ingest.add_spooled(member.name, member.path, member.sha256, member.size, expand=False)
+                if upload.path is not None:  # None for a tar: expanded as it arrived
+                    ingest.add_spooled(upload.filename or "upload", upload.path, upload.sha256, upload.size)
 
         def accept_upload() -> JobOut:
             job_id = submit(

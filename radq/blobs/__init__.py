@@ -31,6 +31,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def over_limit(what: str, max_bytes: int) -> LimitExceeded:
+    """The refusal of ``what`` for being longer than ``max_bytes`` (what is left of RADQ_MAX_UPLOAD_BYTES)."""
+    return LimitExceeded(f"{what} is larger than the limit of {max_bytes} bytes (RADQ_MAX_UPLOAD_BYTES)")
+
+
 def copy_hashing(stream: IO[bytes], out: IO[bytes], *, max_bytes: int | None, what: str) -> tuple[str, int]:
     """Copy ``stream`` to ``out`` in chunks, hashing as it goes.
 
@@ -45,9 +50,7 @@ def copy_hashing(stream: IO[bytes], out: IO[bytes], *, max_bytes: int | None, wh
     while chunk := stream.read(CHUNK):
         size += len(chunk)
         if max_bytes is not None and size > max_bytes:
-            raise LimitExceeded(
-                f"{what} is larger than the limit of {max_bytes} bytes (RADQ_MAX_UPLOAD_BYTES)"
-            )
+            raise over_limit(what, max_bytes)
         digest.update(chunk)
         out.write(chunk)
     return digest.hexdigest(), size
