@@ -59,7 +59,7 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     if function == "SIGMOID":  # PS3.3 C.11.2.1.3.1
         out = values - np.float32(center)
         out *= np.float32(-4.0 / width)
-        # exp overflows float32 past 88.7 (a narrow window); the sigmoid is 0 there anyway.
+        # exp overflows float32 past 88.7 (a narrow window); at ±88 the sigmoid is already 0 or 1.
         np.clip(out, -_EXP_LIMIT, _EXP_LIMIT, out=out)
         np.exp(out, out=out)
         out += np.float32(1.0)

@@ -99,36 +99,40 @@ class S3BlobStore:
 
     def put(self, stream: IO[bytes], *, max_bytes: int | None = None, what: str = "file") -> tuple[str, int]:
         """Spool ``stream`` (to a temporary file past :data:`SMALL_OBJECT`) while hashing
-        it, then upload it: a small one in one PUT, a larger one unless present."""
+        it, then upload it (see :meth:`_upload`)."""
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.SpooledTemporaryFile(
             SMALL_OBJECT, dir=str(self._spool_dir), prefix=".upload-"
         ) as spool:
             sha, size = copy_hashing(stream, spool, max_bytes=max_bytes, what=what)
-            key = self.key_for(sha)
-            try:
-                if size <= SMALL_OBJECT:  # present or not: a rewrite renews LastModified too
-                    spool.seek(0)
-                    self.client().put_object(Bucket=self.bucket, Key=key, Body=spool.read())
-                elif self._last_modified(sha) is None:
-                    spool.seek(0)
-                    self.client().upload_fileobj(spool, self.bucket, key)
-                else:
-                    # Rewritten in place (no bytes move) so that its LastModified tells the
-                    # retention sweep that an upload of it may not be recorded yet.
-                    self.client().copy_object(
-                        Bucket=self.bucket,
-                        Key=key,
-                        CopySource={"Bucket": self.bucket, "Key": key},
-                        MetadataDirective="REPLACE",
-                    )
-            except (ClientError, BotoCoreError) as exc:
-                raise self._unavailable(f"storing {what}", exc) from None
+            spool.seek(0)
+            self._upload(spool, sha, size, what)
         return sha, size
 
+    def _upload(self, data: IO[bytes], sha256: str, size: int, what: str) -> None:
+        """``data``, whose hash is ``sha256``: a small object in one PUT, a larger one unless
+        present."""
+        key = self.key_for(sha256)
+        try:
+            if size <= SMALL_OBJECT:  # present or not: a rewrite renews LastModified too
+                self.client().put_object(Bucket=self.bucket, Key=key, Body=data.read())
+            elif self._last_modified(sha256) is None:
+                self.client().upload_fileobj(data, self.bucket, key)
+            else:
+                # Rewritten in place (no bytes move) so that its LastModified tells the
+                # retention sweep that an upload of it may not be recorded yet.
+                self.client().copy_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    CopySource={"Bucket": self.bucket, "Key": key},
+                    MetadataDirective="REPLACE",
+                )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._unavailable(f"storing {what}", exc) from None
+
     def adopt(self, path: Path, sha256: str) -> None:
-        with path.open("rb") as stream:
-            self.put(stream, what=path.name)  # uploaded unless present, by its own hash
+        with path.open("rb") as data:  # hashed as it was spooled: uploaded as is
+            self._upload(data, sha256, path.stat().st_size, path.name)
         path.unlink(missing_ok=True)
 
     def local_file(self, sha256: str) -> Path | None:
