@@ -358,6 +358,8 @@ def submit(
         raise _fail(str(exc)) from None
     except TimeoutError as exc:
         raise _fail(str(exc), EXIT_TIMEOUT) from None
+    except (RadqError, OSError) as exc:  # a local file unreadable, or changed while it was sent
+        raise _fail(str(exc)) from None
 
 
 @app.command()

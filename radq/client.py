@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tarfile
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import httpx
 
 from radq.errors import RadqError
+from radq.tar_reader import TarReader
 
 MAX_PARTS = 256
 """Above this many files, the CLI uploads one tar archive instead of one part per file."""
@@ -90,17 +89,15 @@ class Client:
             if value is not None:
                 data[key] = str(value).lower() if isinstance(value, bool) else value
         with contextlib.ExitStack() as stack:
-            if len(files) > MAX_PARTS:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="radq-upload-"))
-                bundle = Path(tmp) / "submission.tar"
-                with tarfile.open(bundle, "w") as tar:
-                    for name, path in files:
-                        tar.add(path, arcname=name)
-                files = [(bundle.name, bundle)]
-            parts = [
-                ("files", (name, stack.enter_context(path.open("rb")), "application/octet-stream"))
-                for name, path in files
-            ]
+            parts: list[tuple[str, tuple[str, IO[bytes], str]]]
+            if len(files) > MAX_PARTS:  # one tar, made as it is sent (the API expands it as it arrives)
+                tar = cast(IO[bytes], TarReader(files))  # read-only: httpx only calls read()
+                parts = [("files", ("submission.tar", tar, "application/x-tar"))]
+            else:
+                parts = [
+                    ("files", (name, stack.enter_context(path.open("rb")), "application/octet-stream"))
+                    for name, path in files
+                ]
             return self._request("POST", "/v1/jobs", files=parts, data=data or None)  # type: ignore[no-any-return]
 
     def submit_paths(
