@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, Protocol, cast
+from typing import IO, Protocol, Self, cast
 
 from db.jobs import NewInstance
 from db.status import StorageKind
@@ -114,6 +114,37 @@ def readable_archive(name: str) -> Iterator[None]:
         raise SubmissionError(f"{name}: not a readable {kind} archive ({exc})") from None
 
 
+_END_OF_ARCHIVE: type[Exception] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
+"""tarfile's error for a zero block: the archive's proper end (typeshed does not list it)."""
+_NOTHING_LEFT: type[Exception] = tarfile.EmptyHeaderError  # type: ignore[attr-defined]
+"""tarfile's error for no bytes at all where a header should be."""
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Refuses an archive that stops, or turns to garbage, between two members.
+
+    ``tarfile`` ends its member list silently at a missing, short or damaged header after
+    the first, as if the archive had ended there: an upload cut at a member boundary would
+    lose its last files without a word. Only the end-of-archive blocks end it here.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as exc:
+            at = tarfile_.offset
+            if at == 0 or isinstance(exc, _END_OF_ARCHIVE):
+                raise  # tarfile's own answers: not a tar, or the proper end
+            if isinstance(exc, _NOTHING_LEFT):
+                raise tarfile.ReadError(
+                    f"it stops at byte {at} without its end-of-archive blocks: the archive was cut short"
+                ) from None
+            raise tarfile.ReadError(
+                f"the member header at byte {at} is damaged or cut short ({exc})"
+            ) from None
+
+
 def tar_members(name: str, stream: Readable, limits: ArchiveLimits) -> Iterator[tuple[str, IO[bytes]]]:
     """The regular members of the tar(.gz) ``stream``, in order, each as ``(name, reader)``
     to be read before the next is asked for; read with :func:`readable_archive` around it.
@@ -134,7 +165,11 @@ def tar_members(name: str, stream: Readable, limits: ArchiveLimits) -> Iterator[
     # Streaming mode ("r|*") reads members in order without seeking or listing first,
     # and reads the upload in small blocks, so compressed.count follows the
     # decompression closely. A plain tar reads about as many bytes as it yields.
-    with tarfile.open(fileobj=compressed, mode="r|*") as archive:
+    try:
+        opened = tarfile.open(fileobj=compressed, mode="r|*", tarinfo=_StrictTarInfo)  # noqa: SIM115
+    except TypeError:  # CPython reads a gzip header cut short with ord(b""): found by fuzzing
+        raise tarfile.ReadError("its gzip header is cut short") from None
+    with opened as archive:
         for info in archive:
             expand(info.name, tarfile.BLOCKSIZE)  # its header
             if not info.isfile():

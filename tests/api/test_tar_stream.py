@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 import threading
 import time
@@ -12,12 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from api.multipart import FormSpool, form_boundary
 from api.tar_stream import PIPE_BYTES
 from radq.errors import LimitExceeded, SubmissionError
 from tests.conftest import SAMPLES
 
+FUZZ_EXAMPLES = int(os.environ.get("RADQ_FUZZ_EXAMPLES", "200"))
+"""Damaged archives tried (more locally: ``RADQ_FUZZ_EXAMPLES=5000``)."""
 REAL = {n: (SAMPLES / "real" / n).read_bytes() for n in ("CT_small.dcm", "MR_small.dcm", "CT5N_2062.dcm")}
 
 
@@ -172,3 +177,88 @@ def test_an_upload_cut_short_mid_archive_stops_the_expansion_and_leaves_nothing(
     _within(30, spool.cleanup)  # the client went away: the thread, waiting for bytes, is stopped
     assert not any(t.is_alive() for t in expanding)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("cut", "reason"),
+    [
+        (
+            "boundary",
+            r"cut.tar: not a readable tar archive \(it stops at byte \d+ without its end-of-archive",
+        ),
+        ("header", r"cut.tar: not a readable tar archive \(the member header at byte \d+ is damaged or cut"),
+        ("gzip", r"cut.tgz: not a readable tar archive \(its gzip header is cut short\)"),
+    ],
+)
+def test_an_archive_cut_short_is_refused_not_read_as_fewer_members(
+    tmp_path: Path, cut: str, reason: str
+) -> None:
+    """tarfile alone takes a tar cut between two members for a shorter archive."""
+    whole = _tar({"a.dcm": REAL["CT_small.dcm"], "b.dcm": REAL["MR_small.dcm"]})
+    second = 512 + len(REAL["CT_small.dcm"]) + (-len(REAL["CT_small.dcm"]) % 512)  # b.dcm's header
+    name, archive = {
+        "boundary": ("cut.tar", whole[:second]),
+        "header": ("cut.tar", whole[: second + 100]),
+        "gzip": ("cut.tgz", _tar({"a.dcm": b"x"}, mode="w:gz")[:3]),
+    }[cut]
+    body, boundary = _form([(name, archive)])
+    spool = _spool(tmp_path, boundary)
+    with pytest.raises(SubmissionError, match=reason):
+        spool.feed(body)
+        spool.finish()
+    spool.cleanup()
+
+
+# --- damaged archives: never a hang, never a wrong member -------------------------------
+
+Upload = tuple[str, bytes, int]
+"""An archive's name, its bytes, and the chunk size they arrive in."""
+FUZZ_TAR = _tar({f"s/{i}.dcm": data for i, data in enumerate(REAL.values())})
+FUZZ_TGZ = _tar({f"s/{i}.dcm": data for i, data in enumerate(REAL.values())}, mode="w:gz")
+
+
+@st.composite
+def damaged_uploads(draw: st.DrawFn) -> Upload:
+    """A real tar or tar.gz, cut short, overwritten or left whole, and the chunk size it arrives in."""
+    name, data = draw(st.sampled_from([("s.tar", FUZZ_TAR), ("s.tgz", FUZZ_TGZ)]))
+    kind = draw(st.sampled_from(["whole", "cut", "overwrite"]))
+    if kind == "cut":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif kind == "overwrite":
+        at = draw(st.integers(0, len(data) - 1))
+        patch = draw(st.binary(min_size=1, max_size=64))
+        data = data[:at] + patch + data[at + len(patch) :]
+    return name, data, draw(st.sampled_from([1000, 8192, 65536, 1 << 20]))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(upload=damaged_uploads())
+def test_a_damaged_archive_gives_its_members_or_a_clear_error(
+    tmp_path: Path, upload: tuple[str, bytes, int]
+) -> None:
+    name, archive, chunk = upload
+    body, boundary = _form([(name, archive)])
+    spool = _spool(tmp_path, boundary)
+    try:
+
+        def feed_all() -> None:
+            for i in range(0, len(body), chunk):
+                spool.feed(body[i : i + chunk])
+            spool.finish()
+
+        try:
+            _within(30, feed_all)
+        except (SubmissionError, LimitExceeded) as exc:  # LimitExceeded: a size overwritten to be huge
+            assert str(exc), "the error says what is wrong"
+            event(type(exc).__name__)
+            return
+        (part,) = spool.files
+        assert part.members is not None
+        for member in part.members:  # what was kept is what the path says, hashed right
+            data = member.path.read_bytes()
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (member.size, member.sha256)
+        assert len(part.members) == 3, "no member is dropped without an error"
+        event(f"expanded, {len(part.members)} member(s)")
+    finally:
+        _within(30, spool.cleanup)
