@@ -29,44 +29,98 @@ def _padding(size: int) -> bytes:
     return b"\0" * (-size % tarfile.BLOCKSIZE)
 
 
+def _member(name: str, path: Path) -> tarfile.TarInfo:
+    """The header of ``path`` as member ``name``: its size, mode and whole-second mtime (a
+    float mtime would add a PAX record of varying length); a linked file is sent as the file
+    it points to, as a part would be.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    st = path.stat()
+    info = tarfile.TarInfo(name)
+    info.size = st.st_size
+    info.mtime = int(st.st_mtime)
+    info.mode = st.st_mode & 0o7777
+    return info
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+END_OF_ARCHIVE = b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
 class TarReader(io.RawIOBase):
     """A read-only stream of the tar archive of ``files`` (``(name in the archive, path)``).
 
-    Not seekable and of no known length: an HTTP client sends it chunked.
+    Its length is known before the first byte (every file is looked at once), so an HTTP
+    client sends a Content-Length and the API refuses an archive over its limit at once.
+    It reads forward only: :meth:`seek` may move only where nothing is read (httpx asks
+    for the length by seeking to the end and back).
 
-    Raises (from :meth:`read`):
-        OSError: a file cannot be read.
-        FileChanged: a file is shorter or longer than when its header was written.
+    Raises:
+        OSError: a file cannot be read (when made, or from :meth:`read`).
+        FileChanged: from :meth:`read`: a file's size is not what it was when looked at.
     """
 
     def __init__(self, files: Sequence[tuple[str, Path]]) -> None:
         super().__init__()
-        self._chunks = self._archive(files)
+        self._files = list(files)
+        sizes = []
+        length = len(END_OF_ARCHIVE)
+        for name, path in self._files:
+            info = _member(name, path)
+            sizes.append(info.size)
+            length += len(_header(info)) + info.size + len(_padding(info.size))
+        self._sizes = sizes
+        self.length = length
+        self._chunks = self._archive()
         self._pending = memoryview(b"")
+        self._sent = 0
+        self._position = 0
 
-    def _archive(self, files: Sequence[tuple[str, Path]]) -> Iterator[bytes]:
-        # Only for gettarinfo; dereference: a linked file is sent as the file, as a part would be.
-        builder = tarfile.TarFile(fileobj=io.BytesIO(), mode="w", dereference=True)
-        for name, path in files:
-            info = builder.gettarinfo(str(path), arcname=name)
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            yield info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    def _archive(self) -> Iterator[bytes]:
+        for (name, path), size in zip(self._files, self._sizes, strict=True):
+            info = _member(name, path)
+            if info.size != size:
+                raise FileChanged(f"{path} changed size while it was being uploaded; submit it again")
+            yield _header(info)
             sent = 0
             with path.open("rb") as f:
-                while sent < info.size and (chunk := f.read(min(READ_BYTES, info.size - sent))):
+                while sent < size and (chunk := f.read(min(READ_BYTES, size - sent))):
                     sent += len(chunk)
                     yield chunk
-                if sent != info.size or f.read(1):
+                if sent != size or f.read(1):
                     raise FileChanged(f"{path} changed size while it was being uploaded; submit it again")
-            yield _padding(info.size)
-        yield b"\0" * (2 * tarfile.BLOCKSIZE)  # the end-of-archive marker
+            yield _padding(size)
+        yield END_OF_ARCHIVE
 
     def readable(self) -> bool:
         return True
 
-    def read(self, size: int = -1, /) -> bytes:
-        """Up to ``size`` bytes (fewer at a file's end); ``b""`` once the archive has ended."""
+    def seekable(self) -> bool:
+        return False  # only to learn the length: see seek()
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET, /) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.length}[whence]
+        self._position = base + offset
+        return self._position
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        """Up to ``size`` bytes (fewer at a file's end); ``b""`` once the archive has ended.
+
+        Raises:
+            io.UnsupportedOperation: the position was moved away from where reading stopped.
+        """
+        if self._position != self._sent:
+            raise io.UnsupportedOperation(
+                f"the tar is read forward only (at {self._sent}, asked {self._position})"
+            )
         while not self._pending:
             chunk = next(self._chunks, None)
             if chunk is None:
@@ -74,6 +128,8 @@ class TarReader(io.RawIOBase):
             self._pending = memoryview(chunk)
         n = len(self._pending) if size is None or size < 0 else min(size, len(self._pending))
         out, self._pending = self._pending[:n], self._pending[n:]
+        self._sent += n
+        self._position = self._sent
         return bytes(out)
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]

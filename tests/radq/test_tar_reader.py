@@ -9,10 +9,11 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from db.migrate import upgrade
-from radq.client import MAX_PARTS, Client, expand_paths
+from radq.client import MAX_PARTS, ApiError, Client, expand_paths
 from radq.tar_reader import FileChanged, TarReader
 from tests.apiserver import serve
 from tests.conftest import SAMPLES, make_settings
@@ -56,6 +57,26 @@ def test_the_stream_is_a_tar_of_the_files(tmp_path: Path, read_size: int) -> Non
     assert got == {name: path.read_bytes() for name, path in files}
 
 
+def test_its_length_is_known_before_it_is_read_so_it_goes_with_a_content_length(tmp_path: Path) -> None:
+    files = expand_paths([_folder(tmp_path, 5)])
+    reader = TarReader(files)
+    request = httpx.Request(
+        "POST", "http://radq/v1/jobs", files=[("files", ("s.tar", reader, "application/x-tar"))]
+    )
+    assert "transfer-encoding" not in request.headers
+    declared = int(request.headers["content-length"])
+    assert len(request.read()) == declared  # httpx sought to the end and back, then read it all
+    assert reader.tell() == reader.length == len(_read_all(TarReader(files), 65536))
+
+
+def test_it_reads_forward_only(tmp_path: Path) -> None:
+    reader = TarReader(expand_paths([_folder(tmp_path, 1)]))
+    reader.read(100)
+    reader.seek(0)
+    with pytest.raises(io.UnsupportedOperation, match="read forward only"):
+        reader.read(100)
+
+
 def test_a_file_that_changes_size_while_sent_is_an_error(tmp_path: Path) -> None:
     folder = _folder(tmp_path, 2)
     files = expand_paths([folder])
@@ -87,3 +108,23 @@ def test_a_folder_of_many_files_uploads_as_one_job_with_every_file(tmp_path: Pat
     expected = {f"submission.tar!{name}" for name, _ in expand_paths([folder])}
     assert names == expected and len(expected) == copies
     assert not list(tmp_path.rglob("*.tar")), "no temporary archive on either side"
+
+
+def test_a_folder_over_the_upload_limit_is_refused_from_its_declared_length(
+    tmp_path: Path, redis_url: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'radq.db'}"
+    upgrade(url)
+    folder = _folder(tmp_path / "local", MAX_PARTS + 1)
+    with serve(make_settings(tmp_path, url, redis_url, max_upload_bytes=1_000_000)) as http:
+        token = http.headers.get("Authorization", "").removeprefix("Bearer ") or None
+        client = Client(str(http.base_url), token=token)
+        try:
+            with pytest.raises(
+                ApiError, match=r"413: request body of \d+ bytes is over the limit of 1000000 "
+            ):
+                client.upload([folder])
+        finally:
+            client.close()
+    blobs = tmp_path / "blobs"
+    assert not blobs.exists() or not any(blobs.rglob("*")), "refused before anything was parsed or stored"
