@@ -1,8 +1,9 @@
 """``python -m bench.archive``: archive-scale submission, and the wait of an urgent job.
 
 First, a plain tar of distinct 512x512 CT slices (default 1 GiB) is uploaded to a fresh
-API: seconds, MiB/s, and the API's peak memory, which shows the upload is streamed to
-the blob store rather than held.
+API, then the same files as a folder (``radq submit`` sends it as a tar made as it is
+read): seconds, MiB/s, the bytes the API wrote, and the API's peak memory, which shows
+the upload is streamed to the blob store rather than held.
 
 Then for each tree size (default 10,000 and 100,000 files), on a fresh database and a fresh
 ``radq api`` process with no worker running:
@@ -180,30 +181,57 @@ def _make_upload(path: Path, mib: int, seed: int = 0) -> int:
     return members
 
 
-def upload_figure(args: argparse.Namespace, base: Settings, work: Path) -> dict[str, Any]:
-    """Upload one large tar on a fresh stack: seconds, MiB/s and the API's peak memory."""
-    bundle = work / "upload.tar"
-    members = _make_upload(bundle, args.upload_mib)
-    size = bundle.stat().st_size
+def _written_mib(pid: int) -> float:
+    """Bytes the process has caused to be written to storage so far (Linux ``/proc/<pid>/io``)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return round(int(line.split()[1]) / 1024**2, 1)
+    raise BenchError("no write_bytes in /proc/<pid>/io (not Linux?)")
+
+
+def _upload_once(
+    args: argparse.Namespace, base: Settings, home: Path, what: Path, members: int
+) -> dict[str, Any]:
+    """``what`` (a tar, or a folder: sent as a tar made as it is read) uploaded to a fresh API."""
     settings = base.model_copy(update={"default_models": [args.model], "dedup": False})
     with embedded_stack(
-        settings, home=work / "home-upload", database=args.database, postgres_admin_url=args.postgres_url,
-        worker=False,
+        settings, home=home, database=args.database, postgres_admin_url=args.postgres_url, worker=False,
     ) as stack:  # fmt: skip
         idle_mib = _peak_rss_mib(stack.api.pid)
+        written_before = _written_mib(stack.api.pid)
         t0 = time.perf_counter()
-        job = stack.client.upload([bundle])
+        job = stack.client.upload([what])
         seconds = time.perf_counter() - t0
         if job["counts"]["total"] != members:
             raise BenchError(f"upload recorded {job['counts']['total']} of {members} members")
         return {
-            "bytes": size,
-            "members": members,
             "seconds": round(seconds, 2),
-            "mib_per_s": round(size / 1024**2 / seconds, 1),
             "api_rss_idle_mib": idle_mib,
             "api_rss_peak_mib": _peak_rss_mib(stack.api.pid),
+            "api_written_mib": round(_written_mib(stack.api.pid) - written_before, 1),
         }
+
+
+def upload_figure(args: argparse.Namespace, base: Settings, work: Path) -> dict[str, Any]:
+    """Upload one large tar, then the same files as a folder, each to a fresh stack: seconds,
+    MiB/s, the API's peak memory and the bytes it wrote."""
+    bundle = work / "upload.tar"
+    members = _make_upload(bundle, args.upload_mib)
+    size = bundle.stat().st_size
+    tar = _upload_once(args, base, work / "home-upload", bundle, members)
+    folder = work / "upload-folder"
+    with tarfile.open(bundle) as archive:
+        archive.extractall(folder, filter="data")
+    bundle.unlink()
+    as_folder = _upload_once(args, base, work / "home-upload-folder", folder / "ct", members)
+    shutil.rmtree(folder)
+    return {
+        "bytes": size,
+        "members": members,
+        **tar,
+        "mib_per_s": round(size / 1024**2 / tar["seconds"], 1),
+        "folder": {**as_folder, "mib_per_s": round(size / 1024**2 / as_folder["seconds"], 1)},
+    }
 
 
 def _seconds(start: str, end: str | None) -> float | None:
@@ -283,11 +311,15 @@ def render(result: dict[str, Any], console: Console) -> None:
         f"{u['idle_worker_s']} s; wait caused by the backlog: {u['wait_s']} s"
     )
     if (up := result["upload"]) is not None:
-        console.print(
-            f"upload of a {up['bytes'] / 1024**2:,.0f} MiB tar ({up['members']:,} CT slices): "
-            f"{up['seconds']} s ({up['mib_per_s']} MiB/s) until the job answered; "
-            f"API RSS {up['api_rss_idle_mib']} MiB idle, {up['api_rss_peak_mib']} MiB peak"
-        )
+        for what, fig in (("tar", up), ("folder (sent as a tar made as it is read)", up.get("folder"))):
+            if fig is None:
+                continue
+            console.print(
+                f"upload of a {up['bytes'] / 1024**2:,.0f} MiB {what} ({up['members']:,} CT slices): "
+                f"{fig['seconds']} s ({fig['mib_per_s']} MiB/s) until the job answered; "
+                f"API RSS {fig['api_rss_idle_mib']} MiB idle, {fig['api_rss_peak_mib']} MiB peak; "
+                f"the API wrote {fig.get('api_written_mib', '?')} MiB"
+            )
     m = result["machine"]
     console.print(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB; python {m['python']}")
 
