@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import tarfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from db.session import make_engine
 from radq.blobs.file import FileBlobStore
 from radq.errors import LimitExceeded, SubmissionError
 from tests.apiserver import serve
+from tests.archives import tar_of
 from tests.conftest import SAMPLES, make_settings
 
 
@@ -144,16 +144,6 @@ def _zip(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _tar(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_zip_member_over_the_compression_ratio(roomy: tuple[httpx.Client, str], tmp_path: Path) -> None:
     test_client, url = roomy
     response = test_client.post("/v1/jobs", files=[("files", ("bomb.zip", _zip({"bomb.dcm": BLANK})))])
@@ -168,7 +158,7 @@ def test_zip_member_over_the_compression_ratio(roomy: tuple[httpx.Client, str], 
 def test_tar_gz_over_the_compression_ratio(roomy: tuple[httpx.Client, str], tmp_path: Path) -> None:
     test_client, url = roomy
     # The ratio is the stream's so far: a real member first must not hide the bomb.
-    archive = _tar({"mr.dcm": (REAL / "MR_small.dcm").read_bytes(), "bomb.dcm": b"\0" * 5_000_000})
+    archive = tar_of({"mr.dcm": (REAL / "MR_small.dcm").read_bytes(), "bomb.dcm": b"\0" * 5_000_000}, "w:gz")
     response = test_client.post("/v1/jobs", files=[("files", ("bomb.tar.gz", archive))])
     assert response.status_code == 413, response.text
     detail = response.json()["detail"]
@@ -184,9 +174,9 @@ def test_archives_of_real_dicom_and_plain_tars_are_accepted(roomy: tuple[httpx.C
     files = [
         # examples_rgb_color.dcm (232 kB, deflates about 4:1) is over the floor, so the ratio is checked.
         ("files", ("real.zip", _zip(real))),
-        ("files", ("real.tar.gz", _tar(real))),
+        ("files", ("real.tar.gz", tar_of(real, "w:gz"))),
         # An uncompressed tar expands about 1:1 however blank its members are.
-        ("files", ("blank.tar", _tar({"blank.dcm": BLANK}, mode="w"))),
+        ("files", ("blank.tar", tar_of({"blank.dcm": BLANK}))),
     ]
     response = test_client.post("/v1/jobs", files=files)
     assert response.status_code == 202, response.text
@@ -218,12 +208,12 @@ def test_small_blank_members_are_never_refused_for_ratio(tmp_path: Path) -> None
 @pytest.mark.parametrize("mode", ["w:bz2", "w:xz"])
 def test_other_compressed_tars_are_checked_too(tmp_path: Path, mode: str) -> None:
     with pytest.raises(LimitExceeded, match="RADQ_MAX_COMPRESSION_RATIO"):
-        _ingest(tmp_path).add_archive("bomb.tar", io.BytesIO(_tar({"bomb.dcm": BLANK}, mode=mode)))
+        _ingest(tmp_path).add_archive("bomb.tar", io.BytesIO(tar_of({"bomb.dcm": BLANK}, mode)))
 
 
 def test_a_bomb_in_skipped_clutter_is_refused(tmp_path: Path) -> None:
     # Skipping a member of a compressed stream still decompresses it.
-    archive = _tar({"ok.dcm": b"x", "__MACOSX/._ok.dcm": BLANK})
+    archive = tar_of({"ok.dcm": b"x", "__MACOSX/._ok.dcm": BLANK}, "w:gz")
     with pytest.raises(LimitExceeded, match=r"at member __MACOSX/\._ok\.dcm"):
         _ingest(tmp_path).add_archive("clutter.tar.gz", io.BytesIO(archive))
 

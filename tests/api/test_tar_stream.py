@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -19,21 +17,12 @@ from hypothesis import strategies as st
 from api.multipart import FormSpool, form_boundary
 from api.tar_stream import PIPE_BYTES
 from radq.errors import LimitExceeded, SubmissionError
+from tests.archives import tar_of
 from tests.conftest import SAMPLES
 
 FUZZ_EXAMPLES = int(os.environ.get("RADQ_FUZZ_EXAMPLES", "200"))
 """Damaged archives tried (more locally: ``RADQ_FUZZ_EXAMPLES=5000``)."""
 REAL = {n: (SAMPLES / "real" / n).read_bytes() for n in ("CT_small.dcm", "MR_small.dcm", "CT5N_2062.dcm")}
-
-
-def _tar(members: dict[str, bytes], mode: str = "w") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _form(files: list[tuple[str, bytes]]) -> tuple[bytes, bytes]:
@@ -70,7 +59,7 @@ def _within(seconds: float, action: Callable[[], object]) -> None:
 def test_members_are_on_disk_while_the_archive_still_arrives(tmp_path: Path, mode: str) -> None:
     members = {f"study/{i:03d}/{name}": data for i in range(20) for name, data in REAL.items()}
     body, boundary = _form(
-        [("scans.tar" if mode == "w" else "scans.tgz", _tar(members, mode)), ("x.dcm", b"x")]
+        [("scans.tar" if mode == "w" else "scans.tgz", tar_of(members, mode)), ("x.dcm", b"x")]
     )
     spool = _spool(tmp_path, boundary)
     try:
@@ -100,7 +89,7 @@ def test_members_are_on_disk_while_the_archive_still_arrives(tmp_path: Path, mod
 
 def test_two_tars_in_one_form_keep_their_members_apart(tmp_path: Path) -> None:
     body, boundary = _form(
-        [("a.tar", _tar({"ct.dcm": REAL["CT_small.dcm"]})), ("b.tar", _tar({"ct.dcm": b"y"}))]
+        [("a.tar", tar_of({"ct.dcm": REAL["CT_small.dcm"]})), ("b.tar", tar_of({"ct.dcm": b"y"}))]
     )
     spool = _spool(tmp_path, boundary)
     spool.feed(body)
@@ -114,7 +103,7 @@ def test_two_tars_in_one_form_keep_their_members_apart(tmp_path: Path) -> None:
 
 
 def test_a_bomb_is_refused_before_the_upload_ends(tmp_path: Path) -> None:
-    bomb = _tar({"mr.dcm": REAL["MR_small.dcm"], "bomb.dcm": b"\0" * 50_000_000}, mode="w:gz")
+    bomb = tar_of({"mr.dcm": REAL["MR_small.dcm"], "bomb.dcm": b"\0" * 50_000_000}, mode="w:gz")
     body, boundary = _form([("bomb.tar.gz", bomb), ("after.dcm", b"\1" * 4_000_000)])
     spool = _spool(tmp_path, boundary)
     fed = 0
@@ -127,7 +116,7 @@ def test_a_bomb_is_refused_before_the_upload_ends(tmp_path: Path) -> None:
 
 
 def test_members_past_the_upload_limit_are_refused(tmp_path: Path) -> None:
-    archive = _tar({f"{i}.dcm": REAL["CT_small.dcm"] for i in range(8)}, mode="w:gz")
+    archive = tar_of({f"{i}.dcm": REAL["CT_small.dcm"] for i in range(8)}, mode="w:gz")
     body, boundary = _form([("many.tar.gz", archive)])
     spool = _spool(tmp_path, boundary, max_bytes=len(body) + 100_000, max_ratio=10**6)
     with pytest.raises(
@@ -139,7 +128,7 @@ def test_members_past_the_upload_limit_are_refused(tmp_path: Path) -> None:
 
 
 def test_too_many_members_are_refused(tmp_path: Path) -> None:
-    body, boundary = _form([("many.tar", _tar({f"{i}.dcm": b"x" for i in range(4)}))])
+    body, boundary = _form([("many.tar", tar_of({f"{i}.dcm": b"x" for i in range(4)}))])
     spool = _spool(tmp_path, boundary, max_parts=3)
     with pytest.raises(LimitExceeded, match=r"many.tar has more than 3 members \(RADQ_MAX_ARCHIVE_MEMBERS\)"):
         spool.feed(body)
@@ -158,7 +147,7 @@ def test_a_file_named_tar_that_is_not_one_is_a_clear_error(tmp_path: Path) -> No
 
 
 def test_bytes_after_the_end_of_the_archive_do_not_block_the_upload(tmp_path: Path) -> None:
-    archive = _tar({"ct.dcm": REAL["CT_small.dcm"]}) + b"\0" * (3 * PIPE_BYTES)
+    archive = tar_of({"ct.dcm": REAL["CT_small.dcm"]}) + b"\0" * (3 * PIPE_BYTES)
     body, boundary = _form([("padded.tar", archive)])
     spool = _spool(tmp_path, boundary)
     _within(30, lambda: spool.feed(body))
@@ -168,7 +157,7 @@ def test_bytes_after_the_end_of_the_archive_do_not_block_the_upload(tmp_path: Pa
 
 
 def test_an_upload_cut_short_mid_archive_stops_the_expansion_and_leaves_nothing(tmp_path: Path) -> None:
-    archive = _tar({f"{i}.dcm": REAL["CT5N_2062.dcm"] for i in range(40)})
+    archive = tar_of({f"{i}.dcm": REAL["CT5N_2062.dcm"] for i in range(40)})
     body, boundary = _form([("cut.tar", archive)])
     spool = _spool(tmp_path, boundary)
     spool.feed(body[: len(body) // 2])
@@ -194,12 +183,12 @@ def test_an_archive_cut_short_is_refused_not_read_as_fewer_members(
     tmp_path: Path, cut: str, reason: str
 ) -> None:
     """tarfile alone takes a tar cut between two members for a shorter archive."""
-    whole = _tar({"a.dcm": REAL["CT_small.dcm"], "b.dcm": REAL["MR_small.dcm"]})
+    whole = tar_of({"a.dcm": REAL["CT_small.dcm"], "b.dcm": REAL["MR_small.dcm"]})
     second = 512 + len(REAL["CT_small.dcm"]) + (-len(REAL["CT_small.dcm"]) % 512)  # b.dcm's header
     name, archive = {
         "boundary": ("cut.tar", whole[:second]),
         "header": ("cut.tar", whole[: second + 100]),
-        "gzip": ("cut.tgz", _tar({"a.dcm": b"x"}, mode="w:gz")[:3]),
+        "gzip": ("cut.tgz", tar_of({"a.dcm": b"x"}, mode="w:gz")[:3]),
     }[cut]
     body, boundary = _form([(name, archive)])
     spool = _spool(tmp_path, boundary)
@@ -213,8 +202,8 @@ def test_an_archive_cut_short_is_refused_not_read_as_fewer_members(
 
 Upload = tuple[str, bytes, int]
 """An archive's name, its bytes, and the chunk size they arrive in."""
-FUZZ_TAR = _tar({f"s/{i}.dcm": data for i, data in enumerate(REAL.values())})
-FUZZ_TGZ = _tar({f"s/{i}.dcm": data for i, data in enumerate(REAL.values())}, mode="w:gz")
+FUZZ_TAR = tar_of({f"s/{i}.dcm": data for i, data in enumerate(REAL.values())})
+FUZZ_TGZ = tar_of({f"s/{i}.dcm": data for i, data in enumerate(REAL.values())}, mode="w:gz")
 
 
 @st.composite
