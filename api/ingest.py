@@ -10,12 +10,12 @@ from __future__ import annotations
 import io
 import tarfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, Protocol, Self, cast
+from typing import IO, NamedTuple, Protocol, Self, cast
 
 from db.jobs import NewInstance
 from db.status import StorageKind
@@ -188,6 +188,15 @@ def tar_members(name: str, stream: Readable, limits: ArchiveLimits) -> Iterator[
             yield f"{name}!{info.name}", cast(IO[bytes], guarded)  # read-only; readers only call read()
 
 
+class SpooledFile(NamedTuple):
+    """A file on local disk whose SHA-256 was computed as it was written."""
+
+    name: str  # as the instance is named
+    path: Path
+    sha256: str
+    size: int
+
+
 class Ingest:
     """Collects the files of one submission, enforcing the configured limits."""
 
@@ -207,19 +216,30 @@ class Ingest:
         self.stored_bytes += size
         self.files.append(NewInstance(file_name, StorageKind.BLOB, sha, size))
 
-    def add_spooled(self, name: str, path: Path, sha256: str, size: int, *, expand: bool = True) -> None:
+    def add_spooled(self, name: str, path: Path, sha256: str, size: int) -> None:
         """A file already spooled to disk and hashed: moved into the blob store
-        (:meth:`BlobStore.adopt`) rather than copied; an archive (by its name, unless
-        ``expand`` is False: a member of one) is expanded instead."""
-        if expand and is_archive_name(name):
+        (:meth:`BlobStore.adopt`) rather than copied; an archive (by its name) is expanded."""
+        if is_archive_name(name):
             with path.open("rb") as stream:
                 self.add_archive(name, stream)
             return
-        if size > self.max_bytes - self.stored_bytes:
-            raise over_limit(f"{name} (submission total)", self.max_bytes - self.stored_bytes)
-        self.blobs.adopt(path, sha256)
-        self.stored_bytes += size
-        self.files.append(NewInstance(name, StorageKind.BLOB, sha256, size))
+        self.add_spooled_files([SpooledFile(name, path, sha256, size)])
+
+    def add_spooled_files(self, files: Sequence[SpooledFile]) -> None:
+        """Files already spooled to disk and hashed (none an archive to expand), moved into
+        the blob store together (:meth:`BlobStore.adopt_all`: S3 sends several at once).
+
+        Raises:
+            LimitExceeded: they pass ``RADQ_MAX_UPLOAD_BYTES`` (checked before any is stored).
+        """
+        total = self.stored_bytes
+        for f in files:
+            total += f.size
+            if total > self.max_bytes:
+                raise over_limit(f"{f.name} (submission total)", self.max_bytes - (total - f.size))
+        self.blobs.adopt_all([(f.path, f.sha256) for f in files])
+        self.stored_bytes = total
+        self.files.extend(NewInstance(f.name, StorageKind.BLOB, f.sha256, f.size) for f in files)
 
     def add_upload(self, name: str, stream: IO[bytes]) -> None:
         """An uploaded file: an archive is expanded, anything else stored as one instance."""

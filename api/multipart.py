@@ -27,8 +27,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from api.ingest import ArchiveLimits, is_archive_name, is_tar_name
-from api.tar_stream import Member, TarExpansion
+from api.ingest import ArchiveLimits, Ingest, SpooledFile, is_archive_name, is_tar_name
+from api.tar_stream import TarExpansion
 from radq.errors import LimitExceeded, SubmissionError
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class Part:
     filename: str | None = None  # form-data: the file name; None for a field
     value: bytes = b""  # form-data: a field's value
     sha256: str = ""  # of a spooled part, computed as it was written
-    members: list[Member] | None = None  # a tar expanded as it arrived: its members, spooled
+    members: list[SpooledFile] | None = None  # a tar expanded as it arrived: its members, spooled
 
 
 def _decoded(raw: bytes) -> str:
@@ -315,6 +315,23 @@ class FormSpool(PartSpool):
     @property
     def files(self) -> list[Part]:
         return [p for p in self.parts if p.filename is not None]
+
+    def add_to(self, ingest: Ingest) -> None:
+        """Store the files, in their order, through ``ingest``: plain files and the members
+        of tars together (S3 sends several at once), a zip expanded from its spool."""
+        ready: list[SpooledFile] = []
+        for part in self.files:
+            ready.extend(part.members or ())
+            if part.path is None:  # a tar, expanded as it arrived
+                continue
+            name = part.filename or "upload"
+            if is_archive_name(name):
+                ingest.add_spooled_files(ready)
+                ready = []
+                ingest.add_spooled(name, part.path, part.sha256, part.size)
+            else:
+                ready.append(SpooledFile(name, part.path, part.sha256, part.size))
+        ingest.add_spooled_files(ready)
 
     @property
     def fields(self) -> list[tuple[str, str]]:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
-from api.ingest import ArchiveLimits, readable_archive, tar_members
+from api.ingest import ArchiveLimits, SpooledFile, readable_archive, tar_members
 from radq.blobs import CHUNK, copy_hashing
 from radq.errors import RadqError
 
@@ -82,16 +81,6 @@ class _Pipe:
             return out
 
 
-@dataclass
-class Member:
-    """One member of an expanded archive, spooled to ``path``."""
-
-    name: str  # "archive.tar!dir/member.dcm", as instances are named
-    path: Path
-    sha256: str
-    size: int
-
-
 class TarExpansion:
     """Expands one tar part into ``directory`` as it is written, in a thread of its own.
 
@@ -113,7 +102,7 @@ class TarExpansion:
         directory.mkdir()
         self.limits = limits
         self.max_bytes = max_bytes
-        self.members: list[Member] = []
+        self.members: list[SpooledFile] = []
         self.stored = 0
         self._pipe = _Pipe()
         self._error: BaseException | None = None
@@ -132,7 +121,7 @@ class TarExpansion:
                             what=f"{member_name} (submission total)",
                         )  # fmt: skip
                     self.stored += size
-                    self.members.append(Member(member_name, path, sha, size))
+                    self.members.append(SpooledFile(member_name, path, sha, size))
             # tarfile stops at the end-of-archive blocks; the padding after them still
             # comes, and the parser must not wait on a pipe nobody reads.
             while self._pipe.read(CHUNK):
@@ -161,7 +150,7 @@ class TarExpansion:
             self._raise_error()
             raise
 
-    def close(self) -> list[Member]:
+    def close(self) -> list[SpooledFile]:
         """The members, once every one is on disk (the part has ended).
 
         Raises:

@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 
 from api.audit import audit, submitted
 from api.deps import Caller, ReadDep, RegistrarDep, SessionDep, StateDep, SubmitDep
-from api.ingest import Ingest
 from api.multipart import FormSpool, form_boundary, spool_body
 from api.retention import retention_reason
 from api.schemas import (
@@ -160,16 +159,9 @@ async def _accept_form(request: Request, state: AppState, caller: Caller) -> Job
             raise HTTPException(400, "multipart submission has no files: send them as 'files' parts")
         opts = _form_options(spool.fields)
 
-        def collect(ingest: Ingest) -> None:
-            for upload in uploads:
-                for member in upload.members or ():
-                    ingest.add_spooled(member.name, member.path, member.sha256, member.size, expand=False)
-                if upload.path is not None:  # None for a tar: expanded as it arrived
-                    ingest.add_spooled(upload.filename or "upload", upload.path, upload.sha256, upload.size)
-
         def accept_upload() -> JobOut:
             job_id = submit(
-                state, collect, opts.models, opts.job_options(dedup_by_default=settings.dedup),
+                state, spool.add_to, opts.models, opts.job_options(dedup_by_default=settings.dedup),
                 priority=opts.priority or Priority.NORMAL, webhook_url=opts.webhook_url,
                 recorded=submitted(caller, f"upload: {len(uploads)} part(s)"),
             )  # fmt: skip

@@ -9,6 +9,7 @@ worker hands its store to its decode processes, which fetch what they read thems
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
@@ -93,6 +94,15 @@ class BlobStore(Protocol):
         """Store the file at ``path``, whose SHA-256 the caller computed as it wrote it (a
         spooled upload part); the file is gone afterwards. A file store moves it into place
         instead of copying it.
+
+        Raises:
+            BlobStoreUnavailable: the store cannot be reached.
+        """
+        ...
+
+    def adopt_all(self, files: Sequence[tuple[Path, str]]) -> None:
+        """:meth:`adopt` each ``(path, sha256)``; a store that pays a round trip per object
+        (S3) sends several at once.
 
         Raises:
             BlobStoreUnavailable: the store cannot be reached.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +51,10 @@ class FileBlobStore:
         final = self.path_for(sha256)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, final)  # the spool is in the store's own directory: a rename, fresh mtime
+
+    def adopt_all(self, files: Sequence[tuple[Path, str]]) -> None:
+        for path, sha256 in files:  # renames: nothing to gain from threads
+            self.adopt(path, sha256)
 
     def local_file(self, sha256: str) -> Path | None:
         return self.path_for(sha256)

@@ -204,3 +204,32 @@ def test_a_spooled_file_is_uploaded_to_s3_under_its_given_hash(s3_store: BlobSto
         # Written again, the object reads as new to the retention sweep (see the put test).
         assert s3_store.delete(sha, unless_written_after=written_after) is False
         time.sleep(1.2)
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_many_spooled_files_are_stored_together(kind: str, s3_store: BlobStore, tmp_path: Path) -> None:
+    store = s3_store if kind == "s3" else FileBlobStore(tmp_path / "blobs")
+    store.spool_dir.mkdir(parents=True, exist_ok=True)
+    sizes = [10_000, 300_000] * 20  # small objects (one PUT) and large ones (HEAD, then upload)
+    files = []
+    for i, size in enumerate(sizes):
+        data = i.to_bytes(4, "big") * (size // 4)
+        path = store.spool_dir / f"part-{i:03d}"
+        path.write_bytes(data)
+        files.append((path, hashlib.sha256(data).hexdigest(), data))
+    files.append((store.spool_dir / "again", files[0][1], files[0][2]))  # the same bytes twice
+    files[-1][0].write_bytes(files[0][2])
+    store.adopt_all([(path, sha) for path, sha, _ in files])
+    assert all(not path.exists() for path, _, _ in files)
+    assert all(store.read(sha) == data for _, sha, data in files)
+
+
+def test_a_failure_among_many_s3_uploads_is_raised(s3_store: BlobStore) -> None:
+    s3_store.spool_dir.mkdir(parents=True, exist_ok=True)
+    data = b"x" * 1000
+    present = s3_store.spool_dir / "present"
+    present.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    with pytest.raises(FileNotFoundError):
+        s3_store.adopt_all([(present, sha), (s3_store.spool_dir / "gone", "0" * 64)])
+    assert s3_store.read(sha) == data, "the others are stored all the same"
