@@ -181,7 +181,10 @@ def _form_options(fields: Sequence[tuple[str, str]]) -> SubmitOptions:
         raise HTTPException(
             400, f"invalid request: {repeated[0]}: give it once, not {len(values[repeated[0]])} times"
         )
-    given = {k: values[k][0] for k in keys if values[k] and values[k][0]}
+    empty = [k for k in keys if values[k] and not values[k][0]]
+    if empty:  # "not set" or a value lost on the way: guessing would hide the mistake
+        raise HTTPException(400, f"invalid request: {empty[0]}: empty; give a value or leave the field out")
+    given = {k: values[k][0] for k in keys if values[k]}
     models = [m.strip() for v in values["models"] for m in v.split(",")]
     return _validated(SubmitOptions, {"models": models, **given})
 

@@ -206,3 +206,6 @@ def test_gradcam_maps_on_request(stack: Stack) -> None:
     twice = _upload(stack, [("ct.dcm", ct)], explain_threshold=["0.9", "0.1"])  # which was meant?
     assert twice.status_code == 400
     assert twice.json()["detail"] == "invalid request: explain_threshold: give it once, not 2 times"
+    empty = _upload(stack, [("ct.dcm", ct)], explain_threshold="")  # not taken for "not set"
+    assert empty.status_code == 400
+    assert empty.json()["detail"].startswith("invalid request: explain_threshold: empty; give a value")

@@ -129,12 +129,21 @@ def _aim(case: Case, pick: int, job_ids: list[str], root: Path) -> None:
 
 
 def _sends_what_it_means(case: Case) -> bool:
-    """False for a multipart case with an empty list in a field other than ``files``: such a
-    field is sent as no part at all, the request is the one without it, and schemathesis
-    would hold a valid request (``explain_threshold: []``, "became array") to be refused."""
+    """False for a multipart case that sends a valid request schemathesis holds to be refused:
+    an empty list in a field other than ``files`` (sent as no part at all: ``explain_threshold:
+    []``, "became array"), or a number as a string (the same part on the wire, "became string")."""
     if not (case.media_type or "").startswith("multipart/form-data") or not isinstance(case.body, dict):
         return True
+    if _numeric(case.body.get("explain_threshold")):
+        return False
     return not any(value == [] for name, value in case.body.items() if name != "files")
+
+
+def _numeric(value: object) -> bool:
+    try:
+        return isinstance(value, str) and bool(value.strip()) and float(value) == float(value)
+    except ValueError:
+        return False
 
 
 @schema.parametrize()
