@@ -12,6 +12,7 @@ outage.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,8 +142,8 @@ def _sends_what_it_means(case: Case) -> bool:
 
 def _numeric(value: object) -> bool:
     try:
-        return isinstance(value, str) and bool(value.strip()) and float(value) == float(value)
-    except ValueError:
+        return isinstance(value, str) and math.isfinite(float(value))
+    except ValueError:  # "" and words
         return False
 
 
