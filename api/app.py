@@ -26,7 +26,7 @@ from api.registration import Registrar
 from api.routes import audit, dicomweb, health, jobs, studies
 from api.schemas import ErrorOut
 from api.state import AppState
-from radq.errors import LimitExceeded, PathNotAllowed, SubmissionError, TransientError
+from radq.errors import LimitExceeded, PathNotAllowed, StorageFull, SubmissionError, TransientError
 from radq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SubmissionError)
     async def _bad_submission(_: Request, exc: SubmissionError) -> JSONResponse:
         return _error(400, str(exc))
+
+    @app.exception_handler(StorageFull)
+    async def _no_room(_: Request, exc: StorageFull) -> JSONResponse:
+        log.error("%s", exc)
+        return _error(
+            507, f"{exc}; nothing from this request was kept: send it again once the server has room",
+            {"Retry-After": "300"},
+        )  # fmt: skip
 
     @app.exception_handler(TransientError)
     async def _transient(_: Request, exc: TransientError) -> JSONResponse:

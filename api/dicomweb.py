@@ -19,9 +19,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from python_multipart.multipart import parse_options_header
 
-from api.ingest import Ingest
+from api.ingest import Ingest, SpooledFile
 from api.multipart import DICOM, MalformedMultipart, Part
-from radq.errors import LimitExceeded, SubmissionError
+from radq.errors import StorageFull, SubmissionError
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,8 @@ class Outcome:
 def store_instances(ingest: Ingest, instances: list[Instance], outcome: Outcome) -> None:
     """Put each accepted part into the blob store through ``ingest``.
 
-    A part that cannot be written (disk full, I/O error) fails alone with 0xA700; the
-    submission limits still apply to the whole request.
+    Each part is stored at once: one that cannot be (disk full, I/O error) fails alone with
+    0xA700; the submission limits still apply to the whole request.
 
     Raises:
         LimitExceeded: the parts pass ``RADQ_MAX_UPLOAD_BYTES`` together.
@@ -202,16 +202,17 @@ def store_instances(ingest: Ingest, instances: list[Instance], outcome: Outcome)
         part = inst.part
         assert part.path is not None  # accepted parts always have a spool file
         try:
-            ingest.add_spooled(f"stow-rs/{inst.sop_instance_uid}.dcm", part.path, part.sha256, part.size)
-        except LimitExceeded:
-            raise
-        except OSError as exc:
+            ingest.store_at_once(
+                SpooledFile(f"stow-rs/{inst.sop_instance_uid}.dcm", part.path, part.sha256, part.size)
+            )
+        except (OSError, StorageFull) as exc:
             log.warning("stow-rs: part %d (%s) not stored: %s", inst.part.number, inst.sop_instance_uid, exc)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             outcome.failed.append(
                 Failure(
                     inst.part.number,
                     FailureReason.OUT_OF_RESOURCES,
-                    f"part {inst.part.number} could not be stored: {exc.strerror or exc}",
+                    f"part {inst.part.number} could not be stored: {why}",
                     inst.sop_class_uid,
                     inst.sop_instance_uid,
                 )

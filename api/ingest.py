@@ -8,7 +8,9 @@ limits. Paths are walked by :mod:`api.paths` and :mod:`api.registration`.
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from typing import IO, NamedTuple, Protocol, Self, cast
 
 from db.jobs import NewInstance
 from db.status import StorageKind
-from radq.blobs import BlobStore, over_limit
+from radq.blobs import BlobStore, copy_hashing, over_limit, room_for
 from radq.errors import LimitExceeded, SubmissionError
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -197,8 +199,20 @@ class SpooledFile(NamedTuple):
     size: int
 
 
+INGEST_PREFIX = ".ingest-"
+"""Name prefix of the directory a submission's files are staged in (see :class:`Ingest`)."""
+
+
 class Ingest:
-    """Collects the files of one submission, enforcing the configured limits."""
+    """Collects the files of one submission, enforcing the configured limits.
+
+    Nothing reaches the blob store before :meth:`commit`: each file is staged (spooled to
+    this host's disk and hashed as it is written, or, already so spooled, noted), so a
+    submission refused part-way (a damaged zip member, a limit passed at its last file)
+    leaves nothing in the store. Use it as a context manager: leaving the block deletes
+    whatever was staged and not committed. Staging costs no extra write: a file store takes
+    staged files by a rename, and S3 sends them several at once.
+    """
 
     def __init__(
         self, blobs: BlobStore, *, max_bytes: int, max_members: int, max_ratio: float = 200.0
@@ -207,18 +221,50 @@ class Ingest:
         self.max_bytes = max_bytes
         self.limits = ArchiveLimits(max_members, max_ratio)
         self.files: list[NewInstance] = []
-        self.stored_bytes = 0
+        self.stored_bytes = 0  # staged or stored: what RADQ_MAX_UPLOAD_BYTES is checked against
+        self._staged: list[SpooledFile] = []
+        self._spool: Path | None = None  # made when a file is first written here
+        self._written = 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.discard()
+
+    def _spool_path(self) -> Path:
+        if self._spool is None:
+            parent = self.blobs.spool_dir
+            parent.mkdir(parents=True, exist_ok=True)
+            self._spool = Path(tempfile.mkdtemp(prefix=INGEST_PREFIX, dir=parent))
+        self._written += 1
+        return self._spool / f"{self._written:07d}"
 
     def _store(self, stream: IO[bytes], file_name: str) -> None:
-        sha, size = self.blobs.put(
-            stream, max_bytes=self.max_bytes - self.stored_bytes, what=f"{file_name} (submission total)"
-        )
-        self.stored_bytes += size
-        self.files.append(NewInstance(file_name, StorageKind.BLOB, sha, size))
+        """Stage ``stream`` as the file ``file_name``, within what is left of the budget."""
+        with room_for(file_name):
+            path = self._spool_path()
+            with path.open("wb") as out:
+                left = self.max_bytes - self.stored_bytes
+                sha, size = copy_hashing(stream, out, max_bytes=left, what=f"{file_name} (submission total)")
+        staged = SpooledFile(file_name, path, sha, size)
+        self._record([staged])
+        self._staged.append(staged)
+
+    def _check_budget(self, files: Sequence[SpooledFile]) -> None:
+        total = self.stored_bytes
+        for f in files:
+            total += f.size
+            if total > self.max_bytes:
+                raise over_limit(f"{f.name} (submission total)", self.max_bytes - (total - f.size))
+
+    def _record(self, files: Sequence[SpooledFile]) -> None:
+        self.stored_bytes += sum(f.size for f in files)
+        self.files.extend(NewInstance(f.name, StorageKind.BLOB, f.sha256, f.size) for f in files)
 
     def add_spooled(self, name: str, path: Path, sha256: str, size: int) -> None:
-        """A file already spooled to disk and hashed: moved into the blob store
-        (:meth:`BlobStore.adopt`) rather than copied; an archive (by its name) is expanded."""
+        """A file already spooled to disk and hashed, staged as it is; an archive (by its
+        name) is expanded."""
         if is_archive_name(name):
             with path.open("rb") as stream:
                 self.add_archive(name, stream)
@@ -226,20 +272,46 @@ class Ingest:
         self.add_spooled_files([SpooledFile(name, path, sha256, size)])
 
     def add_spooled_files(self, files: Sequence[SpooledFile]) -> None:
-        """Files already spooled to disk and hashed (none an archive to expand), moved into
-        the blob store together (:meth:`BlobStore.adopt_all`: S3 sends several at once).
+        """Files already spooled to disk and hashed (none an archive to expand), staged as
+        they are: :meth:`commit` moves them into the store.
 
         Raises:
-            LimitExceeded: they pass ``RADQ_MAX_UPLOAD_BYTES`` (checked before any is stored).
+            LimitExceeded: they pass ``RADQ_MAX_UPLOAD_BYTES``.
         """
-        total = self.stored_bytes
-        for f in files:
-            total += f.size
-            if total > self.max_bytes:
-                raise over_limit(f"{f.name} (submission total)", self.max_bytes - (total - f.size))
-        self.blobs.adopt_all([(f.path, f.sha256) for f in files])
-        self.stored_bytes = total
-        self.files.extend(NewInstance(f.name, StorageKind.BLOB, f.sha256, f.size) for f in files)
+        self._check_budget(files)
+        self._record(files)
+        self._staged.extend(files)
+
+    def store_at_once(self, file: SpooledFile) -> None:
+        """Move one spooled file into the blob store now rather than at :meth:`commit`, for
+        a caller whose files each succeed or fail alone (STOW-RS's parts).
+
+        Raises:
+            LimitExceeded: it passes ``RADQ_MAX_UPLOAD_BYTES``.
+            StorageFull: no room for it; OSError: it cannot be moved for another reason.
+        """
+        self._check_budget([file])
+        with room_for(file.name):
+            self.blobs.adopt(file.path, file.sha256)
+        self._record([file])
+
+    def commit(self) -> None:
+        """Move every staged file into the blob store (S3: several at once).
+
+        Raises:
+            StorageFull: the store's disk has no room.
+            BlobStoreUnavailable: S3 cannot be reached.
+        """
+        staged, self._staged = self._staged, []
+        with room_for(f"the submission's {len(staged)} file(s)"):
+            self.blobs.adopt_all([(f.path, f.sha256) for f in staged])
+
+    def discard(self) -> None:
+        """Forget what is staged and delete the files this ingest wrote and did not commit."""
+        self._staged = []
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
 
     def add_upload(self, name: str, stream: IO[bytes]) -> None:
         """An uploaded file: an archive is expanded, anything else stored as one instance."""

@@ -18,6 +18,7 @@ import hashlib
 import shutil
 import tempfile
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -27,8 +28,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from api.ingest import ArchiveLimits, Ingest, SpooledFile, is_archive_name, is_tar_name
+from api.ingest import INGEST_PREFIX, ArchiveLimits, Ingest, SpooledFile, is_archive_name, is_tar_name
 from api.tar_stream import TarExpansion
+from radq.blobs import room_for
 from radq.errors import LimitExceeded, SubmissionError
 
 if TYPE_CHECKING:
@@ -61,6 +63,11 @@ class Part:
     value: bytes = b""  # form-data: a field's value
     sha256: str = ""  # of a spooled part, computed as it was written
     members: list[SpooledFile] | None = None  # a tar expanded as it arrived: its members, spooled
+
+
+def _label(part: Part) -> str:
+    """How an error names ``part``: its file name, else its number."""
+    return part.filename or f"part {part.number} of the request"
 
 
 def _decoded(raw: bytes) -> str:
@@ -100,8 +107,9 @@ class PartSpool:
         self.parts: list[Part] = []
         self.complete = False
         self._begun = False
-        parent.mkdir(parents=True, exist_ok=True)
-        self.directory = Path(tempfile.mkdtemp(prefix=self.prefix, dir=parent))
+        with room_for("the request's body"):
+            parent.mkdir(parents=True, exist_ok=True)
+            self.directory = Path(tempfile.mkdtemp(prefix=self.prefix, dir=parent))
         self._headers: dict[str, str] = {}
         self._field = bytearray()
         self._value = bytearray()
@@ -138,7 +146,8 @@ class PartSpool:
         """``part``, with a file of its own to receive its bytes; ``hashed``: its SHA-256
         computed as they arrive (for the blob store to take the file as is)."""
         part.path = self.directory / f"{part.number:06d}"
-        self._out = part.path.open("wb")
+        with room_for(_label(part)):
+            self._out = part.path.open("wb")
         self._digest = hashlib.sha256() if hashed else None
         return part
 
@@ -160,7 +169,8 @@ class PartSpool:
             return
         if self._out is not None:
             view = memoryview(data)[start:end]
-            self._out.write(view)
+            with room_for(_label(self._part)):
+                self._out.write(view)
             if self._digest is not None:
                 self._digest.update(view)
         else:
@@ -171,10 +181,11 @@ class PartSpool:
         """Bytes of a part not spooled: a refused part's count against the limit, unkept."""
 
     def _part_end(self) -> None:
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-            if self._part is not None and self._digest is not None:
+        if self._out is not None and self._part is not None:
+            out, self._out = self._out, None
+            with room_for(_label(self._part)):
+                out.close()  # writes what it buffered
+            if self._digest is not None:
                 self._part.sha256 = self._digest.hexdigest()
         if self._part is not None:
             self.parts.append(self._part)
@@ -227,8 +238,9 @@ class PartSpool:
     def cleanup(self) -> None:
         """Close any open part file and delete the spool."""
         if self._out is not None:
-            self._out.close()
-            self._out = None
+            out, self._out = self._out, None
+            with suppress(OSError):  # its buffer cannot be written (disk full): it goes anyway
+                out.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -352,7 +364,8 @@ def remove_stale_spools(parent: Path, *, older_than_s: float = STALE_SPOOL_S) ->
     cutoff = time.time() - older_than_s
     removed = 0
     try:
-        candidates = [p for p in parent.iterdir() if p.name.startswith((PartSpool.prefix, FormSpool.prefix))]
+        prefixes = (PartSpool.prefix, FormSpool.prefix, INGEST_PREFIX)
+        candidates = [p for p in parent.iterdir() if p.name.startswith(prefixes)]
     except FileNotFoundError:
         return 0
     for path in candidates:

@@ -258,14 +258,15 @@ class Registrar:
 
     def _archive_members(self, path: Path) -> list[NewInstance]:
         settings = self.state.settings
-        ingest = Ingest(
+        with Ingest(
             self.state.blobs,
             max_bytes=settings.max_upload_bytes,
             max_members=settings.max_archive_members,
             max_ratio=settings.max_compression_ratio,
-        )
-        with path.open("rb") as stream:
-            ingest.add_archive(str(path), stream)
+        ) as ingest:
+            with path.open("rb") as stream:
+                ingest.add_archive(str(path), stream)
+            ingest.commit()
         return ingest.files
 
 

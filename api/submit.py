@@ -66,15 +66,16 @@ def submit(
     """
     settings = state.settings
     names = resolve_models(state, models)
-    ingest = Ingest(
+    with Ingest(
         state.blobs,
         max_bytes=settings.max_upload_bytes,
         max_members=settings.max_archive_members,
         max_ratio=settings.max_compression_ratio,
-    )
-    collect(ingest)
-    if not ingest.files:
-        raise SubmissionError("the submission contains no files")
+    ) as ingest:
+        collect(ingest)
+        if not ingest.files:
+            raise SubmissionError("the submission contains no files")
+        ingest.commit()  # only a submission accepted whole reaches the blob store
     with transaction(state.sessions) as session:
         job = create_job(
             session,

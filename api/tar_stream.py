@@ -16,7 +16,7 @@ from collections import deque
 from pathlib import Path
 
 from api.ingest import ArchiveLimits, SpooledFile, readable_archive, tar_members
-from radq.blobs import CHUNK, copy_hashing
+from radq.blobs import CHUNK, copy_hashing, room_for
 from radq.errors import RadqError
 
 PIPE_BYTES = 4 * 1024 * 1024
@@ -99,7 +99,8 @@ class TarExpansion:
     def __init__(self, name: str, directory: Path, limits: ArchiveLimits, *, max_bytes: int) -> None:
         self.name = name
         self.directory = directory
-        directory.mkdir()
+        with room_for(name):
+            directory.mkdir()
         self.limits = limits
         self.max_bytes = max_bytes
         self.members: list[SpooledFile] = []
@@ -115,7 +116,7 @@ class TarExpansion:
                 members = tar_members(self.name, self._pipe, self.limits)
                 for number, (member_name, reader) in enumerate(members):
                     path = self.directory / f"{number:07d}"
-                    with path.open("wb") as out:
+                    with room_for(member_name), path.open("wb") as out:  # a full disk is not a bad archive
                         sha, size = copy_hashing(
                             reader, out, max_bytes=self.max_bytes - self.stored,
                             what=f"{member_name} (submission total)",

@@ -94,5 +94,9 @@ class BlobMissing(InstanceError):
     """Raised when an instance's uploaded file is no longer in the blob store (retention, deletion)."""
 
 
+class StorageFull(TransientError):
+    """Raised when this host's disk (or quota) has no room for what a submission must write."""
+
+
 class BlobStoreUnavailable(TransientError):
     """Raised when the blob store (S3) cannot be reached or refuses a request; retried later."""

@@ -8,15 +8,16 @@ worker hands its store to its decode processes, which fetch what they read thems
 
 from __future__ import annotations
 
+import errno
 import hashlib
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Protocol
 from urllib.parse import unquote, urlsplit
 
-from radq.errors import BlobMissing, ConfigurationError, LimitExceeded
+from radq.errors import BlobMissing, ConfigurationError, LimitExceeded, StorageFull
 from radq.settings import Settings
 
 CHUNK = 1024 * 1024
@@ -35,6 +36,22 @@ def sha256_of(path: Path) -> str:
 def over_limit(what: str, max_bytes: int) -> LimitExceeded:
     """The refusal of ``what`` for being longer than ``max_bytes`` (what is left of RADQ_MAX_UPLOAD_BYTES)."""
     return LimitExceeded(f"{what} is larger than the limit of {max_bytes} bytes (RADQ_MAX_UPLOAD_BYTES)")
+
+
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""Write errors that mean the disk, a quota or the file-size limit has no room: not the
+file's fault, so never reported as a bad upload."""
+
+
+@contextmanager
+def room_for(what: str) -> Iterator[None]:
+    """Turn a write error of :data:`NO_ROOM` in the block into a :class:`StorageFull` about ``what``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_ROOM:
+            raise
+        raise StorageFull(f"this server has no room left to store {what} ({exc.strerror})") from None
 
 
 def copy_hashing(stream: IO[bytes], out: IO[bytes], *, max_bytes: int | None, what: str) -> tuple[str, int]:

@@ -20,7 +20,7 @@ from db.session import make_engine
 from radq.blobs.file import FileBlobStore
 from radq.errors import LimitExceeded, SubmissionError
 from tests.apiserver import serve
-from tests.archives import tar_of
+from tests.archives import damaged_zip, tar_of
 from tests.conftest import SAMPLES, make_settings
 
 
@@ -165,7 +165,33 @@ def test_tar_gz_over_the_compression_ratio(roomy: tuple[httpx.Client, str], tmp_
     assert "bomb.tar.gz (the tar stream, at member bomb.dcm)" in detail
     assert "RADQ_MAX_COMPRESSION_RATIO" in detail
     assert _jobs(url) == 0
-    assert not list((tmp_path / "blobs").rglob(".incoming-*")), "the partly written member is removed"
+    assert _files_in(tmp_path / "blobs") == [], "the real member before the bomb is not kept either"
+
+
+def _files_in(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*") if p.is_file()] if directory.exists() else []
+
+
+def test_an_upload_refused_part_way_leaves_nothing_in_the_blob_store(
+    roomy: tuple[httpx.Client, str], tmp_path: Path
+) -> None:
+    """A plain file and a zip's first member are read before its second turns out damaged:
+    the 400 keeps none of them (they would sit in the store with no instance to point at)."""
+    test_client, url = roomy
+    ct, mr = (REAL / "CT_small.dcm").read_bytes(), (REAL / "MR_small.dcm").read_bytes()
+    files = [("files", ("ct.dcm", ct)), ("files", ("scans.zip", damaged_zip(mr, ct)))]
+    response = test_client.post("/v1/jobs", files=files)
+    assert response.status_code == 400, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("scans.zip: not a readable zip archive") and "damaged.dcm" in detail, detail
+    assert _jobs(url) == 0
+    assert _files_in(tmp_path / "blobs") == []
+    # The same files without the damage are stored, each once.
+    files[1] = ("files", ("scans.zip", _zip({"good.dcm": mr, "damaged.dcm": ct})))
+    response = test_client.post("/v1/jobs", files=files)
+    assert response.status_code == 202, response.text
+    assert response.json()["counts"]["total"] == 3
+    assert len(_files_in(tmp_path / "blobs")) == 2
 
 
 def test_archives_of_real_dicom_and_plain_tars_are_accepted(roomy: tuple[httpx.Client, str]) -> None:
@@ -223,11 +249,11 @@ def test_zip_member_longer_than_declared_is_refused(tmp_path: Path) -> None:
     central, local = data.find(b"PK\x01\x02"), data.find(b"PK\x03\x04")
     struct.pack_into("<I", data, central + 24, 100_000)  # uncompressed size, central directory
     struct.pack_into("<I", data, local + 22, 100_000)  # and local header
-    ingest = _ingest(tmp_path)
-    with pytest.raises(SubmissionError, match="not a readable zip archive.*CRC"):
-        ingest.add_archive("liar.zip", io.BytesIO(bytes(data)))
-    assert ingest.files == [] and ingest.stored_bytes == 0
-    assert not [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
+    with _ingest(tmp_path) as ingest:
+        with pytest.raises(SubmissionError, match="not a readable zip archive.*CRC"):
+            ingest.add_archive("liar.zip", io.BytesIO(bytes(data)))
+        assert ingest.files == [] and ingest.stored_bytes == 0
+    assert _files_in(tmp_path / "blobs") == []
 
 
 def test_zip_member_overstating_its_compressed_size_is_refused(tmp_path: Path) -> None:

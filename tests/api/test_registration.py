@@ -29,6 +29,7 @@ from radq.routing import all_queues, model_queue
 from radq.services import free_port, spawn, stop, wait_for_http
 from radq.settings import Settings
 from tests.apiserver import bearer, serve
+from tests.archives import damaged_zip
 from tests.conftest import make_settings
 
 
@@ -187,6 +188,22 @@ def test_files_the_walk_cannot_take_are_recorded_with_their_reason(
     assert [f["file_name"] for f in failed] == [str(root / "escape.dcm")]
     assert "outside the allowed roots" in failed[0]["reason"] and str(outside) in failed[0]["reason"]
     assert job["registration"]["errors"] == [f"{empty}: no files found"]
+
+
+def test_a_damaged_archive_is_refused_with_its_reason_and_none_of_its_members_kept(
+    settings: Settings,
+) -> None:
+    archive = settings.allowed_roots[0] / "scans.zip"
+    archive.write_bytes(damaged_zip(REAL_CT.read_bytes(), REAL_CT.read_bytes()[::-1]))
+    with serve(settings) as http:
+        job_id = http.post("/v1/jobs", json={"paths": [str(archive)]}).json()["id"]
+        job = wait_registered(http, job_id)
+        failed = http.get(f"/v1/jobs/{job_id}/instances", params={"status": "failed"}).json()["items"]
+    assert job["counts"]["total"] == 1 and [f["file_name"] for f in failed] == [str(archive)]
+    reason = failed[0]["reason"]
+    assert reason.startswith(f"{archive}: not a readable zip archive") and "damaged.dcm" in reason, reason
+    blobs = settings.resolved_blob_dir
+    assert not blobs.exists() or not [p for p in blobs.rglob("*") if p.is_file()], "good.dcm is not kept"
 
 
 def test_cancel_during_registration_stops_it_and_leaves_nothing_waiting(settings: Settings) -> None:
