@@ -37,10 +37,6 @@ class UnsupportedMediaType(SubmissionError):
     """Raised when a STOW-RS request is not ``multipart/related; type="application/dicom"``."""
 
 
-class NothingStored(SubmissionError):
-    """Raised inside a STOW-RS submission when no accepted part could be written; no job is made."""
-
-
 class FailureReason(IntEnum):
     """Failure Reason (0008,1197) values, PS3.18 Table I.2-2."""
 
@@ -190,35 +186,34 @@ class Outcome:
 
 
 def store_instances(ingest: Ingest, instances: list[Instance], outcome: Outcome) -> None:
-    """Put each accepted part into the blob store through ``ingest``.
-
-    Each part is stored at once: one that cannot be (disk full, I/O error) fails alone with
-    0xA700; the submission limits still apply to the whole request.
+    """Stage every accepted part in ``ingest``; the submission's commit stores them together
+    (S3: several at once).
 
     Raises:
         LimitExceeded: the parts pass ``RADQ_MAX_UPLOAD_BYTES`` together.
     """
+    staged = []
     for inst in instances:
         part = inst.part
         assert part.path is not None  # accepted parts always have a spool file
-        try:
-            ingest.store_at_once(
-                SpooledFile(f"stow-rs/{inst.sop_instance_uid}.dcm", part.path, part.sha256, part.size)
-            )
-        except (OSError, StorageFull) as exc:
-            log.warning("stow-rs: part %d (%s) not stored: %s", inst.part.number, inst.sop_instance_uid, exc)
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            outcome.failed.append(
-                Failure(
-                    inst.part.number,
-                    FailureReason.OUT_OF_RESOURCES,
-                    f"part {inst.part.number} could not be stored: {why}",
-                    inst.sop_class_uid,
-                    inst.sop_instance_uid,
-                )
-            )
-            continue
-        outcome.stored.append(inst)
+        staged.append(SpooledFile(f"stow-rs/{inst.sop_instance_uid}.dcm", part.path, part.sha256, part.size))
+    ingest.add_spooled_files(staged)
+    outcome.stored.extend(instances)
+
+
+def not_stored(instances: list[Instance], exc: OSError | StorageFull) -> list[Failure]:
+    """The 0xA700 failures of parts the blob store could not take (disk full, I/O error)."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    return [
+        Failure(
+            inst.part.number,
+            FailureReason.OUT_OF_RESOURCES,
+            f"part {inst.part.number} could not be stored: {why}",
+            inst.sop_class_uid,
+            inst.sop_instance_uid,
+        )
+        for inst in instances
+    ]
 
 
 def _reference(sop_class: str, sop_instance: str) -> Dataset:

@@ -282,19 +282,6 @@ class Ingest:
         self._record(files)
         self._staged.extend(files)
 
-    def store_at_once(self, file: SpooledFile) -> None:
-        """Move one spooled file into the blob store now rather than at :meth:`commit`, for
-        a caller whose files each succeed or fail alone (STOW-RS's parts).
-
-        Raises:
-            LimitExceeded: it passes ``RADQ_MAX_UPLOAD_BYTES``.
-            StorageFull: no room for it; OSError: it cannot be moved for another reason.
-        """
-        self._check_budget([file])
-        with room_for(file.name):
-            self.blobs.adopt(file.path, file.sha256)
-        self._record([file])
-
     def commit(self) -> None:
         """Move every staged file into the blob store (S3: several at once).
 

@@ -16,12 +16,12 @@ from api.dicomweb import (
     DICOM_JSON,
     Failure,
     Instance,
-    NothingStored,
     Outcome,
     UnsupportedMediaType,
     accepts_dicom_json,
     boundary_of,
     check_part,
+    not_stored,
     response_dataset,
     store_instances,
     warning_headers,
@@ -32,6 +32,7 @@ from api.schemas import ErrorOut
 from api.state import AppState
 from api.submit import resolve_models, submit
 from db.audit import AuditAction
+from radq.errors import StorageFull
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
@@ -103,7 +104,7 @@ async def _stow(
     )
     try:
         parts = await spool_body(request, spool)
-        outcome, job_id = await run_in_threadpool(_check_and_submit, state, parts, study, names)
+        outcome, job_id = await run_in_threadpool(check_and_submit, state, parts, study, names)
     finally:
         await run_in_threadpool(spool.cleanup)
 
@@ -136,7 +137,7 @@ async def _stow(
     return response
 
 
-def _check_and_submit(
+def check_and_submit(
     state: AppState, parts: list[Part], study: str | None, models: list[str]
 ) -> tuple[Outcome, str | None]:
     """Check every part, then submit the good ones as one job; the job id is None if none was stored."""
@@ -153,10 +154,11 @@ def _check_and_submit(
 
     def collect(ingest: Ingest) -> None:
         store_instances(ingest, accepted, outcome)
-        if not outcome.stored:
-            raise NothingStored("no part of the request could be stored")
 
     try:
         return outcome, submit(state, collect, models, {})
-    except NothingStored:
+    except (OSError, StorageFull) as exc:  # the store could not take them: no job is made
+        log.warning("stow-rs: %d part(s) not stored: %s", len(accepted), exc)
+        outcome.stored.clear()
+        outcome.failed.extend(not_stored(accepted, exc))
         return outcome, None

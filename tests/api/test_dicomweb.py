@@ -21,14 +21,12 @@ from sqlalchemy import func, select
 
 from api.dicomweb import (
     FailureReason,
-    Instance,
-    Outcome,
     UnsupportedMediaType,
     boundary_of,
-    store_instances,
 )
-from api.ingest import Ingest
 from api.multipart import MalformedMultipart, Part, PartSpool
+from api.routes.dicomweb import check_and_submit
+from api.state import AppState
 from db.migrate import upgrade
 from db.models import Instance as InstanceRow
 from db.models import Job, Result
@@ -294,16 +292,28 @@ def test_spool_splits_parts_across_chunk_edges(tmp_path: Path) -> None:
     over.cleanup()
 
 
-def test_a_part_that_cannot_be_written_fails_with_a700(tmp_path: Path) -> None:
-    spool_file = tmp_path / "part.dcm"
-    spool_file.write_bytes(CT5N[0].read_bytes())
-    not_a_dir = tmp_path / "blobs"
+def test_parts_the_store_cannot_take_fail_with_a700_and_make_no_job(tmp_path: Path, redis_url: str) -> None:
+    url = f"sqlite:///{tmp_path / 'radq.db'}"
+    upgrade(url)
+    state = AppState.build(make_settings(tmp_path, url, redis_url))
+    not_a_dir = tmp_path / "blobs-file"
     not_a_dir.write_text("a file where the blob store should be")
-    ingest = Ingest(FileBlobStore(not_a_dir), max_bytes=10**6, max_members=10)
-    outcome = Outcome()
-    part = Part(1, "application/dicom", spool_file, spool_file.stat().st_size)
-    part.sha256 = hashlib.sha256(spool_file.read_bytes()).hexdigest()  # as the spool computes it
-    store_instances(ingest, [Instance(part, "1.2.840.10008.5.1.4.1.1.2", "1.2.3", CT5N_STUDY)], outcome)
-    (failure,) = outcome.failed
-    assert failure.code == FailureReason.OUT_OF_RESOURCES == 0xA700 and failure.sop_instance_uid == "1.2.3"
-    assert outcome.stored == [] and ingest.files == []
+    state.blobs = FileBlobStore(not_a_dir)
+    parts = []
+    for number, path in enumerate(CT5N[:2], start=1):
+        spooled = tmp_path / f"part{number}.dcm"
+        spooled.write_bytes(path.read_bytes())
+        part = Part(number, "application/dicom", spooled, spooled.stat().st_size)
+        part.sha256 = hashlib.sha256(spooled.read_bytes()).hexdigest()  # as the spool computes it
+        parts.append(part)
+    try:
+        outcome, job_id = check_and_submit(state, parts, None, ["radq-smoke"])
+    finally:
+        state.engine.dispose()
+    assert job_id is None and outcome.stored == []
+    assert [(f.part_number, f.code) for f in outcome.failed] == [(1, 0xA700), (2, 0xA700)]
+    assert outcome.failed[0].reason == "part 1 could not be stored: Not a directory"
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in CT5N[:2]]
+    assert [f.sop_instance_uid for f in outcome.failed] == uids
+    with make_engine(url).connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Job)) == 0
