@@ -25,7 +25,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from db.status import InstanceStatus, StorageKind
 from db.work import Claimed
-from radq.blobs import BlobStore, sha256_of
+from radq.blobs import NO_ROOM, BlobStore, sha256_of
 from radq.errors import BlobStoreUnavailable, InstanceError, ModelError
 from radq.logs import log_context
 from radq.model_card import ModelCard
@@ -158,7 +158,11 @@ def _recorded(out: Prepared, path: Source) -> Iterator[None]:
         out.fail(InstanceStatus.FAILED, f"file not found: {path}")
     except OSError as exc:
         detail = exc.strerror or short_error(exc)
-        out.fail(InstanceStatus.FAILED, f"file not readable: {path}: {detail}")
+        if exc.errno in NO_ROOM:  # this host's disk, not the file: S3 downloads to a local spool
+            out.fail(InstanceStatus.FAILED, f"this worker has no room left to fetch {path} ({detail}); "
+                     "retry the job once it has")  # fmt: skip
+        else:
+            out.fail(InstanceStatus.FAILED, f"file not readable: {path}: {detail}")
     except Exception as exc:  # a decoder bug must cost one file, not the chunk
         log.exception("unexpected error preparing instance %s", out.claimed.id)
         out.fail(

@@ -14,6 +14,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,3 +122,23 @@ def test_stow_rs_with_no_room_for_its_body_is_a_507(cramped: tuple[httpx.Client,
     assert response.status_code == 507, response.text
     assert response.json()["detail"].startswith("this server has no room left to store part 1 of the request")
     assert _jobs(settings) == 0
+
+
+def test_an_archive_on_a_path_that_meets_a_full_disk_waits_rather_than_fails(
+    cramped: tuple[httpx.Client, Settings],
+) -> None:
+    """The archive is not at fault: its registration pauses (and resumes when its lease
+    expires) instead of recording it as an unreadable archive."""
+    http, settings = cramped
+    archive = settings.allowed_roots[0] / "scans.zip"
+    archive.write_bytes(_zip("big.dcm", bytes(ROOM + 1)))
+    response = http.post("/v1/jobs", json={"paths": [str(archive)]})
+    assert response.status_code == 202, response.text
+    log = settings.home / "api.log"
+    deadline = time.monotonic() + 30
+    while "paused (this server has no room left to store" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+        time.sleep(0.1)
+    job = http.get(f"/v1/jobs/{response.json()['id']}").json()
+    assert job["status"] == "registering" and job["counts"]["total"] == 0, job
+    assert f"{archive}!big.dcm" in log.read_text(errors="replace")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -108,6 +111,41 @@ def test_s3_missing_object_is_a_clear_instance_failure(s3_store: BlobStore) -> N
         and "RADQ_BLOB_RETENTION_DAYS" in out.reason
     )
     assert _spooled(s3_store) == []
+
+
+_LOAD_WITH_NO_ROOM = """
+import json, resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+from db.status import StorageKind
+from db.work import Claimed
+from radq.blobs import open_blob_store
+from radq.model_card import read_card
+from radq.settings import BUNDLED_MODEL_DIR, Settings
+from workers.prepare import StoredBlob, load
+home, url, sha = sys.argv[1:]
+store = open_blob_store(Settings(home=Path(home), blob_url=url))
+card = read_card(BUNDLED_MODEL_DIR / "radq-smoke")
+out = load(Claimed(1, "job", "mr.dcm", StorageKind.BLOB, sha, 1), StoredBlob(store, sha), b"k", [card], 10**8)
+print(json.dumps([out.status, out.reason]))
+"""
+
+
+def test_a_worker_with_no_room_to_download_says_so(s3_store: BlobStore, tmp_path: Path) -> None:
+    """Not "file not readable": the worker's disk is at fault, and retrying once it has room works."""
+    sha, _ = s3_store.put(io.BytesIO(MR.read_bytes()))
+    child = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITH_NO_ROOM, str(tmp_path), s3_store.url, sha],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    status, reason = json.loads(child.stdout.splitlines()[-1])
+    assert status == "failed"
+    assert reason == (
+        f"this worker has no room left to fetch uploaded file {sha} in {s3_store.url} (File too large); "
+        "retry the job once it has"
+    )
+    assert _spooled(s3_store) == [], "the partial download is removed"
 
 
 @pytest.mark.parametrize("kind", ["s3", "file"])
