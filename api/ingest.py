@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, NamedTuple, Protocol, Self, cast
 
+from api.disk import DiskReserve
 from db.jobs import NewInstance
 from db.status import StorageKind
 from radq.blobs import BlobStore, copy_hashing, over_limit, room_for
@@ -215,9 +216,16 @@ class Ingest:
     """
 
     def __init__(
-        self, blobs: BlobStore, *, max_bytes: int, max_members: int, max_ratio: float = 200.0
+        self,
+        blobs: BlobStore,
+        *,
+        max_bytes: int,
+        max_members: int,
+        max_ratio: float = 200.0,
+        reserve: DiskReserve | None = None,
     ) -> None:
         self.blobs = blobs
+        self.reserve = reserve
         self.max_bytes = max_bytes
         self.limits = ArchiveLimits(max_members, max_ratio)
         self.files: list[NewInstance] = []
@@ -242,6 +250,8 @@ class Ingest:
 
     def _store(self, stream: IO[bytes], file_name: str) -> None:
         """Stage ``stream`` as the file ``file_name``, within what is left of the budget."""
+        if self.reserve is not None:
+            self.reserve.check(file_name)
         with room_for(file_name):
             path = self._spool_path()
             with path.open("wb") as out:
@@ -338,6 +348,8 @@ class Ingest:
                     f"{name} expands to {declared} bytes, over the limit of {self.max_bytes} "
                     "(RADQ_MAX_UPLOAD_BYTES)"
                 )
+            if self.reserve is not None:
+                self.reserve.check(f"{name} expanded", declared)
             for info in members:
                 if info.flag_bits & _ZIP_ENCRYPTED:
                     raise SubmissionError(

@@ -28,6 +28,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from api.disk import DiskReserve
 from api.ingest import INGEST_PREFIX, ArchiveLimits, Ingest, SpooledFile, is_archive_name, is_tar_name
 from api.tar_stream import TarExpansion
 from radq.blobs import room_for
@@ -90,6 +91,7 @@ class PartSpool:
             store's own directory, so the parts land on the disk that will keep them).
         max_bytes: body size limit (``RADQ_MAX_UPLOAD_BYTES``).
         max_parts: part count limit (``RADQ_MAX_ARCHIVE_MEMBERS``).
+        reserve: the free space to leave on the spool's disk, checked as each chunk is fed.
 
     Raises:
         MalformedMultipart: the boundary is unusable (over 70 characters).
@@ -99,10 +101,19 @@ class PartSpool:
     no_parts_hint = "send one DICOM file per part"
     prefix = ".stow-"
 
-    def __init__(self, boundary: bytes, parent: Path, *, max_bytes: int, max_parts: int) -> None:
+    def __init__(
+        self,
+        boundary: bytes,
+        parent: Path,
+        *,
+        max_bytes: int,
+        max_parts: int,
+        reserve: DiskReserve | None = None,
+    ) -> None:
         self.boundary = boundary.decode("latin-1")
         self.max_bytes = max_bytes
         self.max_parts = max_parts
+        self.reserve = reserve
         self.received = 0
         self.parts: list[Part] = []
         self.complete = False
@@ -200,12 +211,15 @@ class PartSpool:
         Raises:
             LimitExceeded: the body passes ``max_bytes`` or has more than ``max_parts`` parts.
             MalformedMultipart: the bytes are not multipart with this boundary.
+            StorageFull: the spool's disk is down to its reserve, or has no room.
         """
         self.received += len(chunk)
         if self.received > self.max_bytes:
             raise LimitExceeded(
                 f"request body is over the limit of {self.max_bytes} bytes (RADQ_MAX_UPLOAD_BYTES)"
             )
+        if self.reserve is not None:
+            self.reserve.check("the request's body")
         try:
             self._parser.write(chunk)
         except FormParserError as exc:
@@ -264,9 +278,16 @@ class FormSpool(PartSpool):
     _expansion: TarExpansion | None = None
 
     def __init__(
-        self, boundary: bytes, parent: Path, *, max_bytes: int, max_parts: int, max_ratio: float = 200.0
+        self,
+        boundary: bytes,
+        parent: Path,
+        *,
+        max_bytes: int,
+        max_parts: int,
+        max_ratio: float = 200.0,
+        reserve: DiskReserve | None = None,
     ) -> None:
-        super().__init__(boundary, parent, max_bytes=max_bytes, max_parts=max_parts)
+        super().__init__(boundary, parent, max_bytes=max_bytes, max_parts=max_parts, reserve=reserve)
         self.limits = ArchiveLimits(max_parts, max_ratio)
 
     def _unspooled(self, part: Part, data: bytes) -> None:
@@ -396,7 +417,15 @@ def form_boundary(content_type: str) -> bytes:
 
 async def spool_body(request: Request, spool: PartSpool) -> list[Part]:
     """Feed ``request``'s body to ``spool`` as it arrives, parsing in a thread a megabyte at
-    a time; the parts once the closing boundary has come (see :meth:`PartSpool.finish`)."""
+    a time; the parts once the closing boundary has come (see :meth:`PartSpool.finish`).
+
+    Raises:
+        StorageFull: the body's declared length would take the spool's disk past its
+            reserve (checked before any of it is read), or it did so while arriving.
+    """
+    declared = request.headers.get("content-length", "")
+    if spool.reserve is not None and declared.isdigit():
+        spool.reserve.check("the request's body", int(declared))
     pending: list[bytes] = []
     size = 0
     async for chunk in request.stream():

@@ -263,6 +263,7 @@ class Registrar:
             max_bytes=settings.max_upload_bytes,
             max_members=settings.max_archive_members,
             max_ratio=settings.max_compression_ratio,
+            reserve=self.state.reserve,
         ) as ingest:
             with path.open("rb") as stream:
                 ingest.add_archive(str(path), stream)

@@ -8,6 +8,7 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.disk import DiskReserve
 from db.session import make_engine, make_sessionmaker
 from radq.blobs import BlobStore, open_blob_store
 from radq.queue import make_celery
@@ -21,6 +22,11 @@ class AppState:
     sessions: sessionmaker[Session]
     celery: Celery
     blobs: BlobStore
+
+    @property
+    def reserve(self) -> DiskReserve:
+        """The free space uploads leave on their spool's disk (RADQ_MIN_FREE_BYTES)."""
+        return DiskReserve(self.blobs.spool_dir, self.settings.min_free_bytes)
 
     @classmethod
     def build(cls, settings: Settings) -> AppState:

@@ -71,6 +71,7 @@ def submit(
         max_bytes=settings.max_upload_bytes,
         max_members=settings.max_archive_members,
         max_ratio=settings.max_compression_ratio,
+        reserve=state.reserve,
     ) as ingest:
         collect(ingest)
         if not ingest.files:

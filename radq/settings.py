@@ -187,6 +187,13 @@ class Settings(BaseSettings):
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)
     max_archive_members: int = Field(100_000, ge=1)
+    min_free_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="Free space the API leaves on the disk its uploads are spooled to (the "
+        "database, logs and blob store often share it): a request that would leave less is "
+        "refused with 507, before its body is read when it declares its length. 0: no reserve.",
+    )
     max_compression_ratio: float = Field(
         200.0,
         gt=1,

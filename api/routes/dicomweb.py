@@ -101,6 +101,7 @@ async def _stow(
         state.blobs.spool_dir,
         max_bytes=settings.max_upload_bytes,
         max_parts=settings.max_archive_members,
+        reserve=state.reserve,
     )
     try:
         parts = await spool_body(request, spool)

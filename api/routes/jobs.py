@@ -150,7 +150,7 @@ async def _accept_form(request: Request, state: AppState, caller: Caller) -> Job
     spool = FormSpool(
         form_boundary(request.headers.get("content-type", "")), state.blobs.spool_dir,
         max_bytes=settings.max_upload_bytes, max_parts=settings.max_archive_members,
-        max_ratio=settings.max_compression_ratio,
+        max_ratio=settings.max_compression_ratio, reserve=state.reserve,
     )  # fmt: skip
     try:
         await spool_body(request, spool)

@@ -1,5 +1,6 @@
 """A server with no room to store an upload answers 507, says what it could not store, keeps
-nothing of the request, and takes the next one that fits.
+nothing of the request, and takes the next one that fits; and it keeps RADQ_MIN_FREE_BYTES
+free on that disk rather than fill it.
 
 The API runs in a process of its own whose files may not grow past :data:`ROOM` bytes
 (RLIMIT_FSIZE, SIGXFSZ ignored): a write past it fails with EFBIG as one on a full disk
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from db.models import Job
 from db.session import make_engine
 from radq.services import free_port, stop, wait_for_http
 from radq.settings import Settings
-from tests.apiserver import bearer
+from tests.apiserver import bearer, serve
 from tests.archives import tar_of
 from tests.conftest import SAMPLES, make_settings
 
@@ -142,3 +144,67 @@ def test_an_archive_on_a_path_that_meets_a_full_disk_waits_rather_than_fails(
     job = http.get(f"/v1/jobs/{response.json()['id']}").json()
     assert job["status"] == "registering" and job["counts"]["total"] == 0, job
     assert f"{archive}!big.dcm" in log.read_text(errors="replace")
+
+
+# RADQ_MIN_FREE_BYTES: the API leaves room on its disk rather than filling it.
+
+
+def _reserved(tmp_path: Path, redis_url: str, *, below_free: int) -> Settings:
+    """Settings whose reserve leaves ``below_free`` bytes of the disk's free space to uploads
+    (negative: none)."""
+    url = f"sqlite:///{tmp_path / 'radq.db'}"
+    upgrade(url)
+    free = shutil.disk_usage(tmp_path).free
+    limits = {"max_upload_bytes": 10**12, "max_compression_ratio": 10**6}
+    return make_settings(tmp_path, url, redis_url, min_free_bytes=free - below_free, **limits)
+
+
+def test_a_body_declared_past_the_reserve_is_refused_before_it_is_read(
+    tmp_path: Path, redis_url: str
+) -> None:
+    settings = _reserved(tmp_path, redis_url, below_free=-(1 << 40))
+    with serve(settings) as http:
+        response = http.post("/v1/jobs", files=[("files", ("ct.dcm", bytes(2 * 1024 * 1024)))])
+    assert response.status_code == 507, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("this server's upload disk has ")
+    assert "and the request's body takes 2 MiB" in detail
+    assert "kept free (RADQ_MIN_FREE_BYTES); nothing from this request was kept" in detail
+    assert _jobs(settings) == 0
+
+
+def test_a_body_of_unknown_length_stops_at_the_reserve(tmp_path: Path, redis_url: str) -> None:
+    settings = _reserved(tmp_path, redis_url, below_free=64 * 1024 * 1024)
+    boundary = "radq-reserve"
+    chunk = os.urandom(1024 * 1024)
+
+    def body() -> Iterator[bytes]:  # chunked: no Content-Length to check first
+        disposition = 'Content-Disposition: form-data; name="files"; filename="big.dcm"'
+        yield f"--{boundary}\r\n{disposition}\r\n\r\n".encode()
+        for _ in range(512):
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    with serve(settings) as http:
+        headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+        try:
+            response = http.post("/v1/jobs", content=body(), headers=headers)
+        except httpx.TransportError:  # answered and closed while the body was still going
+            pytest.fail("the 507 did not reach the client")
+    assert response.status_code == 507, response.text
+    assert response.json()["detail"].startswith("this server's upload disk is down to ")
+    assert "while storing the request's body, under the" in response.json()["detail"]
+    assert _jobs(settings) == 0
+    assert [p for p in settings.resolved_blob_dir.rglob("*") if p.is_file()] == []
+
+
+def test_a_zip_that_would_expand_past_the_reserve_is_refused_from_its_declared_sizes(
+    tmp_path: Path, redis_url: str
+) -> None:
+    settings = _reserved(tmp_path, redis_url, below_free=256 * 1024 * 1024)
+    with serve(settings) as http:
+        blank = _zip("blank.dcm", bytes(512 * 1024**2))
+        response = http.post("/v1/jobs", files=[("files", ("scans.zip", blank))])
+    assert response.status_code == 507, response.text
+    assert "and scans.zip expanded takes 512 MiB, but " in response.json()["detail"]
+    assert _jobs(settings) == 0
