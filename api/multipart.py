@@ -326,7 +326,9 @@ class FormSpool(PartSpool):
         if is_tar_name(part.filename):
             budget = self.max_bytes - self._stored
             into = self.directory / f"{number:06d}"
-            self._expansion = TarExpansion(part.filename, into, self.limits, max_bytes=budget)
+            self._expansion = TarExpansion(
+                part.filename, into, self.limits, max_bytes=budget, reserve=self.reserve
+            )
             return part
         return self._spool(part, hashed=not is_archive_name(part.filename))  # a zip is expanded later
 

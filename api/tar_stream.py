@@ -15,6 +15,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
+from api.disk import DiskReserve
 from api.ingest import ArchiveLimits, SpooledFile, readable_archive, tar_members
 from radq.blobs import CHUNK, copy_hashing, room_for
 from radq.errors import RadqError
@@ -94,10 +95,20 @@ class TarExpansion:
         limits: members and compression ratio allowed.
         max_bytes: the most its members may hold together (what is left of
             ``RADQ_MAX_UPLOAD_BYTES`` for the submission).
+        reserve: the free space to leave on the spool's disk, checked before each member.
     """
 
-    def __init__(self, name: str, directory: Path, limits: ArchiveLimits, *, max_bytes: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        directory: Path,
+        limits: ArchiveLimits,
+        *,
+        max_bytes: int,
+        reserve: DiskReserve | None = None,
+    ) -> None:
         self.name = name
+        self.reserve = reserve
         self.directory = directory
         with room_for(name):
             directory.mkdir()
@@ -115,6 +126,8 @@ class TarExpansion:
             with readable_archive(self.name):
                 members = tar_members(self.name, self._pipe, self.limits)
                 for number, (member_name, reader) in enumerate(members):
+                    if self.reserve is not None:
+                        self.reserve.check(member_name)
                     path = self.directory / f"{number:07d}"
                     with room_for(member_name), path.open("wb") as out:  # a full disk is not a bad archive
                         sha, size = copy_hashing(

@@ -208,3 +208,18 @@ def test_a_zip_that_would_expand_past_the_reserve_is_refused_from_its_declared_s
     assert response.status_code == 507, response.text
     assert "and scans.zip expanded takes 512 MiB, but " in response.json()["detail"]
     assert _jobs(settings) == 0
+
+
+def test_a_tar_gz_expanding_past_the_reserve_stops_at_the_member_that_would_pass_it(
+    tmp_path: Path, redis_url: str
+) -> None:
+    settings = _reserved(tmp_path, redis_url, below_free=192 * 1024 * 1024)
+    blank = bytes(128 * 1024 * 1024)
+    archive = tar_of({"a.dcm": blank, "b.dcm": blank, "c.dcm": blank}, "w:gz")  # ~0.4 MB: one feed
+    with serve(settings) as http:
+        response = http.post("/v1/jobs", files=[("files", ("blank.tar.gz", archive))])
+    assert response.status_code == 507, response.text
+    assert response.json()["detail"].startswith("this server's upload disk is down to ")
+    assert "while storing blank.tar.gz!c.dcm, under the" in response.json()["detail"]
+    assert _jobs(settings) == 0
+    assert [p for p in settings.resolved_blob_dir.rglob("*") if p.is_file()] == []
