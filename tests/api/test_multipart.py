@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.ingest import Ingest
 from api.multipart import (
     MAX_FIELD_BYTES,
     FormSpool,
@@ -18,6 +20,7 @@ from api.multipart import (
     form_boundary,
     remove_stale_spools,
 )
+from radq.blobs.file import FileBlobStore
 from radq.errors import LimitExceeded, SubmissionError
 from tests.conftest import SAMPLES
 
@@ -114,12 +117,15 @@ def test_spools_a_dead_api_process_left_are_removed_once_old(tmp_path: Path) -> 
         _spool(tmp_path, b"b"),
     )
     (old_form.directory / "000001").write_bytes(MR)
+    old_ingest = Ingest(FileBlobStore(tmp_path), max_bytes=10**6, max_members=10)  # a zip's members, staged
+    old_ingest.add_upload("scan.dcm", io.BytesIO(MR))
+    (staged,) = tmp_path.glob(".ingest-*")
     day_ago = time.time() - 25 * 3600
-    for spool in (old_form, old_stow):
-        os.utime(spool.directory, (day_ago, day_ago))
+    for directory in (old_form.directory, old_stow.directory, staged):
+        os.utime(directory, (day_ago, day_ago))
     blob = tmp_path / "ab"  # the blob store's own directories are never touched
     blob.mkdir()
     os.utime(blob, (day_ago, day_ago))
-    assert remove_stale_spools(tmp_path) == 2
+    assert remove_stale_spools(tmp_path) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ab", live.directory.name])
     live.cleanup()
