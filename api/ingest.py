@@ -11,8 +11,10 @@ import io
 import shutil
 import tarfile
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -50,6 +52,9 @@ _ZIP_ENCRYPTED = 0x1
 """General-purpose flag bit 0 of a zip entry: the member is encrypted."""
 
 _READ_CHUNK = 1024 * 1024
+
+UNZIP_THREADS = 4
+"""Zip members expanded side by side: inflating, CRC-32, SHA-256 and writing all release the GIL."""
 
 
 class Readable(Protocol):
@@ -248,7 +253,7 @@ class Ingest:
         self._written += 1
         return self._spool / f"{self._written:07d}"
 
-    def _store(self, stream: IO[bytes], file_name: str) -> None:
+    def _stage(self, stream: IO[bytes], file_name: str) -> None:
         """Stage ``stream`` as the file ``file_name``, within what is left of the budget."""
         if self.reserve is not None:
             self.reserve.check(file_name)
@@ -315,7 +320,7 @@ class Ingest:
         if is_archive_name(name):
             self.add_archive(name, stream)
         else:
-            self._store(stream, name)
+            self._stage(stream, name)
 
     def add_archive(self, name: str, stream: IO[bytes]) -> None:
         """Store every regular member of a zip or tar(.gz) archive as its own instance.
@@ -334,7 +339,7 @@ class Ingest:
                 self._add_zip(name, stream)
             else:
                 for member_name, member in tar_members(name, stream, self.limits):
-                    self._store(member, member_name)
+                    self._stage(member, member_name)
 
     def _add_zip(self, name: str, stream: IO[bytes]) -> None:
         archive_size = stream.seek(0, io.SEEK_END)  # ZipFile seeks anyway: it starts at the end
@@ -367,6 +372,38 @@ class Ingest:
             # compress_size bytes of the archive and cuts its output at file_size, and
             # _update_crc raises BadZipFile (refused as unreadable) when the CRC-32 of
             # what it yielded does not match, as it won't for data cut short.
-            for info in members:
-                with archive.open(info) as member:
-                    self._store(member, f"{name}!{info.filename}")
+            self._unzip(archive, name, members)
+
+    def _unzip(self, archive: zipfile.ZipFile, name: str, members: list[zipfile.ZipInfo]) -> None:
+        """Stage ``members`` of ``archive``, :data:`UNZIP_THREADS` at a time, in their order.
+
+        zipfile's open members read the archive under its lock (each its own position), so
+        they may be read side by side; only ZipFile's count of open members is not guarded.
+        """
+        if not members:
+            return
+        counting = threading.Lock()
+
+        def unzip(info: zipfile.ZipInfo, path: Path) -> SpooledFile:
+            member_name = f"{name}!{info.filename}"
+            with counting:
+                member = archive.open(info)
+            try:
+                with room_for(member_name), path.open("wb") as out:
+                    sha, size = copy_hashing(member, out, max_bytes=info.file_size, what=member_name)
+            finally:
+                with counting:
+                    member.close()
+            return SpooledFile(member_name, path, sha, size)
+
+        with room_for(name):
+            paths = [self._spool_path() for _ in members]
+        with ThreadPoolExecutor(min(UNZIP_THREADS, len(members)), thread_name_prefix="radq-unzip") as pool:
+            futures = [pool.submit(unzip, info, path) for info, path in zip(members, paths, strict=True)]
+            try:
+                staged = [future.result() for future in futures]
+            except BaseException:
+                for future in futures:  # the first error stands for the archive: stop the rest
+                    future.cancel()
+                raise
+        self.add_spooled_files(staged)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import random
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -222,6 +224,19 @@ def test_compression_ratio_is_configurable(tmp_path: Path, redis_url: str) -> No
 
 def _ingest(tmp_path: Path) -> Ingest:
     return Ingest(FileBlobStore(tmp_path / "blobs"), max_bytes=10**8, max_members=100, max_ratio=200)
+
+
+def test_zip_members_expanded_side_by_side_keep_their_order_and_bytes(tmp_path: Path) -> None:
+    # Sizes from 0 to 128 kB, so that small members finish while large ones still expand.
+    members = {f"s/{i:02d}.dcm": random.Random(i).randbytes(i * 997 % 4096 * 32) for i in range(60)}
+    with _ingest(tmp_path) as ingest:
+        ingest.add_archive("series.zip", io.BytesIO(_zip(members)))
+        ingest.commit()
+    assert [f.file_name for f in ingest.files] == [f"series.zip!{name}" for name in members]
+    digests = [hashlib.sha256(data).hexdigest() for data in members.values()]
+    assert [f.location for f in ingest.files] == digests
+    store = FileBlobStore(tmp_path / "blobs")
+    assert all(store.read(f.location) == data for f, data in zip(ingest.files, members.values(), strict=True))
 
 
 def test_small_blank_members_are_never_refused_for_ratio(tmp_path: Path) -> None:
