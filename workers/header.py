@@ -342,8 +342,7 @@ def _cut_short(ds: Dataset) -> str | None:
     """
     last: RawDataElement | None = None
     start = -1
-    for tag in list(ds.keys()):  # iterating the dataset itself would convert every value
-        elem = ds.get_item(tag, keep_deferred=True)
+    for elem in ds.values():  # as stored: iterating the dataset would convert every value
         position = elem.value_tell if isinstance(elem, RawDataElement) else getattr(elem, "file_tell", None)
         if position is None:
             return None
