@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import io
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,9 +38,13 @@ ROOM = 8 * 1024 * 1024
 TOO_BIG = os.urandom(ROOM + 1024 * 1024)  # random: a tar of it cannot shrink below ROOM
 
 
-def _limit_file_size() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # stays ignored across exec: writes fail with EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (ROOM, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+LIMITED = f"""
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # stays ignored across exec: writes fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, ({ROOM}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+os.execv(sys.executable, [sys.executable, "-m", "radq.cli", *sys.argv[1:]])
+"""
+"""Runs ``radq <args>`` with the file-size limit (a wrapper, not preexec_fn: the test process has threads)."""
 
 
 @pytest.fixture
@@ -54,11 +56,10 @@ def cramped(tmp_path: Path, redis_url: str) -> Iterator[tuple[httpx.Client, Sett
     port = free_port()
     with (tmp_path / "api.log").open("ab") as log:
         api = subprocess.Popen(
-            [sys.executable, "-m", "radq.cli", "api", "--port", str(port)],
+            [sys.executable, "-c", LIMITED, "api", "--port", str(port)],
             env={**os.environ, **settings.to_env()},
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_limit_file_size,
             start_new_session=True,
         )
     try:
