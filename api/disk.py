@@ -32,7 +32,7 @@ class DiskReserve:
         ``min_free`` (with ``incoming`` 0: less is left already)."""
         if self.min_free <= 0:
             return
-        free = shutil.disk_usage(self._existing()).free
+        free = self.free()
         if free - incoming >= self.min_free:
             return
         if incoming:
@@ -44,6 +44,10 @@ class DiskReserve:
             f"this server's upload disk is down to {_size(free)} free while storing {what}, under the "
             f"{_size(self.min_free)} kept free (RADQ_MIN_FREE_BYTES)"
         )
+
+    def free(self) -> int:
+        """Bytes free on the disk (for an unprivileged writer)."""
+        return shutil.disk_usage(self._existing()).free
 
     def _existing(self) -> Path:
         """The directory, or its nearest existing parent (the spool is made on first use)."""

@@ -165,6 +165,30 @@ class BrokerCollector(Collector):
         yield from (up, waiting, unacked, workers)
 
 
+class DiskCollector(Collector):
+    """The upload spool's free space and the reserve uploads leave (``RADQ_MIN_FREE_BYTES``),
+    to alert on before uploads are refused with 507."""
+
+    def __init__(self, state: AppState) -> None:
+        self.reserve = state.reserve
+
+    def collect(self) -> Iterator[Metric]:
+        free = GaugeMetricFamily(
+            "radq_upload_disk_free_bytes", "Free bytes on the disk this API spools uploads to"
+        )
+        kept = GaugeMetricFamily(
+            "radq_upload_disk_reserve_bytes", "Bytes uploads leave free on that disk (RADQ_MIN_FREE_BYTES)"
+        )
+        try:
+            free.add_metric([], self.reserve.free())
+        except OSError as exc:
+            log.warning("metrics: the upload disk cannot be read: %s", exc)
+        else:
+            yield free
+        kept.add_metric([], self.reserve.min_free)
+        yield kept
+
+
 class Metrics:
     def __init__(self, state: AppState) -> None:
         self.registry = CollectorRegistry()
@@ -176,3 +200,4 @@ class Metrics:
         )
         self.registry.register(DatabaseCollector(state))
         self.registry.register(BrokerCollector(state))
+        self.registry.register(DiskCollector(state))

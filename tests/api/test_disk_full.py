@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from db.migrate import upgrade
@@ -224,3 +225,13 @@ def test_a_tar_gz_expanding_past_the_reserve_stops_at_the_member_that_would_pass
     assert "while storing blank.tar.gz!c.dcm, under the" in response.json()["detail"]
     assert _jobs(settings) == 0
     assert [p for p in settings.resolved_blob_dir.rglob("*") if p.is_file()] == []
+
+
+def test_metrics_show_the_upload_disk_free_space_and_its_reserve(tmp_path: Path, redis_url: str) -> None:
+    settings = _reserved(tmp_path, redis_url, below_free=1 << 30)
+    with serve(settings) as http:
+        text = http.get("/metrics").text
+        free = shutil.disk_usage(tmp_path).free
+    gauges = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    assert abs(gauges["radq_upload_disk_free_bytes"] - free) < 256 * 1024 * 1024  # others write meanwhile
+    assert gauges["radq_upload_disk_reserve_bytes"] == settings.min_free_bytes
