@@ -1,8 +1,9 @@
 """Turning uploaded files and archives into files to register.
 
 Uploaded bytes, and the members of archives (uploaded or found on a submitted path),
-go into the blob store, checked against the size, member-count and compression-ratio
-limits. Paths are walked by :mod:`api.paths` and :mod:`api.registration`.
+are staged on this host's disk, checked against the size, member-count and
+compression-ratio limits, and go into the blob store together once all are read
+(:class:`Ingest`). Paths are walked by :mod:`api.paths` and :mod:`api.registration`.
 """
 
 from __future__ import annotations

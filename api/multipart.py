@@ -352,21 +352,13 @@ class FormSpool(PartSpool):
         return [p for p in self.parts if p.filename is not None]
 
     def add_to(self, ingest: Ingest) -> None:
-        """Store the files, in their order, through ``ingest``: plain files and the members
-        of tars together (S3 sends several at once), a zip expanded from its spool."""
-        ready: list[SpooledFile] = []
+        """Stage the files in ``ingest``, in their order: a tar's members as they were
+        expanded on arrival, a zip expanded from its spool, any other file as spooled."""
         for part in self.files:
-            ready.extend(part.members or ())
-            if part.path is None:  # a tar, expanded as it arrived
-                continue
-            name = part.filename or "upload"
-            if is_archive_name(name):
-                ingest.add_spooled_files(ready)
-                ready = []
-                ingest.add_spooled(name, part.path, part.sha256, part.size)
-            else:
-                ready.append(SpooledFile(name, part.path, part.sha256, part.size))
-        ingest.add_spooled_files(ready)
+            if part.members is not None:
+                ingest.add_spooled_files(part.members)
+            elif part.path is not None:
+                ingest.add_spooled(part.filename or "upload", part.path, part.sha256, part.size)
 
     @property
     def fields(self) -> list[tuple[str, str]]:
