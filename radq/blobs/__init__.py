@@ -107,19 +107,10 @@ class BlobStore(Protocol):
         """
         ...
 
-    def adopt(self, path: Path, sha256: str) -> None:
-        """Store the file at ``path``, whose SHA-256 the caller computed as it wrote it (a
-        spooled upload part); the file is gone afterwards. A file store moves it into place
-        instead of copying it.
-
-        Raises:
-            BlobStoreUnavailable: the store cannot be reached.
-        """
-        ...
-
     def adopt_all(self, files: Sequence[tuple[Path, str]]) -> None:
-        """:meth:`adopt` each ``(path, sha256)``; a store that pays a round trip per object
-        (S3) sends several at once.
+        """Store each file at ``path``, whose SHA-256 the caller computed as it wrote it (a
+        staged upload); the files are gone afterwards. A file store moves them into place
+        instead of copying them; S3, which pays a round trip per object, sends several at once.
 
         Raises:
             BlobStoreUnavailable: the store cannot be reached.

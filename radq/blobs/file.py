@@ -47,14 +47,14 @@ class FileBlobStore:
             Path(tmp_name).unlink(missing_ok=True)
             raise
 
-    def adopt(self, path: Path, sha256: str) -> None:
+    def _adopt(self, path: Path, sha256: str) -> None:
         final = self.path_for(sha256)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, final)  # the spool is in the store's own directory: a rename, fresh mtime
 
     def adopt_all(self, files: Sequence[tuple[Path, str]]) -> None:
         for path, sha256 in files:  # renames: nothing to gain from threads
-            self.adopt(path, sha256)
+            self._adopt(path, sha256)
 
     def local_file(self, sha256: str) -> Path | None:
         return self.path_for(sha256)

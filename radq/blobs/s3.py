@@ -136,7 +136,7 @@ class S3BlobStore:
         except (ClientError, BotoCoreError) as exc:
             raise self._unavailable(f"storing {what}", exc) from None
 
-    def adopt(self, path: Path, sha256: str) -> None:
+    def _adopt(self, path: Path, sha256: str) -> None:
         with path.open("rb") as data:  # hashed as it was spooled: uploaded as is
             self._upload(data, sha256, path.stat().st_size, path.name)
         path.unlink(missing_ok=True)
@@ -144,12 +144,12 @@ class S3BlobStore:
     def adopt_all(self, files: Sequence[tuple[Path, str]]) -> None:
         if len(files) < 2:
             for path, sha256 in files:
-                self.adopt(path, sha256)
+                self._adopt(path, sha256)
             return
         # Each object is a round trip: one after the other, a 1 GiB tar's 2,048 members took
         # an upload from ~5 s (file store) to 24-27 s against moto on localhost; 18-21 s so.
         with ThreadPoolExecutor(min(UPLOAD_THREADS, len(files)), thread_name_prefix="radq-s3-put") as pool:
-            for _ in pool.map(lambda item: self.adopt(*item), files):
+            for _ in pool.map(lambda item: self._adopt(*item), files):
                 pass  # the first error is raised here, once the pool has stopped
 
     def local_file(self, sha256: str) -> Path | None:

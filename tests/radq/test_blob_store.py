@@ -222,7 +222,7 @@ def test_a_spooled_file_is_moved_into_a_file_store_not_copied(tmp_path: Path) ->
     spooled.write_bytes(data)
     inode = spooled.stat().st_ino
     sha = hashlib.sha256(data).hexdigest()
-    store.adopt(spooled, sha)
+    store.adopt_all([(spooled, sha)])
     assert not spooled.exists()
     assert store.path_for(sha).read_bytes() == data and store.path_for(sha).stat().st_ino == inode
 
@@ -236,7 +236,7 @@ def test_a_spooled_file_is_uploaded_to_s3_under_its_given_hash(s3_store: BlobSto
         spooled.parent.mkdir(parents=True, exist_ok=True)
         spooled.write_bytes(data)
         written_after = datetime.now(UTC) - timedelta(seconds=1.05)
-        s3_store.adopt(spooled, sha)
+        s3_store.adopt_all([(spooled, sha)])
         assert not spooled.exists()
         assert s3_store.read(sha) == data
         # Written again, the object reads as new to the retention sweep (see the put test).
